@@ -1,0 +1,431 @@
+"""The posix backend: a vfolder is a directory on a mounted host volume.
+
+Containment: every node holds an ``O_PATH | O_NOFOLLOW`` descriptor, and
+every name is resolved one component at a time relative to its parent's
+descriptor, so no name, ``..``, symlink or concurrent rename can make the
+daemon touch anything outside the vfolder.  Symlinks are nodes like any
+other: their targets are returned by ``readlink`` and never opened.
+Operations on a node that have no ``*at`` form go through
+``/proc/self/fd/N``, which designates exactly the inode behind the
+descriptor (a symlink itself, not its target).
+
+System calls run inline on the event loop: for a local or page-cached volume
+a thread hop costs more than the call.  ``statfs`` (the call that blocks on a
+dead SMB server) runs in a thread with a timeout.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import stat
+import time
+from pathlib import Path
+
+import trio
+
+from azfs.backends.base import (
+    AttrChanges,
+    Attributes,
+    Backend,
+    DirEntry,
+    DirListing,
+    FileHandle,
+    Node,
+    StatFs,
+    Usage,
+)
+from azfs.errors import BackendUnavailable, InvalidArgument, NotSupported
+from azfs.usage import META_DIR, Quota, UsageLedger
+
+log = logging.getLogger(__name__)
+
+_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+_OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+STATFS_TIMEOUT = 10.0
+#: xattr namespaces a vfolder user may touch; the daemon runs as root, so
+#: trusted.* / security.* must never be reachable through it.
+XATTR_PREFIX = "user."
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_renameat2 = getattr(_libc, "renameat2", None)
+_statfs_limiter = trio.CapacityLimiter(4)
+
+
+def _proc(fd: int) -> str:
+    return f"/proc/self/fd/{fd}"
+
+
+class PosixNode(Node):
+    __slots__ = ("fd", "mode")
+
+    def __init__(self, fd: int, mode: int) -> None:
+        self.fd = fd
+        self.mode = mode
+
+
+class PosixHandle(FileHandle):
+    __slots__ = ("fd", "node", "append")
+
+    def __init__(self, fd: int, node: PosixNode, append: bool) -> None:
+        self.fd = fd
+        self.node = node
+        self.append = append
+
+
+def _attrs(st: os.stat_result) -> Attributes:
+    return Attributes(
+        key=(st.st_dev, st.st_ino), mode=st.st_mode, size=st.st_size, nlink=st.st_nlink,
+        uid=st.st_uid, gid=st.st_gid, rdev=st.st_rdev, atime_ns=st.st_atime_ns,
+        mtime_ns=st.st_mtime_ns, ctime_ns=st.st_ctime_ns, blocks=st.st_blocks,
+        blksize=st.st_blksize)
+
+
+def check_name(name: str) -> None:
+    """One path component; the kernel never sends others, but a bug must not escape."""
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
+        raise InvalidArgument(f"invalid name {name!r}")
+    if len(name.encode("utf-8", "surrogateescape")) > 255:
+        raise OSError(errno.ENAMETOOLONG, "name too long")
+
+
+class PosixBackend(Backend):
+    """A directory tree with quota and incremental usage accounting."""
+
+    def __init__(self, source: str | os.PathLike[str], quota: Quota | None = None) -> None:
+        self.source = Path(source)
+        try:
+            fd = os.open(self.source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except NotADirectoryError as exc:
+            raise InvalidArgument(f"source {self.source}: not a directory") from exc
+        except OSError as exc:
+            raise InvalidArgument(f"source {self.source}: {exc.strerror}") from exc
+        self._root = PosixNode(fd, os.fstat(fd).st_mode)
+        self.ledger = UsageLedger(fd, quota)
+
+    # ---- lifecycle -----------------------------------------------------------
+    async def start(self) -> None:
+        self.ledger.load()
+
+    async def close(self) -> None:
+        self.ledger.close()
+        os.close(self._root.fd)
+
+    def tick(self) -> None:
+        """Periodic housekeeping (persist usage); called by the filesystem's timer."""
+        self.ledger.flush_if_due()
+
+    # ---- helpers -------------------------------------------------------------
+    def _reserved(self, parent: PosixNode, name: str) -> bool:
+        return parent is self._root and name == META_DIR
+
+    def _check(self, parent: PosixNode, name: str) -> None:
+        check_name(name)
+        if self._reserved(parent, name):
+            raise OSError(errno.EPERM, "reserved name")
+
+    def _node_at(self, parent: PosixNode, name: str) -> tuple[PosixNode, Attributes]:
+        fd = os.open(name, _PATH_FLAGS, dir_fd=parent.fd)
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            raise
+        return PosixNode(fd, st.st_mode), _attrs(st)
+
+    # ---- tree ----------------------------------------------------------------
+    def root(self) -> PosixNode:
+        return self._root
+
+    async def lookup(self, parent: PosixNode, name: str) -> tuple[PosixNode, Attributes]:
+        check_name(name)
+        if self._reserved(parent, name):
+            raise OSError(errno.ENOENT, "no such file")
+        return self._node_at(parent, name)
+
+    async def getattr(self, node: PosixNode) -> Attributes:
+        return _attrs(os.fstat(node.fd))
+
+    def forget(self, node: PosixNode) -> None:
+        if node is not self._root:
+            os.close(node.fd)
+
+    async def opendir(self, node: PosixNode) -> DirListing:
+        dfd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=node.fd)
+        entries: list[DirEntry] = []
+        try:
+            with os.scandir(dfd) as it:
+                for e in it:
+                    if node is self._root and e.name == META_DIR:
+                        continue
+                    try:
+                        mode = _DTYPE_MODE[(e.is_dir(follow_symlinks=False),
+                                            e.is_file(follow_symlinks=False),
+                                            e.is_symlink())]
+                    except OSError:
+                        continue
+                    if mode == 0:
+                        mode = stat.S_IFMT(e.stat(follow_symlinks=False).st_mode)
+                    entries.append(DirEntry(e.name, mode, e.inode()))
+        finally:
+            os.close(dfd)
+        return DirListing(entries)
+
+    async def readlink(self, node: PosixNode) -> bytes:
+        return os.readlink(b"", dir_fd=node.fd)
+
+    async def statfs(self) -> StatFs:
+        def call() -> os.statvfs_result:
+            return os.statvfs(self._root.fd)
+
+        with trio.move_on_after(STATFS_TIMEOUT) as scope:
+            st = await trio.to_thread.run_sync(call, abandon_on_cancel=True,
+                                               limiter=_statfs_limiter)
+        if scope.cancelled_caught:
+            raise BackendUnavailable(f"statfs of {self.source} timed out")
+        out = StatFs(block_size=st.f_frsize, blocks=st.f_blocks, blocks_free=st.f_bfree,
+                     blocks_avail=st.f_bavail, files=st.f_files, files_free=st.f_ffree,
+                     name_max=st.f_namemax)
+        q = self.ledger.quota
+        if q.bytes:
+            used = -(-self.ledger.bytes // out.block_size)
+            total = q.bytes // out.block_size
+            out.blocks = total
+            out.blocks_free = out.blocks_avail = min(max(0, total - used), st.f_bavail)
+        if q.files:
+            out.files = q.files
+            out.files_free = min(max(0, q.files - self.ledger.files), st.f_ffree)
+        return out
+
+    async def usage(self) -> Usage:
+        q = self.ledger.quota
+        return Usage(bytes=self.ledger.bytes, files=self.ledger.files,
+                     quota_bytes=q.bytes, quota_files=q.files)
+
+    # ---- files ---------------------------------------------------------------
+    async def open(self, node: PosixNode, flags: int) -> PosixHandle:
+        if not stat.S_ISREG(node.mode):
+            # the kernel opens only regular files here; anything else is refused
+            # rather than opened through /proc (a fifo would block the loop).
+            raise OSError(errno.EINVAL if not stat.S_ISDIR(node.mode) else errno.EISDIR,
+                          "not a regular file")
+        fd = os.open(_proc(node.fd), (flags & ~_OPEN_STRIP) | os.O_CLOEXEC)
+        fh = PosixHandle(fd, node, bool(flags & os.O_APPEND))
+        if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
+            self._truncate_fd(fd, 0)
+        return fh
+
+    async def read(self, fh: PosixHandle, offset: int, size: int) -> bytes:
+        return os.pread(fh.fd, size, offset)
+
+    async def write(self, fh: PosixHandle, offset: int, data: bytes) -> int:
+        size = os.fstat(fh.fd).st_size
+        end = (size if fh.append else offset) + len(data)
+        growth = end - size
+        self.ledger.check_bytes(growth)
+        written = os.pwrite(fh.fd, data, offset)
+        if growth > 0:
+            actual = (size if fh.append else offset) + written - size
+            self.ledger.add(bytes_delta=max(0, actual))
+        return written
+
+    async def flush(self, fh: PosixHandle) -> None:
+        # close() of a duplicate reports deferred write errors (NFS, SMB)
+        # without closing the handle the kernel still uses.
+        os.close(os.dup(fh.fd))
+
+    async def fsync(self, fh: PosixHandle, datasync: bool) -> None:
+        (os.fdatasync if datasync else os.fsync)(fh.fd)
+
+    async def release(self, fh: PosixHandle) -> None:
+        os.close(fh.fd)
+
+    def _truncate_fd(self, fd: int, length: int) -> None:
+        old = os.fstat(fd).st_size
+        self.ledger.check_bytes(length - old)
+        os.ftruncate(fd, length)
+        self.ledger.add(bytes_delta=length - old)
+
+    async def setattr(self, node: PosixNode, changes: AttrChanges,
+                      fh: PosixHandle | None) -> Attributes:
+        path = _proc(node.fd)
+        is_link = stat.S_ISLNK(node.mode)
+        if changes.size is not None:
+            if not stat.S_ISREG(node.mode):
+                raise OSError(errno.EISDIR if stat.S_ISDIR(node.mode) else errno.EINVAL,
+                              "truncate of a non-regular file")
+            if fh is not None:
+                self._truncate_fd(fh.fd, changes.size)
+            else:
+                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    self._truncate_fd(fd, changes.size)
+                finally:
+                    os.close(fd)
+        if changes.mode is not None:
+            if is_link:
+                raise OSError(errno.EOPNOTSUPP, "symlinks have no mode")
+            os.chmod(path, stat.S_IMODE(changes.mode))
+        if changes.uid is not None or changes.gid is not None:
+            os.chown(path, -1 if changes.uid is None else changes.uid,
+                     -1 if changes.gid is None else changes.gid)
+        if (changes.atime_ns is not None or changes.mtime_ns is not None
+                or changes.atime_now or changes.mtime_now):
+            st = os.fstat(node.fd)
+            now = time.time_ns()
+            atime = now if changes.atime_now else (
+                changes.atime_ns if changes.atime_ns is not None else st.st_atime_ns)
+            mtime = now if changes.mtime_now else (
+                changes.mtime_ns if changes.mtime_ns is not None else st.st_mtime_ns)
+            os.utime(path, ns=(atime, mtime))
+        return _attrs(os.fstat(node.fd))
+
+    async def create(self, parent: PosixNode, name: str, mode: int,
+                     flags: int) -> tuple[PosixNode, Attributes, PosixHandle]:
+        self._check(parent, name)
+        open_flags = (flags & ~(os.O_CREAT | os.O_EXCL | os.O_TRUNC)) | os.O_CLOEXEC | os.O_NOFOLLOW
+        created = True
+        self.ledger.check_files(1)
+        try:
+            fd = os.open(name, open_flags | os.O_CREAT | os.O_EXCL, stat.S_IMODE(mode),
+                         dir_fd=parent.fd)
+        except FileExistsError:
+            if flags & os.O_EXCL:
+                raise
+            fd = os.open(name, open_flags, dir_fd=parent.fd)
+            created = False
+        try:
+            node_fd = os.open(_proc(fd), os.O_PATH | os.O_CLOEXEC)
+            st = os.fstat(node_fd)
+        except OSError:
+            os.close(fd)
+            raise
+        node = PosixNode(node_fd, st.st_mode)
+        if created:
+            self.ledger.add(files_delta=1)
+        fh = PosixHandle(fd, node, bool(flags & os.O_APPEND))
+        if not created and flags & os.O_TRUNC:
+            self._truncate_fd(fd, 0)
+            st = os.fstat(node_fd)
+        return node, _attrs(st), fh
+
+    async def mkdir(self, parent: PosixNode, name: str, mode: int) -> tuple[PosixNode, Attributes]:
+        self._check(parent, name)
+        self.ledger.check_files(1)
+        os.mkdir(name, stat.S_IMODE(mode), dir_fd=parent.fd)
+        self.ledger.add(files_delta=1)
+        return self._node_at(parent, name)
+
+    async def mknod(self, parent: PosixNode, name: str, mode: int,
+                    rdev: int) -> tuple[PosixNode, Attributes]:
+        self._check(parent, name)
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            # device nodes would hand a container raw access to the host
+            raise OSError(errno.EPERM, "device nodes are not allowed in a vfolder")
+        if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISREG(mode)):
+            raise OSError(errno.EINVAL, "unsupported file type")
+        self.ledger.check_files(1)
+        os.mknod(name, mode, 0, dir_fd=parent.fd)
+        self.ledger.add(files_delta=1)
+        return self._node_at(parent, name)
+
+    async def symlink(self, parent: PosixNode, name: str,
+                      target: bytes) -> tuple[PosixNode, Attributes]:
+        self._check(parent, name)
+        self.ledger.check_files(1)
+        os.symlink(target, name, dir_fd=parent.fd)
+        self.ledger.add(files_delta=1)
+        return self._node_at(parent, name)
+
+    async def link(self, node: PosixNode, new_parent: PosixNode,
+                   new_name: str) -> tuple[PosixNode, Attributes]:
+        self._check(new_parent, new_name)
+        if stat.S_ISDIR(node.mode):
+            raise OSError(errno.EPERM, "hard links to directories are not allowed")
+        os.link(_proc(node.fd), new_name, dst_dir_fd=new_parent.fd, follow_symlinks=True)
+        return self._node_at(new_parent, new_name)
+
+    def _forget_removed(self, st: os.stat_result) -> None:
+        """Accounts for a name removed: the inode goes when its last link does."""
+        if stat.S_ISDIR(st.st_mode) or st.st_nlink <= 1:
+            self.ledger.add(bytes_delta=-st.st_size if stat.S_ISREG(st.st_mode) else 0,
+                            files_delta=-1)
+
+    async def unlink(self, parent: PosixNode, name: str) -> None:
+        self._check(parent, name)
+        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            raise OSError(errno.EISDIR, "is a directory")
+        os.unlink(name, dir_fd=parent.fd)
+        self._forget_removed(st)
+
+    async def rmdir(self, parent: PosixNode, name: str) -> None:
+        self._check(parent, name)
+        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        os.rmdir(name, dir_fd=parent.fd)
+        self._forget_removed(st)
+
+    async def rename(self, old_parent: PosixNode, old_name: str, new_parent: PosixNode,
+                     new_name: str, flags: int) -> None:
+        self._check(old_parent, old_name)
+        self._check(new_parent, new_name)
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise OSError(errno.EINVAL, "unsupported rename flags")
+        replaced = None
+        if not flags & RENAME_EXCHANGE:
+            try:
+                replaced = os.stat(new_name, dir_fd=new_parent.fd, follow_symlinks=False)
+            except FileNotFoundError:
+                replaced = None
+        if flags:
+            if _renameat2 is None:
+                raise NotSupported("renameat2 is not available")
+            rc = _renameat2(old_parent.fd, old_name.encode("utf-8", "surrogateescape"),
+                            new_parent.fd, new_name.encode("utf-8", "surrogateescape"), flags)
+            if rc != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+        else:
+            os.rename(old_name, new_name, src_dir_fd=old_parent.fd, dst_dir_fd=new_parent.fd)
+        if replaced is not None:
+            src = os.stat(new_name, dir_fd=new_parent.fd, follow_symlinks=False)
+            if (src.st_dev, src.st_ino) != (replaced.st_dev, replaced.st_ino):
+                self._forget_removed(replaced)
+
+    # ---- xattrs --------------------------------------------------------------
+    @staticmethod
+    def _xattr_allowed(name: str) -> bool:
+        return name.startswith(XATTR_PREFIX)
+
+    async def getxattr(self, node: PosixNode, name: str) -> bytes:
+        if not self._xattr_allowed(name):
+            raise OSError(errno.ENODATA, "no such attribute")
+        return os.getxattr(_proc(node.fd), name)
+
+    async def listxattr(self, node: PosixNode) -> list[str]:
+        if stat.S_ISLNK(node.mode):
+            return []
+        return [n for n in os.listxattr(_proc(node.fd)) if self._xattr_allowed(n)]
+
+    async def setxattr(self, node: PosixNode, name: str, value: bytes) -> None:
+        if not self._xattr_allowed(name):
+            raise OSError(errno.EOPNOTSUPP, "only user.* attributes are supported")
+        os.setxattr(_proc(node.fd), name, value)
+
+    async def removexattr(self, node: PosixNode, name: str) -> None:
+        if not self._xattr_allowed(name):
+            raise OSError(errno.EOPNOTSUPP, "only user.* attributes are supported")
+        os.removexattr(_proc(node.fd), name)
+
+
+# (is_dir, is_file, is_symlink) → type bits; 0 = ask stat (fifo, socket, device)
+_DTYPE_MODE = {
+    (True, False, False): stat.S_IFDIR,
+    (False, True, False): stat.S_IFREG,
+    (False, False, True): stat.S_IFLNK,
+    (False, False, False): 0,
+}

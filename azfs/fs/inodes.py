@@ -1,0 +1,203 @@
+"""FUSE inode bookkeeping: which inode is which backend node of which view.
+
+A *view* is one vfolder as one kernel (or one admin mount) sees it: a backend
+plus presentation options (read-only, uid/gid).  Every backing object gets one
+inode per view (two kernels that see the same vfolder with different modes
+must not share attribute or page caches), keyed by ``(view id, backend key)``.
+Virtual directories (the root, ``/kernels/<id>``...) hold named children.
+
+Invariant: an inode stays in the table while the kernel holds lookups on it
+or a handle is open on it; the backend node is forgotten exactly once, when
+both reach zero.
+"""
+
+from __future__ import annotations
+
+import itertools
+import stat
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+from azfs.backends.base import Attributes, Backend, Node
+from azfs.errors import StaleObject
+
+ROOT_INODE = 1
+
+
+@dataclass(eq=False)
+class View:
+    """One presentation of a backend in the namespace."""
+
+    label: str
+    backend: Backend
+    read_only: bool = False
+    uid: int | None = None
+    gid: int | None = None
+    id: int = 0
+    alive: bool = True
+    #: inodes of this view currently in the table (for teardown)
+    inodes: set[int] = field(default_factory=set)
+
+
+class Inode:
+    __slots__ = ("ino", "lookups", "opens", "view", "node", "key", "children", "name",
+                 "parent", "stamp", "attrs")
+
+    def __init__(self, ino: int, view: View | None, node: Node | None,
+                 key: Hashable | None) -> None:
+        self.ino = ino
+        self.lookups = 0
+        self.opens = 0
+        self.view = view
+        self.node = node
+        self.key = key
+        #: virtual directories only: name → inode number
+        self.children: dict[str, int] | None = None if view is not None else {}
+        self.name = ""
+        self.parent = ROOT_INODE
+        #: (mtime_ns, size) last known to match the kernel's page cache
+        self.stamp: tuple[int, int] | None = None
+        #: virtual directories (and view roots mounted in them): fixed attributes
+        self.attrs: Attributes | None = None
+
+    @property
+    def is_virtual(self) -> bool:
+        return self.view is None
+
+
+class InodeTable:
+    def __init__(self) -> None:
+        self._inodes: dict[int, Inode] = {}
+        self._by_key: dict[tuple[int, Hashable], int] = {}
+        self._next = itertools.count(ROOT_INODE + 1)
+        self._view_ids = itertools.count(1)
+        now = time.time_ns()
+        self.virtual_attrs = Attributes(key=None, mode=stat.S_IFDIR | 0o755, nlink=2,
+                                        atime_ns=now, mtime_ns=now, ctime_ns=now)
+
+    def __len__(self) -> int:
+        return len(self._inodes)
+
+    def get(self, ino: int) -> Inode:
+        try:
+            inode = self._inodes[ino]
+        except KeyError:
+            raise StaleObject(f"unknown inode {ino}") from None
+        if inode.view is not None and not inode.view.alive:
+            raise StaleObject(f"view {inode.view.label} was removed")
+        return inode
+
+    def new_view(self, view: View) -> View:
+        view.id = next(self._view_ids)
+        return view
+
+    # ---- creation --------------------------------------------------------------
+    def set_root(self, view: View | None) -> Inode:
+        """Inode 1: a view's root (single-vfolder mount) or a virtual directory."""
+        node = view.backend.root() if view else None
+        root = Inode(ROOT_INODE, view, node, None)
+        root.lookups = 1  # the kernel never forgets the root
+        self._inodes[ROOT_INODE] = root
+        if view is not None:
+            view.inodes.add(ROOT_INODE)
+        else:
+            root.attrs = self.virtual_attrs
+        return root
+
+    def add_virtual(self, parent: Inode, name: str) -> Inode:
+        assert parent.children is not None
+        inode = Inode(next(self._next), None, None, None)
+        inode.attrs = self.virtual_attrs
+        inode.name, inode.parent = name, parent.ino
+        self._inodes[inode.ino] = inode
+        parent.children[name] = inode.ino
+        return inode
+
+    def add_view_root(self, parent: Inode, name: str, view: View) -> Inode:
+        """Attaches a view's root under a virtual directory."""
+        assert parent.children is not None
+        inode = Inode(next(self._next), view, view.backend.root(), None)
+        inode.name, inode.parent = name, parent.ino
+        self._inodes[inode.ino] = inode
+        view.inodes.add(inode.ino)
+        parent.children[name] = inode.ino
+        return inode
+
+    def add_node(self, view: View, node: Node, attrs: Attributes) -> Inode:
+        """The inode for a node just returned by the backend (deduplicated by key)."""
+        k = (view.id, attrs.key)
+        ino = self._by_key.get(k)
+        if ino is not None:
+            existing = self._inodes[ino]
+            if existing.node is not node:
+                view.backend.forget(node)
+            return existing
+        inode = Inode(next(self._next), view, node, attrs.key)
+        self._inodes[inode.ino] = inode
+        self._by_key[k] = inode.ino
+        view.inodes.add(inode.ino)
+        return inode
+
+    def siblings(self, inode: Inode) -> list[int]:
+        """Inodes of the same backing object in *other* views of the same backend."""
+        if inode.view is None or inode.key is None:
+            return []
+        out = []
+        for (view_id, key), ino in self._by_key.items():
+            if key == inode.key and view_id != inode.view.id:
+                other = self._inodes[ino]
+                if other.view is not None and other.view.backend is inode.view.backend:
+                    out.append(ino)
+        return out
+
+    # ---- release -----------------------------------------------------------------
+    def forget(self, ino: int, count: int) -> None:
+        inode = self._inodes.get(ino)
+        if inode is None or ino == ROOT_INODE:
+            return
+        inode.lookups = max(0, inode.lookups - count)
+        self._maybe_drop(inode)
+
+    def closed(self, inode: Inode) -> None:
+        inode.opens -= 1
+        self._maybe_drop(inode)
+
+    def _maybe_drop(self, inode: Inode) -> None:
+        if inode.lookups or inode.opens:
+            return
+        if inode.is_virtual:
+            parent = self._inodes.get(inode.parent)
+            # a virtual dir still linked in the tree stays: it may be looked up again
+            if parent is not None and parent.children is not None \
+                    and parent.children.get(inode.name) == inode.ino:
+                return
+            del self._inodes[inode.ino]
+            return
+        view = inode.view
+        assert view is not None
+        del self._inodes[inode.ino]
+        view.inodes.discard(inode.ino)
+        if inode.key is not None:
+            self._by_key.pop((view.id, inode.key), None)
+            view.backend.forget(inode.node)
+        else:
+            parent = self._inodes.get(inode.parent)
+            if parent is not None and parent.children is not None \
+                    and parent.children.get(inode.name) == inode.ino:
+                # a view root still attached: keep it reachable
+                self._inodes[inode.ino] = inode
+                view.inodes.add(inode.ino)
+
+    def detach(self, parent: Inode, name: str) -> Inode | None:
+        """Unlinks a child of a virtual directory; it lives on until forgotten."""
+        assert parent.children is not None
+        ino = parent.children.pop(name, None)
+        if ino is None:
+            return None
+        inode = self._inodes[ino]
+        self._maybe_drop(inode)
+        return inode
+
+    def view_inodes_gone(self, view: View) -> bool:
+        return not view.inodes

@@ -1,0 +1,548 @@
+"""pyfuse3 Operations: links FUSE requests to views and their backends.
+
+This module only translates: names to ``str``, backend :class:`Attributes`
+to ``EntryAttributes`` as the view presents them (uid/gid), read-only views
+to ``EROFS``; everything the data looks like is the backend's business.
+Every handler goes through :func:`azfs.fs.errno_map.fuse_op`.
+
+Namespace: either one view at the root (``azfs mount``), or virtual
+directories holding view roots (the agent: ``/kernels/<id>/<alias>``),
+changed at run time with :meth:`AzfsOperations.attach` / ``detach``.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import stat
+from collections.abc import Sequence
+
+import pyfuse3
+import trio
+
+from azfs.backends.base import AttrChanges, Attributes, Backend, DirListing, FileHandle
+from azfs.fs.errno_map import fuse_op
+from azfs.fs.inodes import ROOT_INODE, Inode, InodeTable, View
+from azfs.fs.stats import OpStats
+
+log = logging.getLogger("azfs.fs")
+
+stats = OpStats()
+op = fuse_op(stats)
+
+#: seconds the kernel may cache entries and attributes.  Changes made through
+#: the same view are always seen at once (the kernel updates its own caches);
+#: the timeout bounds staleness of changes made by other views or the host.
+DEFAULT_CACHE_TIMEOUT = 1.0
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
+
+
+def _name(raw: bytes) -> str:
+    return os.fsdecode(raw)
+
+
+class _OpenFile:
+    __slots__ = ("inode", "view", "handle")
+
+    def __init__(self, inode: Inode, view: View, handle: FileHandle) -> None:
+        self.inode = inode
+        self.view = view
+        self.handle = handle
+
+
+class _OpenDir:
+    __slots__ = ("inode", "listing", "virtual")
+
+    def __init__(self, inode: Inode, listing: DirListing | None,
+                 virtual: list[tuple[str, int]] | None) -> None:
+        self.inode = inode
+        self.listing = listing
+        self.virtual = virtual
+
+
+class AzfsOperations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, root_view: View | None = None,
+                 cache_timeout: float = DEFAULT_CACHE_TIMEOUT) -> None:
+        super().__init__()
+        self.table = InodeTable()
+        self.cache_timeout = cache_timeout
+        if root_view is not None:
+            self.table.new_view(root_view)
+        self.root_view = root_view
+        #: live views, for housekeeping (usage persistence) and metrics
+        self.views: set[View] = {root_view} if root_view is not None else set()
+        self.table.set_root(root_view)
+        self._files: dict[int, _OpenFile] = {}
+        self._dirs: dict[int, _OpenDir] = {}
+        self._fh = itertools.count(1)
+        self._invalidate_send, self._invalidate_recv = trio.open_memory_channel[int](10000)
+        self.stats = stats
+
+    # ---- namespace (agent) -------------------------------------------------------
+    def attach(self, path: Sequence[str], view: View) -> int:
+        """Shows ``view`` at ``path`` (virtual parents created); returns its inode."""
+        parent = self.table.get(ROOT_INODE)
+        if not parent.is_virtual:
+            raise ValueError("this filesystem serves a single vfolder at its root")
+        for comp in path[:-1]:
+            assert parent.children is not None
+            ino = parent.children.get(comp)
+            parent = self.table.get(ino) if ino else self.table.add_virtual(parent, comp)
+            if not parent.is_virtual:
+                raise ValueError(f"{'/'.join(path)}: a view is in the way")
+        assert parent.children is not None
+        if path[-1] in parent.children:
+            raise FileExistsError(f"{'/'.join(path)} is already attached")
+        self.table.new_view(view)
+        inode = self.table.add_view_root(parent, path[-1], view)
+        self.views.add(view)
+        self._invalidate_entry(parent.ino, path[-1])
+        return inode.ino
+
+    def detach(self, path: Sequence[str]) -> View | None:
+        """Removes whatever is at ``path``; handles on it then get ESTALE."""
+        parent = self.table.get(ROOT_INODE)
+        for comp in path[:-1]:
+            ino = (parent.children or {}).get(comp)
+            if ino is None:
+                return None
+            parent = self.table.get(ino)
+        child_ino = (parent.children or {}).get(path[-1])
+        if child_ino is None:
+            return None
+        child = self.table.get(child_ino)
+        views: list[View] = []
+        self._collect_views(child, views)
+        for v in views:
+            v.alive = False
+            self.views.discard(v)
+        self.table.detach(parent, path[-1])
+        self._invalidate_entry(parent.ino, path[-1])
+        # prune now-empty virtual parents
+        while parent.ino != ROOT_INODE and parent.is_virtual and not parent.children:
+            grand = self.table.get(parent.parent)
+            self.table.detach(grand, parent.name)
+            self._invalidate_entry(grand.ino, parent.name)
+            parent = grand
+        return views[0] if views else None
+
+    def _collect_views(self, inode: Inode, out: list[View]) -> None:
+        if inode.view is not None:
+            out.append(inode.view)
+            return
+        for ino in list((inode.children or {}).values()):
+            self._collect_views(self.table.get(ino), out)
+
+    def _invalidate_entry(self, parent: int, name: str) -> None:
+        try:
+            pyfuse3.invalidate_entry_async(parent, os.fsencode(name), ignore_enoent=True)
+        except Exception:  # noqa: BLE001 - not mounted yet: nothing cached
+            pass
+
+    async def run_invalidator(self) -> None:
+        """Background task: drops other views' caches of objects changed here."""
+        async for ino in self._invalidate_recv:
+            try:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.EBADF):
+                    log.debug("invalidate_inode(%d): %s", ino, exc)
+
+    async def run_housekeeping(self, interval: float = 0.5) -> None:
+        """Background task: lets backends persist state (usage ledgers) periodically."""
+        while True:
+            await trio.sleep(interval)
+            for backend in {v.backend for v in self.views}:
+                tick = getattr(backend, "tick", None)
+                if tick is not None:
+                    try:
+                        tick()
+                    except Exception:  # noqa: BLE001 - housekeeping must not end the fs
+                        log.exception("housekeeping of %r failed", backend)
+
+    def _changed(self, inode: Inode) -> None:
+        for ino in self.table.siblings(inode):
+            try:
+                self._invalidate_send.send_nowait(ino)
+            except trio.WouldBlock:
+                pass
+
+    # ---- attribute presentation -------------------------------------------------
+    def _entry(self, inode: Inode, attrs: Attributes) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = inode.ino
+        e.generation = 0
+        e.entry_timeout = self.cache_timeout
+        e.attr_timeout = self.cache_timeout
+        e.st_mode = attrs.mode
+        e.st_nlink = attrs.nlink
+        view = inode.view
+        e.st_uid = view.uid if view is not None and view.uid is not None else attrs.uid
+        e.st_gid = view.gid if view is not None and view.gid is not None else attrs.gid
+        e.st_rdev = attrs.rdev
+        e.st_size = attrs.size
+        e.st_blksize = attrs.blksize
+        e.st_blocks = attrs.blocks
+        e.st_atime_ns = attrs.atime_ns
+        e.st_mtime_ns = attrs.mtime_ns
+        e.st_ctime_ns = attrs.ctime_ns
+        return e
+
+    async def _attrs(self, inode: Inode) -> Attributes:
+        if inode.is_virtual:
+            assert inode.attrs is not None
+            return inode.attrs
+        assert inode.view is not None
+        return await inode.view.backend.getattr(inode.node)
+
+    def _node(self, ino: int) -> tuple[Inode, View, Backend]:
+        inode = self.table.get(ino)
+        if inode.view is None:
+            raise pyfuse3.FUSEError(errno.EISDIR if inode.children is not None else errno.EIO)
+        return inode, inode.view, inode.view.backend
+
+    def _writable(self, ino: int) -> tuple[Inode, View, Backend]:
+        inode = self.table.get(ino)
+        if inode.view is None:
+            raise pyfuse3.FUSEError(errno.EACCES)
+        if inode.view.read_only or inode.view.backend.read_only:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        return inode, inode.view, inode.view.backend
+
+    def _remember(self, view: View, node, attrs: Attributes) -> pyfuse3.EntryAttributes:
+        inode = self.table.add_node(view, node, attrs)
+        inode.lookups += 1
+        return self._entry(inode, attrs)
+
+    # ---- lookups and attributes -------------------------------------------------
+    @op
+    async def lookup(self, parent_inode: int, name: bytes, ctx=None) -> pyfuse3.EntryAttributes:
+        parent = self.table.get(parent_inode)
+        sname = _name(name)
+        if parent.is_virtual:
+            ino = (parent.children or {}).get(sname)
+            if ino is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            child = self.table.get(ino)
+            child.lookups += 1
+            return self._entry(child, await self._attrs(child))
+        assert parent.view is not None
+        node, attrs = await parent.view.backend.lookup(parent.node, sname)
+        return self._remember(parent.view, node, attrs)
+
+    @op
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            self.table.forget(ino, count)
+
+    @op
+    async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
+        node = self.table.get(inode)
+        return self._entry(node, await self._attrs(node))
+
+    @op
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node, view, backend = self._writable(inode)
+        changes = AttrChanges()
+        if fields.update_mode:
+            changes.mode = attr.st_mode
+        if fields.update_uid or fields.update_gid:
+            if view.uid is not None or view.gid is not None:
+                # ownership is presented, not stored: only a no-op chown is accepted
+                if (fields.update_uid and attr.st_uid != view.uid) or \
+                        (fields.update_gid and attr.st_gid != view.gid):
+                    raise pyfuse3.FUSEError(errno.EPERM)
+            else:
+                changes.uid = attr.st_uid if fields.update_uid else None
+                changes.gid = attr.st_gid if fields.update_gid else None
+        if fields.update_size:
+            changes.size = attr.st_size
+        if fields.update_atime:
+            changes.atime_ns = attr.st_atime_ns
+        if fields.update_mtime:
+            changes.mtime_ns = attr.st_mtime_ns
+        handle = self._files[fh].handle if fh is not None and fh in self._files else None
+        attrs = await backend.setattr(node.node, changes, handle)
+        if fields.update_size:
+            node.stamp = (attrs.mtime_ns, attrs.size)
+            self._changed(node)
+        return self._entry(node, attrs)
+
+    @op
+    async def readlink(self, inode: int, ctx=None) -> bytes:
+        node, _, backend = self._node(inode)
+        return await backend.readlink(node.node)
+
+    @op
+    async def statfs(self, ctx=None) -> pyfuse3.StatvfsData:
+        out = pyfuse3.StatvfsData()
+        if self.root_view is not None:
+            s = await self.root_view.backend.statfs()
+        else:
+            from azfs.backends.base import StatFs
+            s = StatFs(block_size=4096, blocks=0, blocks_free=0, blocks_avail=0,
+                       files=0, files_free=0)
+        out.f_bsize = s.block_size
+        out.f_frsize = s.block_size
+        out.f_blocks = s.blocks
+        out.f_bfree = s.blocks_free
+        out.f_bavail = s.blocks_avail
+        out.f_files = s.files
+        out.f_ffree = s.files_free
+        out.f_favail = s.files_free
+        out.f_namemax = s.name_max
+        return out
+
+    # ---- directories ---------------------------------------------------------------
+    @op
+    async def opendir(self, inode: int, ctx=None) -> int:
+        node = self.table.get(inode)
+        if node.is_virtual:
+            entry = _OpenDir(node, None, sorted((node.children or {}).items()))
+        else:
+            assert node.view is not None
+            listing = await node.view.backend.opendir(node.node)
+            entry = _OpenDir(node, listing, None)
+        node.opens += 1
+        fh = next(self._fh)
+        self._dirs[fh] = entry
+        return fh
+
+    @op
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        """Positions: 0 is '.', 1 is '..', 2+i the i-th entry of the opendir snapshot."""
+        d = self._dirs[fh]
+        pos = start_id
+        while pos < 2:
+            ino = d.inode.ino if pos == 0 else d.inode.parent if d.inode.is_virtual else None
+            dot = self.table.get(ino) if ino is not None else d.inode
+            if not pyfuse3.readdir_reply(token, b"." * (pos + 1),
+                                         self._entry(dot, await self._attrs(dot)), pos + 1):
+                return
+            pos += 1
+        if d.virtual is not None:
+            for i in range(pos - 2, len(d.virtual)):
+                name, ino = d.virtual[i]
+                try:
+                    child = self.table.get(ino)
+                except Exception:  # noqa: BLE001 - detached meanwhile
+                    continue
+                if not pyfuse3.readdir_reply(token, os.fsencode(name),
+                                             self._entry(child, await self._attrs(child)), i + 3):
+                    return
+                child.lookups += 1
+            return
+        assert d.listing is not None and d.inode.view is not None
+        view = d.inode.view
+        backend = view.backend
+        entries = d.listing.entries
+        for i in range(pos - 2, len(entries)):
+            name = entries[i].name
+            try:
+                node, attrs = await backend.lookup(d.inode.node, name)
+            except OSError as exc:
+                if exc.errno == errno.ENOENT:
+                    continue  # removed since opendir: not listed
+                raise
+            inode = self.table.add_node(view, node, attrs)
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._entry(inode, attrs),
+                                         i + 3):
+                self.table.forget(inode.ino, 0)
+                return
+            inode.lookups += 1
+
+    @op
+    async def releasedir(self, fh: int) -> None:
+        d = self._dirs.pop(fh)
+        if d.listing is not None and d.inode.view is not None:
+            await d.inode.view.backend.releasedir(d.listing)
+        self.table.closed(d.inode)
+
+    @op
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        return None
+
+    @op
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent, view, backend = self._writable(parent_inode)
+        node, attrs = await backend.mkdir(parent.node, _name(name), mode & ~ctx.umask)
+        attrs = await self._own(view, backend, node, attrs, ctx)
+        return self._remember(view, node, attrs)
+
+    @op
+    async def rmdir(self, parent_inode: int, name: bytes, ctx=None) -> None:
+        parent, _, backend = self._writable(parent_inode)
+        await backend.rmdir(parent.node, _name(name))
+
+    # ---- names -----------------------------------------------------------------------
+    async def _own(self, view: View, backend: Backend, node, attrs: Attributes,
+                   ctx: pyfuse3.RequestContext) -> Attributes:
+        """New objects belong to the caller when the view shows real ownership."""
+        if view.uid is not None or (attrs.uid == ctx.uid and attrs.gid == ctx.gid):
+            return attrs
+        try:
+            return await backend.setattr(node, AttrChanges(uid=ctx.uid, gid=ctx.gid), None)
+        except OSError as exc:  # a volume that cannot chown (cifs with uid=) keeps its owner
+            log.debug("cannot give new object to %d:%d: %s", ctx.uid, ctx.gid, exc)
+            return attrs
+
+    @op
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent, view, backend = self._writable(parent_inode)
+        node, attrs = await backend.mknod(parent.node, _name(name),
+                                          (mode & ~ctx.umask) | stat.S_IFMT(mode), rdev)
+        attrs = await self._own(view, backend, node, attrs, ctx)
+        return self._remember(view, node, attrs)
+
+    @op
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent, view, backend = self._writable(parent_inode)
+        node, attrs = await backend.symlink(parent.node, _name(name), target)
+        attrs = await self._own(view, backend, node, attrs, ctx)
+        return self._remember(view, node, attrs)
+
+    @op
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx=None) -> pyfuse3.EntryAttributes:
+        node, view, backend = self._writable(inode)
+        parent = self.table.get(new_parent_inode)
+        if parent.view is not view:
+            raise pyfuse3.FUSEError(errno.EXDEV)
+        new_node, attrs = await backend.link(node.node, parent.node, _name(new_name))
+        return self._remember(view, new_node, attrs)
+
+    @op
+    async def unlink(self, parent_inode: int, name: bytes, ctx=None) -> None:
+        parent, _, backend = self._writable(parent_inode)
+        await backend.unlink(parent.node, _name(name))
+
+    @op
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx=None) -> None:
+        old, view, backend = self._writable(parent_inode_old)
+        new = self.table.get(parent_inode_new)
+        if new.view is not view:
+            raise pyfuse3.FUSEError(errno.EXDEV)
+        await backend.rename(old.node, _name(name_old), new.node, _name(name_new), flags)
+
+    # ---- files -------------------------------------------------------------------------
+    def _keep_cache(self, inode: Inode, attrs: Attributes) -> bool:
+        """Keep the page cache only if the object did not change since it was filled."""
+        stamp = (attrs.mtime_ns, attrs.size)
+        keep = inode.stamp == stamp
+        inode.stamp = stamp
+        return keep
+
+    @op
+    async def open(self, inode: int, flags: int, ctx=None) -> pyfuse3.FileInfo:
+        if flags & _WRITE_FLAGS:
+            node, view, backend = self._writable(inode)
+        else:
+            node, view, backend = self._node(inode)
+        handle = await backend.open(node.node, flags)
+        node.opens += 1
+        fh = next(self._fh)
+        self._files[fh] = _OpenFile(node, view, handle)
+        attrs = await backend.getattr(node.node)
+        if flags & os.O_TRUNC:
+            self._changed(node)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=self._keep_cache(node, attrs))
+
+    @op
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: pyfuse3.RequestContext
+                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        parent, view, backend = self._writable(parent_inode)
+        node, attrs, handle = await backend.create(parent.node, _name(name),
+                                                   mode & ~ctx.umask, flags)
+        attrs = await self._own(view, backend, node, attrs, ctx)
+        entry = self._remember(view, node, attrs)
+        inode = self.table.get(entry.st_ino)
+        inode.opens += 1
+        inode.stamp = (attrs.mtime_ns, attrs.size)
+        fh = next(self._fh)
+        self._files[fh] = _OpenFile(inode, view, handle)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry
+
+    @op
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        f = self._files[fh]
+        if not f.view.alive:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        data = await f.view.backend.read(f.handle, off, size)
+        self.stats.bytes_read[f.view.label] += len(data)
+        return data
+
+    @op
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        f = self._files[fh]
+        if not f.view.alive:
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        if f.view.read_only or f.view.backend.read_only:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        n = await f.view.backend.write(f.handle, off, buf)
+        self.stats.bytes_written[f.view.label] += n
+        f.inode.stamp = None  # refreshed at the next open; our own writes are cached
+        self._changed(f.inode)
+        return n
+
+    @op
+    async def flush(self, fh: int) -> None:
+        f = self._files[fh]
+        await f.view.backend.flush(f.handle)
+
+    @op
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        f = self._files[fh]
+        await f.view.backend.fsync(f.handle, datasync)
+
+    @op
+    async def release(self, fh: int) -> None:
+        f = self._files.pop(fh)
+        try:
+            await f.view.backend.release(f.handle)
+        finally:
+            if f.inode.stamp is None and f.view.alive:
+                # writes went through our page cache: it matches the file now
+                try:
+                    attrs = await f.view.backend.getattr(f.inode.node)
+                    f.inode.stamp = (attrs.mtime_ns, attrs.size)
+                except OSError:
+                    pass
+            self.table.closed(f.inode)
+
+    # ---- xattrs --------------------------------------------------------------------------
+    @op
+    async def getxattr(self, inode: int, name: bytes, ctx=None) -> bytes:
+        node = self.table.get(inode)
+        if node.view is None:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return await node.view.backend.getxattr(node.node, _name(name))
+
+    @op
+    async def listxattr(self, inode: int, ctx=None) -> list[bytes]:
+        node = self.table.get(inode)
+        if node.view is None:
+            return []
+        return [os.fsencode(n) for n in await node.view.backend.listxattr(node.node)]
+
+    @op
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx=None) -> None:
+        node, _, backend = self._writable(inode)
+        await backend.setxattr(node.node, _name(name), value)
+
+    @op
+    async def removexattr(self, inode: int, name: bytes, ctx=None) -> None:
+        node, _, backend = self._writable(inode)
+        await backend.removexattr(node.node, _name(name))

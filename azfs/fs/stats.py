@@ -1,0 +1,48 @@
+"""Cheap per-operation counters of the FUSE layer, exported by the agent as metrics."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+#: latency histogram bucket bounds in seconds (Prometheus style, cumulative on export)
+BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
+
+
+@dataclass(slots=True)
+class OpCounter:
+    count: int = 0
+    seconds: float = 0.0
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(BUCKETS) + 1))
+    errors: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+
+
+class OpStats:
+    """Counts, latency histograms and errno counts per FUSE operation."""
+
+    def __init__(self) -> None:
+        self.ops: dict[str, OpCounter] = defaultdict(OpCounter)
+        #: per view (vfolder) bytes moved
+        self.bytes_read: dict[str, int] = defaultdict(int)
+        self.bytes_written: dict[str, int] = defaultdict(int)
+
+    def observe(self, op: str, seconds: float) -> None:
+        c = self.ops[op]
+        c.count += 1
+        c.seconds += seconds
+        for i, bound in enumerate(BUCKETS):
+            if seconds <= bound:
+                c.buckets[i] += 1
+                return
+        c.buckets[-1] += 1
+
+    def error(self, op: str, code: int) -> None:
+        self.ops[op].errors[code] += 1
+
+    def snapshot(self) -> dict:
+        return {
+            "ops": {name: {"count": c.count, "seconds": c.seconds, "buckets": list(c.buckets),
+                           "errors": dict(c.errors)} for name, c in self.ops.items()},
+            "bytes_read": dict(self.bytes_read),
+            "bytes_written": dict(self.bytes_written),
+        }

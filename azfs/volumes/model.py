@@ -303,7 +303,8 @@ def _split_secret(options: str, fstype: str | None, where: str,
     password: Secret | None = None
     for key, value in split_options(options.strip()):
         if not OPTION_KEY_RE.fullmatch(key):
-            errors.append(f"{where}: malformed option {_shorten(redact_option(key, value))!r}")
+            # only the name: the value may be a mistyped password
+            errors.append(f"{where}: malformed option name {_shorten(key, 40)!r}")
             continue
         if key.lower() in SECRET_OPTIONS:
             if fstype is not None and fstype not in CIFS_FSTYPES:
@@ -318,12 +319,6 @@ def _split_secret(options: str, fstype: str | None, where: str,
             continue
         kept.append((key, value))
     return join_options(kept), password
-
-
-def redact_option(key: str, value: str | None) -> str:
-    if value is None:
-        return key
-    return f"{key}=***" if key.lower() in SECRET_OPTIONS else f"{key}={value}"
 
 
 def options_with_password(mount: MountSpec, show_secrets: bool) -> str:

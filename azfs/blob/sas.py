@@ -1,0 +1,179 @@
+"""The SAS a blob dataset is read with, and its renewal.
+
+A :class:`SasManager` holds the current SAS (a :class:`~azfs.secret.Secret`)
+and a *token source*: any callable, sync or async, that returns a fresh SAS
+(a query string or a full SAS URL) -- the agent passes one that asks the
+manager; ``azfs mount`` passes the SAS of its command line or one that
+re-reads ``--sas-file``.  Invariants:
+
+* a new SAS replaces the current one only after a probe request with it
+  succeeded, and the swap is a single assignment (readers see the old or the
+  new token, never a mix); a failed probe keeps the old one;
+* a refused request triggers at most one renewal at a time; if none helps,
+  the caller gets :class:`~azfs.errors.AccessDenied` and one log line per
+  minute says why (expired or refused); the daemon keeps running.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import inspect
+import logging
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import trio
+
+from azfs.blob.url import normalize_sas
+from azfs.errors import AccessDenied, AzfsError, UserError
+from azfs.secret import Secret
+
+log = logging.getLogger(__name__)
+
+TokenSource = Callable[[], "str | Secret | Awaitable[str | Secret]"]
+Probe = Callable[[Secret], Awaitable[None]]
+
+
+def sas_expiry(sas: Secret | str) -> dt.datetime | None:
+    """The ``se=`` (signed expiry) of a SAS, or ``None`` if it has none."""
+    text = sas.reveal() if isinstance(sas, Secret) else sas
+    values = urllib.parse.parse_qs(text).get("se")
+    if not values:
+        return None
+    try:
+        when = dt.datetime.fromisoformat(values[0].replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
+def static_token_source(sas: Secret | str) -> TokenSource:
+    """Always the same SAS (``azfs mount URL?SAS`` without ``--sas-file``)."""
+    value = Secret(sas)
+    return lambda: value
+
+
+def file_token_source(path: Path) -> TokenSource:
+    """Re-reads ``path`` on every renewal, so an admin can drop a fresh SAS there."""
+    async def read() -> Secret:
+        try:
+            text = await trio.to_thread.run_sync(Path(path).read_text)
+        except OSError as exc:
+            raise AccessDenied(f"cannot read the SAS file {path}: {exc.strerror}") from exc
+        return Secret(text.strip())
+    return read
+
+
+class SasManager:
+    """The current SAS of one blob source, renewed before expiry and on refusal."""
+
+    def __init__(self, initial: Secret | None, source: TokenSource | None, *, what: str,
+                 renew_before: float = 300.0, retry_interval: float = 30.0) -> None:
+        self._current = Secret(normalize_sas(initial)) if initial else None
+        self._source = source
+        self._what = what
+        self._probe: Probe | None = None
+        self._lock = trio.Lock()
+        self._last_denied_log = -1e9
+        self.renew_before = renew_before
+        self.retry_interval = retry_interval
+        self.renewals = 0
+        self.failed_renewals = 0
+
+    def set_probe(self, probe: Probe) -> None:
+        self._probe = probe
+
+    @property
+    def current(self) -> Secret:
+        if self._current is None:
+            raise AccessDenied(f"no SAS for {self._what}")
+        return self._current
+
+    @property
+    def expiry(self) -> dt.datetime | None:
+        return sas_expiry(self._current) if self._current else None
+
+    def expired(self) -> bool:
+        when = self.expiry
+        return when is not None and when <= dt.datetime.now(dt.UTC)
+
+    async def _fetch(self) -> Secret:
+        if self._source is None:
+            raise AccessDenied("no token source to renew the SAS from")
+        value = self._source()
+        if inspect.isawaitable(value):
+            value = await value
+        try:
+            return Secret(normalize_sas(value))
+        except UserError as exc:
+            raise AccessDenied(f"the token source gave an unusable SAS: {exc}") from exc
+
+    async def start(self) -> None:
+        """Obtains the first SAS from the source if none was given."""
+        if self._current is None:
+            await self.renew("initial")
+            if self._current is None:
+                raise AccessDenied(f"no usable SAS for {self._what}")
+
+    async def renew(self, reason: str) -> bool:
+        """Fetches, probes and swaps in a new SAS; True if the SAS changed."""
+        async with self._lock:
+            old = self._current
+            try:
+                new = await self._fetch()
+                if new == old:
+                    return False
+                if self._probe is not None:
+                    await self._probe(new)
+            except AzfsError as exc:
+                self.failed_renewals += 1
+                log.warning("SAS renewal for %s (%s) failed, keeping the current SAS: %s",
+                            self._what, reason, exc)
+                return False
+            self._current = new
+            self.renewals += 1
+            log.info("SAS for %s renewed (%s); new expiry %s", self._what, reason,
+                     self.expiry.isoformat() if self.expiry else "none")
+            return True
+
+    async def refused(self, used: Secret) -> Secret:
+        """Called when ``used`` was refused: a fresh SAS to retry with, or AccessDenied."""
+        if self._current is not None and self._current != used:
+            return self._current  # renewed meanwhile by another request
+        if await self.renew("request refused"):
+            return self.current
+        now = trio.current_time()
+        if now - self._last_denied_log >= 60.0:
+            self._last_denied_log = now
+            if self.expired():
+                log.error("the SAS for %s expired at %s and no fresh one could be obtained;"
+                          " reads fail with EACCES until it is renewed", self._what,
+                          self.expiry.isoformat() if self.expiry else "?")
+            else:
+                log.error("the SAS for %s was refused by the storage service (forged,"
+                          " revoked, or lacking READ|LIST); reads fail with EACCES",
+                          self._what)
+        if self.expired():
+            raise AccessDenied(f"the SAS for {self._what} has expired")
+        raise AccessDenied(f"the storage service refused the SAS for {self._what}")
+
+    def seconds_until_renewal(self) -> float:
+        when = self.expiry
+        if when is None:
+            return 3600.0
+        left = (when - dt.datetime.now(dt.UTC)).total_seconds() - self.renew_before
+        return max(0.0, left)
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Background task: renews ahead of expiry, retrying until it succeeds."""
+        task_status.started()
+        while True:
+            await trio.sleep(self.seconds_until_renewal())
+            if self._source is None:
+                await trio.sleep(self.retry_interval)
+                continue
+            before = self._current
+            await self.renew("ahead of expiry")
+            if self._current == before:
+                await trio.sleep(self.retry_interval)

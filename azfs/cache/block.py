@@ -1,0 +1,229 @@
+"""The node-wide block cache: blob blocks on local disk, bounded in bytes, LRU.
+
+One :class:`BlockCache` per cache directory per process
+(:meth:`BlockCache.shared`), used by every blob mount of the daemon.  Keys
+name a block of one blob *version* (account, container, name, ETag, block
+index), so a replaced blob can never be served from a stale entry.
+
+Invariants, also across restarts and crashes:
+
+* an entry is written to a temporary file and renamed into place, so a file
+  under its final name is always complete; leftovers of a crash (``*.tmp``)
+  are deleted at start;
+* an entry whose size is not the expected block length is deleted and
+  counted as a miss;
+* the sum of entry sizes never exceeds ``max_bytes``: a put first evicts the
+  least recently used entries (recency survives restarts through mtimes);
+* a lock file keeps a second process from using the same directory.
+
+All methods are blocking (file I/O); the daemon calls them through
+``trio.to_thread.run_sync``.  They are thread-safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from azfs.errors import UserError
+
+_TOUCH_EVERY = 60.0
+
+
+@dataclass(slots=True)
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    puts: int = 0
+    evictions: int = 0
+    bytes: int = 0
+    entries: int = 0
+    max_bytes: int = 0
+
+
+class BlockCache:
+    """An LRU of immutable blocks in ``root``, at most ``max_bytes`` bytes in total."""
+
+    _shared: dict[Path, BlockCache] = {}
+    _shared_lock = threading.Lock()
+
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        if max_bytes <= 0:
+            raise UserError("the block cache size must be positive")
+        self.root = Path(root)
+        self.max_bytes = int(max_bytes)
+        self._dir = self.root / "blocks-v1"
+        self._lock = threading.Lock()
+        self._index: OrderedDict[str, int] = OrderedDict()
+        self._touched: dict[str, float] = {}
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self.puts = 0
+        self.evictions = 0
+        try:
+            self._dir.mkdir(parents=True, exist_ok=True)
+            self._lockfd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise UserError(f"cannot use the cache directory {self.root}: {exc.strerror}") \
+                from exc
+        try:
+            fcntl.flock(self._lockfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lockfd)
+            raise UserError(f"the cache directory {self.root} is in use by another "
+                            "process") from None
+        self._load()
+
+    @classmethod
+    def shared(cls, root: Path, max_bytes: int) -> BlockCache:
+        """The process's cache for ``root`` (created on first use)."""
+        key = Path(root).resolve()
+        with cls._shared_lock:
+            cache = cls._shared.get(key)
+            if cache is None:
+                cache = cls._shared[key] = cls(key, max_bytes)
+            return cache
+
+    def close(self) -> None:
+        with self._shared_lock:
+            if self._shared.get(self.root.resolve()) is self:
+                del self._shared[self.root.resolve()]
+        with contextlib.suppress(OSError):
+            os.close(self._lockfd)
+
+    # ---- layout ----------------------------------------------------------------
+    @staticmethod
+    def _digest(key: str) -> str:
+        return hashlib.sha256(key.encode()).hexdigest()
+
+    def _path(self, digest: str) -> Path:
+        return self._dir / digest[:2] / digest
+
+    def _load(self) -> None:
+        found: list[tuple[float, str, int]] = []
+        for sub in self._dir.iterdir():
+            if not sub.is_dir():
+                continue
+            for entry in os.scandir(sub):
+                if entry.name.endswith(".tmp"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+                    continue
+                with contextlib.suppress(OSError):
+                    st = entry.stat()
+                    found.append((st.st_mtime, entry.name, st.st_size))
+        found.sort()
+        for _, digest, size in found:
+            self._index[digest] = size
+            self._bytes += size
+        self._evict_to(self.max_bytes)
+
+    # ---- operations ------------------------------------------------------------
+    def contains(self, key: str) -> bool:
+        with self._lock:
+            return self._digest(key) in self._index
+
+    def get(self, key: str, offset: int, size: int, expect_len: int) -> bytes | None:
+        """``size`` bytes at ``offset`` of the block, or ``None`` (a miss)."""
+        digest = self._digest(key)
+        with self._lock:
+            length = self._index.get(digest)
+            if length is None:
+                self.misses += 1
+                return None
+            self._index.move_to_end(digest)
+        path = self._path(digest)
+        try:
+            if length != expect_len:
+                raise ValueError("wrong length")
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                data = os.pread(fd, size, offset)
+            finally:
+                os.close(fd)
+            if len(data) != min(size, max(0, expect_len - offset)):
+                raise ValueError("short entry")
+        except (OSError, ValueError):
+            self._drop(digest)
+            with self._lock:
+                self.misses += 1
+            return None
+        now = time.monotonic()
+        with self._lock:
+            self.hits += 1
+            touch = now - self._touched.get(digest, -1e9) >= _TOUCH_EVERY
+            if touch:
+                self._touched[digest] = now
+        if touch:
+            with contextlib.suppress(OSError):
+                os.utime(path)
+        return data
+
+    def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        """Stores a complete block (a no-op if present or larger than the cache)."""
+        size = len(data)
+        if size > self.max_bytes:
+            return
+        digest = self._digest(key)
+        with self._lock:
+            if digest in self._index:
+                return
+            self._evict_to(self.max_bytes - size)
+            # Reserve the bytes now so concurrent puts cannot overshoot the bound.
+            self._index[digest] = size
+            self._bytes += size
+        path = self._path(digest)
+        tmp = path.with_name(f"{digest}.{threading.get_ident()}.tmp")
+        try:
+            path.parent.mkdir(exist_ok=True)
+            with open(tmp, "wb") as out:
+                out.write(data)
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            with self._lock:
+                if self._index.pop(digest, None) is not None:
+                    self._bytes -= size
+            return
+        with self._lock:
+            self.puts += 1
+            orphan = digest not in self._index  # evicted or dropped while being written
+        if orphan:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+    def _evict_to(self, limit: int) -> None:
+        """Evicts LRU entries until at most ``limit`` bytes remain (lock held)."""
+        while self._bytes > limit and self._index:
+            digest, size = self._index.popitem(last=False)
+            self._bytes -= size
+            self._touched.pop(digest, None)
+            self.evictions += 1
+            with contextlib.suppress(OSError):
+                os.unlink(self._path(digest))
+
+    def _drop(self, digest: str) -> None:
+        with self._lock:
+            size = self._index.pop(digest, None)
+            if size is not None:
+                self._bytes -= size
+        with contextlib.suppress(OSError):
+            os.unlink(self._path(digest))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._evict_to(0)
+
+    def stats(self) -> CacheStats:
+        with self._lock:
+            return CacheStats(self.hits, self.misses, self.puts, self.evictions,
+                              self._bytes, len(self._index), self.max_bytes)

@@ -1,0 +1,219 @@
+"""Blob backend faults against a real Azurite: SAS expiry/renewal/forgery, replaced
+blobs, and the endpoint going away during a read.
+
+Azurite validates SAS signatures and expiry times itself, so the expired and
+forged cases are refused by the service, not by azfs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+
+import pytest
+import trio
+
+from azfs.backends.blob import BlobBackend, BlobOptions
+from azfs.blob.prefetch import PrefetchBudget
+from azfs.errors import AccessDenied, BackendUnavailable, StaleObject
+from azfs.retry import RetryPolicy
+from azfs.secret import Secret
+from tests.support.azurite import azurite, azurite_fn  # noqa: F401
+
+KiB = 1024
+MiB = 1024 * KiB
+BLOCK = 256 * KiB
+DATA = random.Random(99).randbytes(3 * MiB)
+
+
+def options(**kw) -> BlobOptions:
+    return BlobOptions(block_size=BLOCK, max_window=2, **kw)
+
+
+@pytest.fixture(scope="module")
+def dataset(azurite):  # noqa: F811
+    azurite.upload("faults", {"data.bin": DATA, "other.bin": DATA[:1000]})
+    return azurite
+
+
+def forge(sas: str) -> str:
+    """The same SAS with a different (validly encoded) signature."""
+    fields = dict(part.split("=", 1) for part in sas.split("&"))
+    fields["sig"] = "A" * 43 + "%3D"
+    return "&".join(f"{k}={v}" for k, v in fields.items())
+
+
+async def open_file(backend: BlobBackend, name: str):
+    node, _ = await backend.lookup(backend.root(), name)
+    return await backend.open(node, os.O_RDONLY)
+
+
+async def test_sas_is_renewed_ahead_of_expiry_while_a_file_is_open(dataset):
+    """A SAS valid for a few seconds is replaced before it expires; reads go on."""
+    short = dataset.container_sas("faults", seconds=4)
+    fresh = dataset.container_sas("faults", seconds=3600)
+    issued: list[str] = []
+
+    def token_source() -> str:
+        issued.append("x")
+        return fresh
+
+    backend = BlobBackend.from_url(dataset.container_url("faults", sas=short),
+                                   token_source=token_source,
+                                   options=options(renew_before=2.0))
+    await backend.start()
+    try:
+        fh = await open_file(backend, "data.bin")
+        assert await backend.read(fh, 0, 1000) == DATA[:1000]
+        await trio.sleep(5)  # past the first SAS's expiry
+        assert backend.sas.renewals == 1 and issued
+        assert backend.sas.current == Secret(fresh)
+        assert await backend.read(fh, 2 * MiB, 4 * KiB) == DATA[2 * MiB:2 * MiB + 4 * KiB]
+        await backend.release(fh)
+    finally:
+        await backend.close()
+
+
+async def test_failed_probe_keeps_the_current_sas(dataset, caplog):
+    good = dataset.container_sas("faults")
+    backend = BlobBackend.from_url(dataset.container_url("faults", sas=good),
+                                   token_source=lambda: forge(good), options=options())
+    await backend.start()
+    try:
+        assert not await backend.sas.renew("test")
+        assert backend.sas.current == Secret(good)
+        assert backend.sas.failed_renewals == 1
+        fh = await open_file(backend, "other.bin")
+        assert await backend.read(fh, 0, 2000) == DATA[:1000]
+        await backend.release(fh)
+        assert "keeping the current SAS" in caplog.text
+        assert "sig=" not in caplog.text.replace("sig=***", "")
+    finally:
+        await backend.close()
+
+
+async def test_expired_sas_gives_access_denied_and_a_log_line(dataset, caplog):
+    caplog.set_level(logging.ERROR, logger="azfs")
+    short = dataset.container_sas("faults", seconds=2)
+    backend = BlobBackend.from_url(dataset.container_url("faults", sas=short),
+                                   options=options())
+    await backend.start()
+    try:
+        fh = await open_file(backend, "data.bin")
+        assert await backend.read(fh, 0, 100) == DATA[:100]
+        await trio.sleep(3)
+        with pytest.raises(AccessDenied, match="expired"):
+            await backend.read(fh, MiB, 100)
+        assert "expired" in caplog.text and "EACCES" in caplog.text
+        # the backend is still alive: a fresh SAS from the source makes reads work again
+        backend.sas._source = lambda: dataset.container_sas("faults")
+        assert await backend.read(fh, MiB, 100) == DATA[MiB:MiB + 100]
+        await backend.release(fh)
+    finally:
+        await backend.close()
+
+
+async def test_expired_sas_at_start_is_refused(dataset):
+    expired = dataset.container_sas("faults", seconds=-60)
+    backend = BlobBackend.from_url(dataset.container_url("faults", sas=expired),
+                                   options=options())
+    with pytest.raises(AccessDenied):
+        await backend.start()
+
+
+async def test_forged_sas_is_refused(dataset):
+    forged = forge(dataset.container_sas("faults"))
+    backend = BlobBackend.from_url(dataset.container_url("faults", sas=forged),
+                                   options=options())
+    with pytest.raises(AccessDenied) as info:
+        await backend.start()
+    assert "AAAA" not in str(info.value)
+
+
+async def test_sas_file_is_reread_on_renewal(dataset, tmp_path):
+    sas_file = tmp_path / "sas"
+    sas_file.write_text(dataset.container_sas("faults", seconds=3600) + "\n")
+    backend = BlobBackend.from_url(dataset.container_url("faults"), sas_file=sas_file,
+                                   options=options())
+    await backend.start()
+    try:
+        newer = dataset.container_sas("faults", seconds=7200)
+        sas_file.write_text(newer)
+        assert await backend.sas.renew("test")
+        assert backend.sas.current == Secret(newer)
+    finally:
+        await backend.close()
+
+
+async def test_blob_replaced_mid_read_is_stale_never_mixed(dataset):
+    dataset.upload("faults", {"replaced.bin": DATA})
+    backend = BlobBackend.from_url(
+        dataset.container_url("faults", sas=dataset.container_sas("faults")),
+        options=options(), budget=PrefetchBudget(64 * MiB))
+    await backend.start()
+    try:
+        fh = await open_file(backend, "replaced.bin")
+        assert await backend.read(fh, 0, 64 * KiB) == DATA[:64 * KiB]
+        new = bytes(reversed(DATA))
+        dataset.upload("faults", {"replaced.bin": new})
+        with pytest.raises(StaleObject):
+            await backend.read(fh, 2 * MiB, 64 * KiB)
+        # the handle stays stale, even for ranges fetched before the change
+        with pytest.raises(StaleObject):
+            await backend.read(fh, 0, 100)
+        await backend.release(fh)
+        fh = await open_file(backend, "replaced.bin")
+        assert await backend.read(fh, 2 * MiB, 64 * KiB) == new[2 * MiB:2 * MiB + 64 * KiB]
+        await backend.release(fh)
+        assert backend.budget.used == 0
+    finally:
+        await backend.close()
+
+
+async def test_endpoint_restarted_during_a_read_is_retried(azurite_fn):  # noqa: F811
+    azurite_fn.upload("restart", {"data.bin": DATA})
+    backend = BlobBackend.from_url(
+        azurite_fn.container_url("restart", sas=azurite_fn.container_sas("restart")),
+        options=options(policy=RetryPolicy(deadline=30, attempt_timeout=5),
+                        socket_timeout=5))
+    await backend.start()
+    try:
+        fh = await open_file(backend, "data.bin")
+        assert await backend.read(fh, 0, 4 * KiB) == DATA[:4 * KiB]
+        await trio.to_thread.run_sync(azurite_fn.stop)
+
+        async def restart_soon() -> None:
+            await trio.sleep(1.5)
+            await trio.to_thread.run_sync(azurite_fn.start)
+
+        with trio.fail_after(60):  # a hang guard, not a timing assertion
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(restart_soon)
+                got = bytearray()
+                while len(got) < len(DATA):
+                    got += await backend.read(fh, len(got), 128 * KiB)
+        assert bytes(got) == DATA
+        await backend.release(fh)
+    finally:
+        await backend.close()
+
+
+async def test_dead_endpoint_gives_eio_within_the_deadline(azurite_fn):  # noqa: F811
+    azurite_fn.upload("dead", {"data.bin": DATA})
+    backend = BlobBackend.from_url(
+        azurite_fn.container_url("dead", sas=azurite_fn.container_sas("dead")),
+        options=options(policy=RetryPolicy(deadline=2, attempt_timeout=1),
+                        socket_timeout=1))
+    await backend.start()
+    try:
+        fh = await open_file(backend, "data.bin")
+        await trio.to_thread.run_sync(azurite_fn.stop)
+        with trio.fail_after(30):  # a hang guard, not a timing assertion
+            with pytest.raises(BackendUnavailable):
+                await backend.read(fh, MiB, 4 * KiB)
+            with pytest.raises(BackendUnavailable):
+                await backend.http.list_level("")
+        await backend.release(fh)
+    finally:
+        await backend.close()

@@ -214,6 +214,11 @@ class BlobBackend(Backend):
         return cls(source, token_source=token_source, cache=cache, budget=budget,
                    options=options)
 
+    @property
+    def cache_timeout(self) -> float:
+        """How long the kernel may cache entries and attributes: as long as listings."""
+        return self.options.listing_ttl
+
     # ---- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
         await self.sas.start()

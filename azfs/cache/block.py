@@ -35,6 +35,8 @@ from pathlib import Path
 from azfs.errors import UserError
 
 _TOUCH_EVERY = 60.0
+DEFAULT_DIR = Path("/var/cache/azfs/blocks")
+DEFAULT_BYTES = 10 * 1024**3
 
 
 @dataclass(slots=True)
@@ -91,6 +93,12 @@ class BlockCache:
             if cache is None:
                 cache = cls._shared[key] = cls(key, max_bytes)
             return cache
+
+    @classmethod
+    def open(cls, root: Path | None = None, max_bytes: int | None = None) -> BlockCache:
+        """:meth:`shared` with defaults for what the caller left out."""
+        return cls.shared(Path(root) if root is not None else DEFAULT_DIR,
+                          max_bytes if max_bytes is not None else DEFAULT_BYTES)
 
     def close(self) -> None:
         with self._shared_lock:

@@ -4,7 +4,7 @@ Use the ``etcd_server`` fixture (import it into a test module or conftest)::
 
     from tests.support.etcd import etcd_server  # noqa: F401
 
-    def test_something(etcd_server):
+    def test_something(etcd_server):  # noqa: F811 (ruff sees the import shadowed)
         store = EtcdVolumeStore(etcd_server.endpoint)   # "127.0.0.1:PORT"
         etcd_server.stop(); etcd_server.start()        # restart, same data and ports
 

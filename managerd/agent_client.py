@@ -1,0 +1,95 @@
+"""HTTP client for a node agent's control API (the export contract of azfs.export).
+
+Same host: the agent's unix socket.  Other hosts: TCP with the shared secret
+as a bearer token.  Every call has a deadline; failures become
+``agent-unreachable`` (no answer) or ``agent-error`` (the agent refused).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from pydantic import ValidationError
+
+from azfs.export import ExportRequest, ExportResponse
+from azfs.secret import Secret, redact
+from managerd.errors import AgentError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AgentAddress:
+    name: str
+    socket: Path | None = None
+    url: str | None = None
+    secret: Secret | None = None
+
+
+class AgentUnreachable(AgentError):
+    code = "agent-unreachable"
+
+
+class AgentClient:
+    def __init__(self, address: AgentAddress, timeout: float = 30.0) -> None:
+        self.address = address
+        self.timeout = timeout
+
+    def _client(self) -> httpx.AsyncClient:
+        headers = {}
+        if self.address.socket is not None:
+            transport = httpx.AsyncHTTPTransport(uds=str(self.address.socket))
+            base = "http://agent"
+        else:
+            transport = httpx.AsyncHTTPTransport()
+            base = str(self.address.url).rstrip("/")
+            if self.address.secret:
+                headers["Authorization"] = f"Bearer {self.address.secret.reveal()}"
+        return httpx.AsyncClient(transport=transport, base_url=base, headers=headers,
+                                 timeout=self.timeout)
+
+    async def export(self, kernel_id: str, request: ExportRequest) -> ExportResponse:
+        """``PUT /v1/kernels/{kernel_id}``: the agent presents the vfolders to the kernel."""
+        response = await self._call("PUT", f"/v1/kernels/{kernel_id}",
+                                    json=request.model_dump(mode="json", exclude_none=True))
+        try:
+            return ExportResponse.model_validate(response.json())
+        except (ValueError, ValidationError):
+            raise AgentError(f"agent {self.address.name!r} sent a malformed answer") from None
+
+    async def unexport(self, kernel_id: str) -> None:
+        """``DELETE /v1/kernels/{kernel_id}``; an unknown kernel is already gone."""
+        await self._call("DELETE", f"/v1/kernels/{kernel_id}", missing_ok=True)
+
+    async def _call(self, method: str, path: str, *, missing_ok: bool = False,
+                    **kwargs: object) -> httpx.Response:
+        name = self.address.name
+        try:
+            async with self._client() as client:
+                response = await client.request(method, path, **kwargs)  # type: ignore[arg-type]
+        except httpx.TimeoutException:
+            raise AgentUnreachable(f"agent {name!r} did not answer in {self.timeout:g}s") \
+                from None
+        except (httpx.HTTPError, OSError) as exc:
+            raise AgentUnreachable(f"agent {name!r} is unreachable: "
+                                   f"{redact(str(exc)) or type(exc).__name__}") from None
+        if response.status_code == 404 and missing_ok:
+            return response
+        if response.status_code >= 400:
+            raise AgentError(f"agent {name!r} answered {response.status_code}: "
+                             f"{_agent_message(response)}")
+        return response
+
+
+def _agent_message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+        error = body.get("error", body) if isinstance(body, dict) else body
+        message = error.get("message") or error.get("detail") if isinstance(error, dict) \
+            else error
+    except ValueError:
+        message = response.text
+    return redact(str(message))[:500]

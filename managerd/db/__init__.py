@@ -1,0 +1,1 @@
+"""The manager's records: models, sessions from trio, and migrations."""

@@ -1,0 +1,116 @@
+"""Where the node agents are: the config file, or registrations with a TTL.
+
+An agent registers (``PUT /v1/agents/{name}``, admin token) its unix socket
+or URL and renews before the TTL runs out; an expired registration is
+treated as absent.  TCP agents are reached with the manager's shared agent
+secret.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from azfs.secret import Secret
+from managerd.agent_client import AgentAddress
+from managerd.auth import Principal
+from managerd.config import AgentConfig
+from managerd.db.models import Agent, now
+from managerd.db.session import Database
+from managerd.errors import Forbidden, InvalidArgument, NotFound
+from managerd.services.names import validate_name
+
+
+class AgentNotFound(NotFound):
+    code = "agent-not-found"
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)  # SQLite returns naive datetimes
+    return value
+
+
+class AgentDirectory:
+    def __init__(self, db: Database, configured: Mapping[str, AgentConfig],
+                 secret: Secret | None) -> None:
+        self.db = db
+        self.configured = configured
+        self.secret = secret
+
+    async def resolve(self, name: str) -> AgentAddress:
+        if name in self.configured:
+            cfg = self.configured[name]
+            return AgentAddress(name, cfg.socket, cfg.url, cfg.secret or self.secret)
+
+        def work(session: Session) -> Agent | None:
+            return session.get(Agent, name)
+
+        agent = await self.db.read(work)
+        expires = _aware(agent.expires_at) if agent is not None else None
+        if agent is None or (expires is not None and expires < now()):
+            raise AgentNotFound(f"no agent named {name!r} is registered")
+        return AgentAddress(name, Path(agent.socket) if agent.socket else None, agent.url,
+                            self.secret)
+
+    async def register(self, who: Principal, name: str, socket: str | None, url: str | None,
+                       ttl: int) -> dict[str, Any]:
+        if not who.is_admin:
+            raise Forbidden("only admins (or agents with an admin token) register agents")
+        validate_name(name, "agent name")
+        if (socket is None) == (url is None):
+            raise InvalidArgument("give exactly one of 'socket' or 'url'")
+        if socket is not None and (not socket.startswith("/") or "\0" in socket):
+            raise InvalidArgument("socket must be an absolute path")
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise InvalidArgument("url must start with http:// or https://")
+        if name in self.configured:
+            raise InvalidArgument(f"agent {name!r} is set in the manager's config file")
+        if not 0 <= ttl <= 86400:
+            raise InvalidArgument("ttl must be 0-86400 seconds (0: no expiry)")
+
+        def work(session: Session) -> dict[str, Any]:
+            agent = session.get(Agent, name) or Agent(name=name)
+            agent.socket, agent.url = socket, url
+            agent.expires_at = now() + timedelta(seconds=ttl) if ttl else None
+            agent.registered_at = now()
+            session.add(agent)
+            session.flush()
+            return _agent_dict(agent)
+
+        return await self.db.run(work)
+
+    async def list(self, who: Principal) -> list[dict[str, Any]]:
+        if not who.is_admin:
+            raise Forbidden("only admins list agents")
+
+        def work(session: Session) -> list[dict[str, Any]]:
+            rows = [_agent_dict(a) for a in session.scalars(select(Agent).order_by(Agent.name))]
+            for name, cfg in sorted(self.configured.items()):
+                rows.append({"name": name, "socket": str(cfg.socket) if cfg.socket else None,
+                             "url": cfg.url, "expires_at": None, "source": "config"})
+            return rows
+
+        return await self.db.read(work)
+
+    async def remove(self, who: Principal, name: str) -> None:
+        if not who.is_admin:
+            raise Forbidden("only admins remove agents")
+
+        def work(session: Session) -> None:
+            agent = session.get(Agent, name)
+            if agent is not None:
+                session.delete(agent)
+
+        await self.db.run(work)
+
+
+def _agent_dict(agent: Agent) -> dict[str, Any]:
+    expires = _aware(agent.expires_at)
+    return {"name": agent.name, "socket": agent.socket, "url": agent.url,
+            "expires_at": expires.isoformat() if expires else None, "source": "api"}

@@ -1,0 +1,297 @@
+"""Kernels: turn "start a kernel with these folders" into an export request for an agent.
+
+Create: one transaction resolves every requested vfolder (ownership,
+sharing, permission, lifecycle state), adds the owner's dot-folders, marks
+the vfolders ``mounted`` (a conditional UPDATE, so a concurrent trash waits
+and then sees ``mounted``) and records the kernel as ``creating``.  Only then
+is the agent asked; if it refuses, the records are undone.  A retried create
+with the same request returns the same kernel.
+
+Destroy: the kernel is marked ``destroying`` and stays recorded (its
+vfolders stay in use) until the agent confirms the export is gone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError
+from sqlalchemy import delete, exists, select, update
+from sqlalchemy.orm import Session
+
+from azfs.export import ExportRequest, VfolderExport, resolve_target, validate_kernel_id
+from managerd.agent_client import AgentClient
+from managerd.auth import Principal
+from managerd.db.models import (
+    EXPORTABLE,
+    MOUNTED,
+    READY,
+    Kernel,
+    KernelMount,
+    User,
+    Vfolder,
+    iso,
+)
+from managerd.db.session import Database
+from managerd.errors import ApiError, Conflict, Forbidden, InvalidArgument, NotFound
+from managerd.services import datasets as ds_service
+from managerd.services.agents import AgentDirectory
+from managerd.services.vfolders import resolve
+
+log = logging.getLogger(__name__)
+
+
+class KernelNotFound(NotFound):
+    code = "kernel-not-found"
+
+
+class VfolderRequest(BaseModel):
+    vfolder: str = Field(description="vfolder id or alias", min_length=1, max_length=64)
+    mode: str | None = Field(default=None, description="ro | rw; default: the caller's access")
+    target: str | None = Field(default=None, max_length=1024,
+                               description="container path; default /home/work/<alias>")
+    alias: str | None = Field(default=None, max_length=64,
+                              description="name in the kernel; default the vfolder's alias")
+
+
+class DatasetRequest(BaseModel):
+    dataset: str = Field(min_length=1, max_length=64)
+    target: str | None = Field(default=None, max_length=1024)
+    alias: str | None = Field(default=None, max_length=64)
+
+
+class KernelRequest(BaseModel):
+    kernel_id: str = Field(min_length=1, max_length=128)
+    agent: str = Field(min_length=1, max_length=64)
+    vfolders: list[VfolderRequest] = Field(default_factory=list, max_length=64)
+    datasets: list[DatasetRequest] = Field(default_factory=list, max_length=64)
+    #: also export the owner's dot-folders (aliases starting with '.')
+    dotfolders: bool = True
+
+
+def request_hash(who: Principal, request: KernelRequest) -> str:
+    body = json.dumps({"owner": who.id, **request.model_dump()}, sort_keys=True)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def kernel_dict(kernel: Kernel, owner: str, mounts: list[KernelMount]) -> dict[str, Any]:
+    return {
+        "kernel_id": kernel.id, "owner": owner, "agent": kernel.agent,
+        "status": kernel.status, "created_at": iso(kernel.created_at),
+        "vfolders": [{"alias": m.alias, "mode": m.mode, "target": m.target,
+                      "vfolder_id": str(m.vfolder_id) if m.vfolder_id else None,
+                      "kind": "posix" if m.vfolder_id else "blob"} for m in mounts],
+        "mounts": json.loads(kernel.mounts_json),
+    }
+
+
+class KernelService:
+    def __init__(self, db: Database, agents: AgentDirectory,
+                 datasets: ds_service.DatasetService, agent_timeout: float = 30.0) -> None:
+        self.db = db
+        self.agents = agents
+        self.datasets = datasets
+        self.agent_timeout = agent_timeout
+
+    async def create(self, who: Principal, request: KernelRequest) -> tuple[dict, bool]:
+        """Returns (kernel, created); ``created`` is False for a recognised retry."""
+        try:
+            validate_kernel_id(request.kernel_id)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        address = await self.agents.resolve(request.agent)
+        digest = request_hash(who, request)
+        prepared = await self.db.run(self._prepare, who, request, digest)
+        if isinstance(prepared, dict):
+            return prepared, False
+        export: ExportRequest = prepared
+        try:
+            answer = await AgentClient(address, self.agent_timeout).export(
+                request.kernel_id, export)
+        except ApiError:
+            await self.db.run(_forget, request.kernel_id)
+            raise
+        mounts = [m.model_dump(mode="json") for m in answer.mounts]
+        return await self.db.run(_running, request.kernel_id, mounts, who.name), True
+
+    def _prepare(self, session: Session, who: Principal, request: KernelRequest,
+                 digest: str) -> ExportRequest | dict:
+        existing = session.get(Kernel, request.kernel_id)
+        if existing is not None:
+            if existing.owner_id == who.id and existing.request_hash == digest \
+                    and existing.status == "running":
+                return _describe(session, existing)
+            raise Conflict(f"kernel {request.kernel_id!r} exists "
+                           f"({existing.status}) with a different request",
+                           code="kernel-exists")
+        user = session.get(User, who.id)
+        assert user is not None
+        exports: list[VfolderExport] = []
+        rows: list[KernelMount] = []
+        chosen: set = set()
+        for item in request.vfolders:
+            access = resolve(session, who, item.vfolder)
+            vf = access.vfolder
+            if vf.id in chosen:
+                raise InvalidArgument(f"vfolder {vf.alias!r} is requested twice")
+            chosen.add(vf.id)
+            allowed = {"owner": vf.permission, "admin": "rw", "ro": "ro"}.get(access.role, "rw")
+            mode = item.mode or allowed
+            if mode not in ("ro", "rw"):
+                raise InvalidArgument("mode must be 'ro' or 'rw'")
+            if mode == "rw" and allowed == "ro":
+                raise Forbidden(f"your access to vfolder {vf.alias!r} is read-only")
+            exports.append(_posix(vf, item.alias or vf.alias, mode, item.target))
+        if request.dotfolders:
+            for vf in session.scalars(select(Vfolder).where(
+                    Vfolder.owner_id == who.id, Vfolder.alias.startswith("."),
+                    Vfolder.status.in_(EXPORTABLE))):
+                if vf.id not in chosen and vf.alias not in {e.alias for e in exports}:
+                    chosen.add(vf.id)
+                    exports.append(_posix(vf, vf.alias, vf.permission, None))
+        datasets: dict[str, int] = {}
+        for item in request.datasets:
+            dataset = ds_service.readable(session, who, item.dataset)
+            alias = item.alias or dataset.name
+            try:
+                exports.append(VfolderExport(alias=alias, kind="blob", mode="ro",
+                                             dataset=self.datasets.source(dataset),
+                                             target=item.target))
+            except ValidationError as exc:
+                raise InvalidArgument(_first_error(exc)) from None
+            datasets[alias] = dataset.id
+        try:
+            export = ExportRequest(uid=user.uid, gid=user.gid, vfolders=exports)
+        except ValidationError as exc:
+            raise InvalidArgument(_first_error(exc)) from None
+        session.add(Kernel(id=request.kernel_id, owner_id=who.id, agent=request.agent,
+                           status="creating", request_hash=digest, mounts_json="[]"))
+        session.flush()
+        for item in export.vfolders:
+            if item.kind == "posix":
+                result = session.execute(
+                    update(Vfolder).where(Vfolder.id == _uuid(item.vfolder_id),
+                                          Vfolder.status.in_(EXPORTABLE))
+                    .values(status=MOUNTED))
+                if result.rowcount != 1:
+                    raise Conflict(f"vfolder {item.alias!r} is not ready to be exported",
+                                   code="vfolder-bad-state")
+            rows.append(KernelMount(
+                kernel_id=request.kernel_id, alias=item.alias, mode=item.mode,
+                target=item.container_path,
+                vfolder_id=_uuid(item.vfolder_id) if item.kind == "posix" else None,
+                dataset_id=datasets.get(item.alias) if item.kind == "blob" else None))
+        session.add_all(rows)
+        return export
+
+    async def destroy(self, who: Principal, kernel_id: str) -> None:
+        agent = await self.db.run(_begin_destroy, who, kernel_id)
+        if agent is None:
+            return
+        address = await self.agents.resolve(agent)
+        await AgentClient(address, self.agent_timeout).unexport(kernel_id)
+        await self.db.run(_forget, kernel_id)
+
+    async def info(self, who: Principal, kernel_id: str) -> dict[str, Any]:
+        def work(session: Session) -> dict[str, Any]:
+            return _describe(session, _visible(session, who, kernel_id))
+
+        return await self.db.read(work)
+
+    async def list(self, who: Principal, everyone: bool = False) -> list[dict[str, Any]]:
+        if everyone and not who.is_admin:
+            raise Forbidden("only admins may list every kernel")
+
+        def work(session: Session) -> list[dict[str, Any]]:
+            query = select(Kernel).order_by(Kernel.created_at)
+            if not everyone:
+                query = query.where(Kernel.owner_id == who.id)
+            return [_describe(session, k) for k in session.scalars(query)]
+
+        return await self.db.read(work)
+
+    async def recover(self) -> None:
+        """At start: a kernel left ``creating`` by a crash is undone if its agent agrees."""
+        stale = await self.db.read(lambda s: [
+            (k.id, k.agent) for k in s.scalars(select(Kernel).where(Kernel.status == "creating"))])
+        for kernel_id, agent in stale:
+            try:
+                address = await self.agents.resolve(agent)
+                await AgentClient(address, self.agent_timeout).unexport(kernel_id)
+            except ApiError as exc:
+                log.warning("kernel %s left creating; agent %s: %s", kernel_id, agent,
+                            exc.message)
+                continue
+            await self.db.run(_forget, kernel_id)
+
+
+def _uuid(value: str | None):
+    import uuid
+    return uuid.UUID(str(value))
+
+
+def _posix(vf: Vfolder, alias: str, mode: str, target: str | None) -> VfolderExport:
+    try:
+        resolve_target(target, alias)
+        return VfolderExport(alias=alias, kind="posix", mode=mode, volume=vf.volume,
+                             path=vf.path, quota_bytes=vf.quota_bytes,
+                             quota_files=vf.quota_files, target=target,
+                             vfolder_id=str(vf.id))
+    except (ValidationError, ValueError) as exc:
+        raise InvalidArgument(_first_error(exc)) from None
+
+
+def _first_error(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        err = exc.errors()[0]
+        return str(err.get("msg", "invalid request")).removeprefix("Value error, ")
+    return str(exc)
+
+
+def _visible(session: Session, who: Principal, kernel_id: str) -> Kernel:
+    kernel = session.get(Kernel, kernel_id)
+    if kernel is None or (kernel.owner_id != who.id and not who.is_admin):
+        raise KernelNotFound(f"no kernel {kernel_id!r}")
+    return kernel
+
+
+def _describe(session: Session, kernel: Kernel) -> dict[str, Any]:
+    owner = session.scalar(select(User.name).where(User.id == kernel.owner_id)) or ""
+    mounts = list(session.scalars(select(KernelMount).where(
+        KernelMount.kernel_id == kernel.id).order_by(KernelMount.id)))
+    return kernel_dict(kernel, owner, mounts)
+
+
+def _running(session: Session, kernel_id: str, mounts: list, owner: str) -> dict[str, Any]:
+    kernel = session.get(Kernel, kernel_id)
+    assert kernel is not None
+    kernel.status = "running"
+    kernel.mounts_json = json.dumps(mounts)
+    session.flush()
+    return _describe(session, kernel)
+
+
+def _begin_destroy(session: Session, who: Principal, kernel_id: str) -> str | None:
+    kernel = session.get(Kernel, kernel_id)
+    if kernel is None:
+        return None  # already gone: destroying twice is fine
+    if kernel.owner_id != who.id and not who.is_admin:
+        raise KernelNotFound(f"no kernel {kernel_id!r}")
+    kernel.status = "destroying"
+    return kernel.agent
+
+
+def _forget(session: Session, kernel_id: str) -> None:
+    """Drops a kernel's records and frees its vfolders that no other kernel uses."""
+    vfids = list(session.scalars(select(KernelMount.vfolder_id).where(
+        KernelMount.kernel_id == kernel_id, KernelMount.vfolder_id.is_not(None))))
+    session.execute(delete(KernelMount).where(KernelMount.kernel_id == kernel_id))
+    session.execute(delete(Kernel).where(Kernel.id == kernel_id))
+    if vfids:
+        session.execute(
+            update(Vfolder).where(Vfolder.id.in_(vfids), Vfolder.status == MOUNTED,
+                                  ~exists().where(KernelMount.vfolder_id == Vfolder.id))
+            .values(status=READY))

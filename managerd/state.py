@@ -1,0 +1,48 @@
+"""The manager's wiring: one object holding the database, volumes and services."""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from managerd.config import ManagerConfig
+from managerd.db import migrate
+from managerd.db.session import Database
+from managerd.services.agents import AgentDirectory
+from managerd.services.datasets import DatasetService
+from managerd.services.kernels import KernelService
+from managerd.services.users import UserService
+from managerd.services.vfolders import VfolderService
+from managerd.volumes import VolumePool
+
+log = logging.getLogger(__name__)
+
+
+class Manager:
+    def __init__(self, config: ManagerConfig, volumes: VolumePool | None = None) -> None:
+        self.config = config
+        self.db = Database(config.db_url, config.db_threads)
+        self.volumes = volumes or VolumePool(config)
+        self.users = UserService(self.db)
+        self.vfolders = VfolderService(
+            self.db, self.volumes, (config.default_quota_bytes, config.default_quota_files))
+        self.agents = AgentDirectory(self.db, config.agents, config.agent_secret)
+        self.datasets = DatasetService(self.db, config.account_keys, config.sas_ttl,
+                                       config.sas_max_ttl)
+        self.kernels = KernelService(self.db, self.agents, self.datasets,
+                                     config.agent_timeout)
+
+    def migrate(self) -> None:
+        """Brings the schema up to date (blocking; before serving)."""
+        if self.db.is_sqlite:
+            self.config.state_dir.mkdir(parents=True, exist_ok=True)
+        migrate.upgrade(self.db.engine)
+
+    async def start(self) -> None:
+        await trio.to_thread.run_sync(self.migrate)
+        await self.kernels.recover()
+
+    async def close(self) -> None:
+        await self.volumes.close()
+        await trio.to_thread.run_sync(self.db.dispose)

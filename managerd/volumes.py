@@ -1,0 +1,238 @@
+"""The manager's own view of the ``requested`` host volumes (the only place that knows how).
+
+The manager mounts each ``requested`` volume once (through the library's
+host mounter), creates and removes vfolder directories on it, and picks the
+volume with most free space for a new vfolder.  Hung storage must not hang
+the manager: every statvfs, mkdir, rmtree and mount runs in a worker thread
+under :attr:`VolumePool.limiter` with a deadline; a thread stuck in state D
+is abandoned and the request fails with ``volume-unavailable``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+from managerd.config import ManagerConfig
+from managerd.errors import ApiError, NotFound, Unavailable
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class VolumeUnavailable(Unavailable):
+    code = "volume-unavailable"
+
+
+class VolumePool:
+    def __init__(self, config: ManagerConfig, store: Any = None, mounter: Any = None) -> None:
+        self._config = config
+        self._store = store
+        self._mounter = mounter
+        self._mounted: dict[str, Path] = {}
+        self._locks: dict[str, trio.Lock] = {}
+        self.timeout = config.storage_timeout
+        self._limiter: trio.CapacityLimiter | None = None
+
+    @property
+    def limiter(self) -> trio.CapacityLimiter:
+        if self._limiter is None:
+            self._limiter = trio.CapacityLimiter(16)
+        return self._limiter
+
+    async def storage(self, fn: Callable[..., T], *args: Any, what: str = "storage") -> T:
+        """Runs a blocking storage call off the loop, giving up after the timeout."""
+        try:
+            with trio.fail_after(self.timeout):
+                return await trio.to_thread.run_sync(
+                    lambda: fn(*args), limiter=self.limiter, abandon_on_cancel=True)
+        except trio.TooSlowError:
+            raise VolumeUnavailable(f"{what}: no answer from storage in {self.timeout:g}s") \
+                from None
+        except OSError as exc:
+            raise VolumeUnavailable(f"{what}: {exc.strerror or exc}") from None
+
+    # -- config --------------------------------------------------------------
+
+    async def _volumes(self) -> list[Any]:
+        store = await self._get_store()
+        try:
+            volumes = await self.storage(store.list, what="reading the volume config")
+        except ApiError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a broken store is an operator error
+            raise VolumeUnavailable(f"cannot read the volume config: {exc}") from None
+        return [v for v in volumes if v.mount.at == "requested"]
+
+    async def requested(self) -> list[str]:
+        return [v.name for v in await self._volumes()]
+
+    async def _get_store(self) -> Any:
+        if self._store is None:
+            self._store = await trio.to_thread.run_sync(_open_store, self._config)
+        return self._store
+
+    # -- mounting ------------------------------------------------------------
+
+    async def mount(self, name: str) -> Path:
+        """The manager's mount of volume ``name`` (mounted on first use, kept)."""
+        if name in self._mounted:
+            return self._mounted[name]
+        lock = self._locks.setdefault(name, trio.Lock())
+        async with lock:
+            if name in self._mounted:
+                return self._mounted[name]
+            volume = next((v for v in await self._volumes() if v.name == name), None)
+            if volume is None:
+                raise NotFound(f"no requested host volume named {name!r}",
+                               code="volume-not-found")
+            mounter = self._get_mounter()
+            try:  # the mounter bounds mount(8) and its probes with its own timeouts
+                path = Path(await mounter.acquire(volume))
+            except ApiError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - mount errors become one API code
+                raise VolumeUnavailable(f"cannot mount volume {name!r}: {exc}") from None
+            self._mounted[name] = path
+            return path
+
+    def _get_mounter(self) -> Any:
+        if self._mounter is None:
+            self._mounter = _make_mounter(self._config.mount_dir, self.timeout)
+        return self._mounter
+
+    async def close(self) -> None:
+        """Releases every volume this manager mounted (at shutdown)."""
+        volumes = {v.name: v for v in await self._volumes_quiet()}
+        for name in list(self._mounted):
+            self._mounted.pop(name)
+            if name in volumes and self._mounter is not None:
+                with trio.move_on_after(self.timeout) as scope:
+                    scope.shield = True
+                    try:
+                        await self._mounter.release(volumes[name])
+                    except Exception as exc:  # noqa: BLE001 - shutdown goes on
+                        log.warning("cannot release volume %s: %s", name, exc)
+
+    async def _volumes_quiet(self) -> list[Any]:
+        try:
+            return await self._volumes()
+        except ApiError:
+            return []
+
+    # -- placement -----------------------------------------------------------
+
+    async def free_bytes(self, name: str) -> int:
+        path = await self.mount(name)
+        st = await self.storage(os.statvfs, path, what=f"statfs of volume {name!r}")
+        return st.f_bavail * st.f_frsize
+
+    async def choose(self, name: str | None = None) -> tuple[str, Path]:
+        """The named volume, or the reachable ``requested`` one with most free space."""
+        if name is not None:
+            return name, await self.mount(name)
+        names = await self.requested()
+        if not names:
+            raise Unavailable("no requested host volume is configured", code="no-volume")
+        free: dict[str, int] = {}
+
+        async def probe(volume: str) -> None:
+            try:
+                free[volume] = await self.free_bytes(volume)
+            except ApiError as exc:
+                log.warning("volume %s skipped: %s", volume, exc.message)
+
+        async with trio.open_nursery() as nursery:
+            for volume in names:
+                nursery.start_soon(probe, volume)
+        if not free:
+            raise Unavailable("no requested host volume is reachable", code="no-volume")
+        best = max(sorted(free), key=lambda v: free[v])
+        return best, self._mounted[best]
+
+    # -- vfolder directories -------------------------------------------------
+
+    async def vfolder_dir(self, volume: str, path: str) -> Path:
+        return (await self.mount(volume)) / path
+
+    async def make_dir(self, directory: Path) -> None:
+        await self.storage(_mkdir_with_ledger, directory, what="creating the vfolder directory")
+
+    async def remove_dir(self, directory: Path) -> None:
+        await self.storage(_rmtree, directory, what="removing the vfolder directory")
+
+
+def _mkdir_with_ledger(directory: Path) -> None:
+    """Creates the vfolder directory with a clean usage ledger (0 bytes, 0 files)."""
+    os.mkdir(directory, 0o755)
+    try:
+        from managerd.usage import init_usage
+        init_usage(directory)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+
+
+def _rmtree(directory: Path) -> None:
+    try:
+        shutil.rmtree(directory)
+    except FileNotFoundError:
+        pass
+
+
+# -- library glue (the one place that knows azfs.volumes) --------------------
+
+def _open_store(config: ManagerConfig) -> Any:
+    try:
+        from azfs.volumes.store import open_store
+    except ImportError:
+        return _FileStore(config.volumes_file)
+    return open_store(etcd=config.etcd, config_file=config.volumes_file)
+
+
+def _make_mounter(state_dir: Path, timeout: float) -> Any:
+    try:
+        from azfs.volumes.hostmount import HostMounter
+    except ImportError:
+        return _BindOnlyMounter()
+    return HostMounter(state_dir, probe_timeout=timeout, mount_timeout=max(timeout, 30.0))
+
+
+class _FileStore:
+    """Volume config from a YAML file, until the library's stores are available."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._path = path
+
+    def list(self) -> list[Any]:
+        if self._path is None:
+            return []
+        from azfs.volumes.model import load_yaml_file
+        return load_yaml_file(self._path)
+
+    def get(self, name: str) -> Any:
+        return next((v for v in self.list() if v.name == name), None)
+
+
+class _BindOnlyMounter:
+    """Serves ``bind`` volumes in place; other fstypes need the library's mounter."""
+
+    async def acquire(self, volume: Any) -> Path:
+        if volume.mount.fstype != "bind":
+            raise RuntimeError(f"fstype {volume.mount.fstype} needs azfs.volumes.hostmount")
+        path = Path(volume.mount.path)
+        if not await trio.to_thread.run_sync(path.is_dir):
+            raise RuntimeError(f"{path} is not a directory")
+        return path
+
+    async def release(self, volume: Any) -> None:
+        return None
+
+    def path_for(self, name: str) -> Path:
+        raise KeyError(name)

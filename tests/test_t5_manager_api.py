@@ -1,0 +1,456 @@
+"""The manager's REST API over real HTTP: vfolder lifecycle, names, concurrency, kernels.
+
+The app is served by hypercorn (trio worker) on a free 127.0.0.1 port in the
+test's own trio loop and reached with httpx; the database is a real SQLite
+file or a real PostgreSQL 15 server; host volumes are ``bind`` volumes of
+temp directories, mounted by the manager through the library's host mounter.
+
+The node agent is out of scope here except for its HTTP contract: a small
+FastAPI app served by hypercorn on a real unix socket stands in for it,
+records every request and answers per ``azfs.export``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import tempfile
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from azfs.export import ExportRequest
+from managerd.app import create_app
+from managerd.config import AgentConfig, ManagerConfig
+from managerd.services.users import create_user
+from managerd.state import Manager
+from tests.support.postgres import postgres  # noqa: F401
+
+# -- fixtures -------------------------------------------------------------------
+
+
+@dataclass
+class FakeAgent:
+    """Stands in for a node agent: records requests on its unix socket, answers per contract."""
+
+    socket: Path
+    requests: list[tuple[str, str, Any]] = field(default_factory=list)
+    fail_next: bool = False
+    exports: dict[str, ExportRequest] = field(default_factory=dict)
+
+    def app(self) -> FastAPI:
+        app = FastAPI()
+
+        @app.put("/v1/kernels/{kernel_id}")
+        async def put(kernel_id: str, request: Request) -> Any:
+            body = await request.json()
+            self.requests.append(("PUT", kernel_id, body))
+            if self.fail_next:
+                self.fail_next = False
+                return JSONResponse({"error": {"code": "mount-failed",
+                                               "message": "volume would not mount"}}, 500)
+            export = ExportRequest.model_validate(body)
+            self.exports[kernel_id] = export
+            return {"kernel_id": kernel_id, "mounts": [
+                {"destination": v.container_path, "type": "bind",
+                 "source": f"/run/azfs/fuse/kernels/{kernel_id}/{v.alias}",
+                 "options": ["rbind", v.mode]} for v in export.vfolders]}
+
+        @app.delete("/v1/kernels/{kernel_id}")
+        async def delete(kernel_id: str) -> Any:
+            self.requests.append(("DELETE", kernel_id, None))
+            if self.exports.pop(kernel_id, None) is None:
+                return JSONResponse({"error": {"code": "not-found", "message": "no kernel"}},
+                                    404)
+            return JSONResponse(None, 204)
+
+        return app
+
+
+@dataclass
+class Server:
+    url: str
+    manager: Manager
+    agent: FakeAgent
+    volumes: dict[str, Path]
+    tokens: dict[str, str]
+    backend: str
+
+    def client(self, user: str | None = None) -> httpx.AsyncClient:
+        headers = {"Authorization": f"Bearer {self.tokens[user]}"} if user else {}
+        return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=30)
+
+
+async def _serve(nursery: trio.Nursery, app: Any, bind: str) -> tuple[trio.Event, list[str]]:
+    config = HypercornConfig()
+    config.bind = [bind]
+    config.accesslog = None
+    config.errorlog = None
+    stop = trio.Event()
+    binds = await nursery.start(
+        lambda task_status: serve(app, config, shutdown_trigger=stop.wait,
+                                  task_status=task_status))
+    return stop, binds
+
+
+def _unmount_under(root: Path) -> None:
+    """Safety net: lazily unmounts anything a failed test left mounted under ``root``."""
+    with open("/proc/self/mountinfo") as fh:
+        points = [line.split()[4] for line in fh]
+    for point in sorted((p for p in points if p.startswith(str(root))), reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True)
+
+
+@contextlib.asynccontextmanager
+async def running_manager(tmp: Path, database_url: str, backend: str,
+                          volumes: int = 2) -> AsyncIterator[Server]:
+    vol_dirs = {f"vol{i}": tmp / f"vol{i}" for i in range(1, volumes + 1)}
+    for path in vol_dirs.values():
+        path.mkdir()
+    volumes_file = tmp / "volumes.yaml"
+    volumes_file.write_text("volumes:\n" + "".join(
+        f"  - name: {name}\n    mount: {{at: requested, fstype: bind, path: {path}}}\n"
+        for name, path in vol_dirs.items()))
+    agent = FakeAgent(tmp / "agent.sock")
+    config = ManagerConfig(state_dir=tmp / "state", database_url=database_url,
+                           volumes_file=volumes_file, db_threads=8, storage_timeout=10,
+                           agents={"node1": AgentConfig("node1", socket=agent.socket)})
+    manager = Manager(config)
+    try:
+        async with trio.open_nursery() as nursery:
+            await manager.start()
+            agent_stop, _ = await _serve(nursery, agent.app(), f"unix:{agent.socket}")
+            app_stop, binds = await _serve(nursery, create_app(manager), "127.0.0.1:0")
+            port = int(binds[0].rsplit(":", 1)[1])
+            tokens = {}
+            for name, admin in [("admin", True), ("olive", False), ("rhea", False),
+                                ("walt", False), ("stan", False), ("extra", False)]:
+                _, tokens[name] = manager.db.call(
+                    lambda s, n=name, a=admin: create_user(s, n, admin=a, uid=2000, gid=2000))
+            try:
+                yield Server(f"http://127.0.0.1:{port}", manager, agent, vol_dirs, tokens,
+                             backend)
+            finally:
+                app_stop.set()
+                agent_stop.set()
+    finally:
+        with trio.move_on_after(10) as scope:
+            scope.shield = True
+            await manager.close()
+        _unmount_under(tmp)
+
+
+@pytest.fixture
+def tmp_dir() -> Any:
+    path = Path(tempfile.mkdtemp(prefix="azfs-mgr-"))
+    yield path
+    _unmount_under(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def server(request, tmp_dir) -> AsyncIterator[Server]:
+    if request.param == "postgresql":
+        url = request.getfixturevalue("postgres").new_database()
+    else:
+        url = f"sqlite:///{tmp_dir / 'manager.db'}"
+    async with running_manager(tmp_dir, url, request.param) as srv:
+        yield srv
+
+
+@pytest.fixture
+async def sqlite_server(tmp_dir) -> AsyncIterator[Server]:
+    async with running_manager(tmp_dir, f"sqlite:///{tmp_dir / 'manager.db'}", "sqlite") as srv:
+        yield srv
+
+
+def _dirs(volume: Path) -> set[str]:
+    return {p.name for p in volume.iterdir()}
+
+
+def _all_dirs(srv: Server) -> set[str]:
+    return set().union(*(_dirs(v) for v in srv.volumes.values()))
+
+
+# -- vfolder lifecycle ----------------------------------------------------------------
+
+
+async def test_vfolder_lifecycle(server: Server) -> None:
+    async with server.client("olive") as c:
+        r = await c.post("/v1/vfolders", json={"alias": "data"})
+        assert r.status_code == 201, r.text
+        vf = r.json()
+        assert vf["alias"] == "data" and vf["status"] == "ready" and vf["owner"] == "olive"
+        assert vf["path"] == uuid.UUID(vf["id"]).hex
+        directory = server.volumes[vf["volume"]] / vf["path"]
+        assert directory.is_dir()
+
+        info = (await c.get("/v1/vfolders/data")).json()
+        assert info["id"] == vf["id"]
+        assert info["usage"] == {"bytes": 0, "files": 0}
+        assert (await c.get(f"/v1/vfolders/{vf['id']}")).json()["alias"] == "data"
+
+        # same alias again: 409, and no second directory
+        r = await c.post("/v1/vfolders", json={"alias": "data"})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "vfolder-exists"
+        assert _all_dirs(server) == {vf["path"]}
+
+        r = await c.patch("/v1/vfolders/data", json={"alias": "results"})
+        assert r.status_code == 200 and r.json()["alias"] == "results"
+        assert (await c.get("/v1/vfolders/data")).status_code == 404
+
+        listed = (await c.get("/v1/vfolders")).json()
+        assert [v["alias"] for v in listed] == ["results"]
+
+        # trash (twice is fine), restore, trash, purge (twice is fine)
+        assert (await c.delete("/v1/vfolders/results")).status_code == 204
+        assert (await c.delete(f"/v1/vfolders/{vf['id']}")).status_code == 204
+        assert (await c.get("/v1/vfolders")).json() == []
+        trash = (await c.get("/v1/vfolders", params={"trash": True})).json()
+        assert [v["status"] for v in trash] == ["delete-pending"]
+        r = await c.post("/v1/vfolders", json={"alias": "results"})
+        assert r.status_code == 409 and "trash" in r.json()["error"]["message"]
+        r = await c.post(f"/v1/vfolders/{vf['id']}/restore")
+        assert r.status_code == 200 and r.json()["status"] == "ready"
+        r = await c.post(f"/v1/vfolders/{vf['id']}/purge")
+        assert r.status_code == 409 and r.json()["error"]["code"] == "vfolder-bad-state"
+        assert directory.is_dir()
+        assert (await c.delete(f"/v1/vfolders/{vf['id']}")).status_code == 204
+        assert (await c.post(f"/v1/vfolders/{vf['id']}/purge")).status_code == 204
+        assert not directory.exists()
+        assert (await c.post(f"/v1/vfolders/{vf['id']}/purge")).status_code == 204
+        assert (await c.delete(f"/v1/vfolders/{vf['id']}")).status_code == 204
+        r = await c.get(f"/v1/vfolders/{vf['id']}")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "vfolder-not-found"
+        # the alias is free again once purged
+        assert (await c.post("/v1/vfolders", json={"alias": "results"})).status_code == 201
+
+
+async def test_usage_comes_from_the_ledger(sqlite_server: Server) -> None:
+    """Usage is read from the filesystem's ledger, not by walking; unknown is an error."""
+    srv = sqlite_server
+    async with srv.client("olive") as c:
+        vf = (await c.post("/v1/vfolders", json={"alias": "u"})).json()
+        directory = srv.volumes[vf["volume"]] / vf["path"]
+        from azfs.usage import LEDGER_VERSION, META_DIR
+        (directory / META_DIR / "usage.json").write_text(
+            f'{{"version": {LEDGER_VERSION}, "bytes": 12345, "files": 7, "clean": true}}')
+        r = await c.get(f"/v1/vfolders/{vf['id']}/usage")
+        assert r.json() == {"id": vf["id"], "bytes": 12345, "files": 7}
+        shutil.rmtree(directory / META_DIR)
+        r = await c.get(f"/v1/vfolders/{vf['id']}/usage")
+        assert r.status_code == 503 and r.json()["error"]["code"] == "usage-unavailable"
+        info = (await c.get(f"/v1/vfolders/{vf['id']}")).json()
+        assert info["usage"] is None and info["usage_error"]["code"] == "usage-unavailable"
+
+
+async def test_volume_choice_most_free_and_named(sqlite_server: Server) -> None:
+    srv = sqlite_server
+    async with srv.client("admin") as c:
+        vols = (await c.get("/v1/volumes")).json()
+        assert {v["name"] for v in vols} == {"vol1", "vol2"}
+        assert all(v["free_bytes"] > 0 for v in vols)
+    async with srv.client("olive") as c:
+        r = await c.post("/v1/vfolders", json={"alias": "a", "volume": "vol2"})
+        assert r.status_code == 201 and r.json()["volume"] == "vol2"
+        assert (srv.volumes["vol2"] / r.json()["path"]).is_dir()
+        r = await c.post("/v1/vfolders", json={"alias": "b", "volume": "nope"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "volume-not-found"
+        assert (await c.get("/v1/vfolders/b")).status_code == 404
+
+
+async def test_failed_insert_leaves_no_directory(sqlite_server: Server) -> None:
+    """A row that cannot be committed takes its fresh directory with it."""
+    srv = sqlite_server
+    from managerd.services import vfolders as service
+
+    original = service._check_alias_free
+    service._check_alias_free = lambda *a: None  # let the race reach the unique index
+    try:
+        async with srv.client("olive") as c:
+            assert (await c.post("/v1/vfolders", json={"alias": "x"})).status_code == 201
+            before = _all_dirs(srv)
+            r = await c.post("/v1/vfolders", json={"alias": "x"})
+            assert r.status_code == 409 and r.json()["error"]["code"] == "vfolder-exists"
+            assert _all_dirs(srv) == before
+    finally:
+        service._check_alias_free = original
+
+
+@pytest.mark.parametrize("alias,code", [
+    ("", "invalid-argument"), ("a/b", "invalid-argument"), (".", "invalid-argument"),
+    ("..", "invalid-argument"), ("x" * 65, "invalid-argument"), ("tab\there", "invalid-argument"),
+    ("nul\x00", "invalid-argument"), (" lead", "invalid-argument"),
+    (".ssh", "reserved-name"), (".bashrc", "reserved-name"),
+    (str(uuid.uuid4()), "invalid-argument"), (uuid.uuid4().hex, "invalid-argument"),
+])
+async def test_bad_alias_is_refused_and_changes_nothing(sqlite_server: Server, alias: str,
+                                                        code: str) -> None:
+    async with sqlite_server.client("olive") as c:
+        r = await c.post("/v1/vfolders", json={"alias": alias})
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["code"] == code
+        assert (await c.get("/v1/vfolders")).json() == []
+    assert _all_dirs(sqlite_server) == set()
+
+
+async def test_dotfolder_reserved_name_with_intent(sqlite_server: Server) -> None:
+    async with sqlite_server.client("olive") as c:
+        r = await c.post("/v1/vfolders", json={"alias": ".ssh", "dotfolder": True})
+        assert r.status_code == 201
+        r = await c.post("/v1/vfolders", json={"alias": "données ✓"})
+        assert r.status_code == 201 and r.json()["alias"] == "données ✓"
+        assert (await c.get("/v1/vfolders/données ✓")).status_code == 200
+
+
+async def test_errors_are_json_with_codes(sqlite_server: Server) -> None:
+    async with sqlite_server.client() as anon:
+        r = await anon.get("/v1/vfolders")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthenticated"
+        r = await anon.get("/v1/vfolders", headers={"Authorization": "Bearer nope"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "unauthenticated"
+        r = await anon.get("/v1/nothing-here")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not-found"
+        spec = (await anon.get("/openapi.json")).json()
+        assert "/v1/vfolders/{ref}" in spec["paths"]
+    async with sqlite_server.client("olive") as c:
+        r = await c.post("/v1/vfolders", content=b"{not json",
+                         headers={"content-type": "application/json"})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid-argument"
+        r = await c.post("/v1/vfolders", json={"alias": "a", "bogus": 1})
+        assert r.status_code == 422 and "bogus" in r.json()["error"]["message"]
+
+
+# -- concurrency ------------------------------------------------------------------------
+
+
+async def test_50_parallel_creates(server: Server) -> None:
+    """50 distinct aliases → 50 rows and dirs; 50 of one alias → 1 row, 1 dir, 49 × 409."""
+    results: dict[str, list[int]] = {"distinct": [], "same": []}
+
+    async def create(c: httpx.AsyncClient, alias: str, kind: str) -> None:
+        r = await c.post("/v1/vfolders", json={"alias": alias})
+        results[kind].append(r.status_code)
+
+    async with server.client("olive") as c:
+        async with trio.open_nursery() as nursery:
+            for i in range(50):
+                nursery.start_soon(create, c, f"p{i:02d}", "distinct")
+        async with trio.open_nursery() as nursery:
+            for _ in range(50):
+                nursery.start_soon(create, c, "same", "same")
+        listed = (await c.get("/v1/vfolders")).json()
+    assert sorted(results["distinct"]) == [201] * 50
+    assert sorted(results["same"]) == [201] + [409] * 49
+    assert len(listed) == 51
+    assert sorted(v["alias"] for v in listed) == sorted(
+        [f"p{i:02d}" for i in range(50)] + ["same"])
+    # every row has its directory and no directory is without a row (no orphans)
+    assert _all_dirs(server) == {v["path"] for v in listed}
+    for v in listed:
+        assert (server.volumes[v["volume"]] / v["path"]).is_dir()
+
+
+# -- kernels ------------------------------------------------------------------------------
+
+
+async def test_kernel_export_and_never_delete_in_use(server: Server) -> None:
+    srv = server
+    async with srv.client("olive") as c:
+        vf = (await c.post("/v1/vfolders", json={"alias": "work"})).json()
+        await c.post("/v1/vfolders", json={"alias": ".config", "dotfolder": True})
+        await c.put(f"/v1/vfolders/{vf['id']}/shares/rhea", json={"permission": "ro"})
+        body = {"kernel_id": "k1", "agent": "node1",
+                "vfolders": [{"vfolder": "work", "target": "src"}]}
+        r = await c.post("/v1/kernels", json=body)
+        assert r.status_code == 201, r.text
+        kernel = r.json()
+        assert kernel["status"] == "running"
+        method, kid, sent = srv.agent.requests[-1]
+        assert (method, kid) == ("PUT", "k1")
+        export = ExportRequest.model_validate(sent)
+        assert (export.uid, export.gid) == (2000, 2000)
+        by_alias = {v.alias: v for v in export.vfolders}
+        assert set(by_alias) == {"work", ".config"}  # dot-folders follow their owner
+        assert by_alias["work"].volume == vf["volume"] and by_alias["work"].path == vf["path"]
+        assert by_alias["work"].container_path == "/home/work/src"
+        assert by_alias["work"].mode == "rw"
+        assert {m["destination"] for m in kernel["mounts"]} == {
+            "/home/work/src", "/home/work/.config"}
+
+        # a retry of the same create is recognised; a different one is refused
+        r = await c.post("/v1/kernels", json=body)
+        assert r.status_code == 200 and r.json()["kernel_id"] == "k1"
+        assert len(srv.agent.requests) == 1
+        r = await c.post("/v1/kernels", json={**body, "vfolders": []})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "kernel-exists"
+
+        assert (await c.get("/v1/vfolders/work")).json()["status"] == "mounted"
+        for call in (c.delete("/v1/vfolders/work"),
+                     c.patch("/v1/vfolders/work", json={"alias": "other"})):
+            r = await call
+            assert r.status_code == 409 and r.json()["error"]["code"] == "vfolder-in-use"
+
+        assert (await c.delete("/v1/kernels/k1")).status_code == 204
+        assert srv.agent.requests[-1][:2] == ("DELETE", "k1")
+        assert (await c.delete("/v1/kernels/k1")).status_code == 204  # twice is fine
+        assert (await c.get("/v1/vfolders/work")).json()["status"] == "ready"
+        assert (await c.get("/v1/kernels/k1")).status_code == 404
+        assert (await c.delete("/v1/vfolders/work")).status_code == 204
+
+    async with srv.client("rhea") as c:
+        r = await c.post("/v1/kernels", json={"kernel_id": "k2", "agent": "node1",
+                                              "vfolders": [{"vfolder": vf["id"]}]})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "vfolder-bad-state"
+
+
+async def test_kernel_modes_targets_and_agent_failure(sqlite_server: Server) -> None:
+    srv = sqlite_server
+    async with srv.client("olive") as c:
+        vf = (await c.post("/v1/vfolders", json={"alias": "shared"})).json()
+        await c.post("/v1/vfolders", json={"alias": "a"})
+        await c.put("/v1/vfolders/shared/shares/rhea", json={"permission": "ro"})
+        r = await c.post("/v1/kernels", json={
+            "kernel_id": "k-overlap", "agent": "node1",
+            "vfolders": [{"vfolder": "a", "target": "/home/work/x"},
+                         {"vfolder": "shared", "target": "x/y"}]})
+        assert r.status_code == 422 and "overlapping" in r.json()["error"]["message"]
+        r = await c.post("/v1/kernels", json={"kernel_id": "bad/id", "agent": "node1"})
+        assert r.status_code == 422
+        r = await c.post("/v1/kernels", json={"kernel_id": "k3", "agent": "nowhere"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "agent-not-found"
+        # the agent fails: nothing stays recorded and the vfolder is free again
+        srv.agent.fail_next = True
+        r = await c.post("/v1/kernels", json={"kernel_id": "k4", "agent": "node1",
+                                              "vfolders": [{"vfolder": "a"}]})
+        assert r.status_code == 502 and r.json()["error"]["code"] == "agent-error"
+        assert "would not mount" in r.json()["error"]["message"]
+        assert (await c.get("/v1/kernels")).json() == []
+        assert (await c.get("/v1/vfolders/a")).json()["status"] == "ready"
+    async with srv.client("rhea") as c:
+        r = await c.post("/v1/kernels", json={"kernel_id": "k5", "agent": "node1",
+                                              "vfolders": [{"vfolder": vf["id"], "mode": "rw"}]})
+        assert r.status_code == 403
+        r = await c.post("/v1/kernels", json={"kernel_id": "k5", "agent": "node1",
+                                              "vfolders": [{"vfolder": "shared"}]})
+        assert r.status_code == 201, r.text
+        sent = ExportRequest.model_validate(srv.agent.requests[-1][2])
+        assert [(v.alias, v.mode) for v in sent.vfolders] == [("shared", "ro")]
+    async with srv.client("olive") as c:
+        assert (await c.get("/v1/kernels/k5")).status_code == 404
+        r = await c.delete("/v1/vfolders/shared")
+        assert r.status_code == 409 and r.json()["error"]["code"] == "vfolder-in-use"
+    async with srv.client("admin") as c:
+        assert (await c.get("/v1/kernels/k5")).json()["owner"] == "rhea"
+        assert (await c.delete("/v1/kernels/k5")).status_code == 204

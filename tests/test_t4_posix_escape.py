@@ -1,0 +1,236 @@
+"""Containment: nothing done through a vfolder mount reaches a file outside its source.
+
+Symlinks are followed by the *caller's* kernel path walk in the caller's
+namespace, never by the daemon; so the meaningful checks are that the daemon
+shows links verbatim, acts on the link itself, and keeps using the objects it
+resolved even when the tree is rearranged under it.  The layouts put the
+source and the mountpoint at different depths, so a relative link that would
+leave the source (as the daemon would see it) points somewhere harmless and
+missing from the mountpoint's side.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from azfs.backends.posix import PosixBackend
+from azfs.errors import InvalidArgument
+from tests.support.fuse import errno_of
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> dict[str, Path]:
+    """src = T/a/src, mnt = T/b/c/mnt, outside = T/a/outside ('../outside' from src)."""
+    paths = {"src": tmp_path / "a" / "src", "mnt": tmp_path / "b" / "c" / "mnt",
+             "outside": tmp_path / "a" / "outside"}
+    for p in paths.values():
+        p.mkdir(parents=True)
+    (paths["outside"] / "victim").write_text("outside data")
+    os.chmod(paths["outside"] / "victim", 0o644)
+    os.utime(paths["outside"] / "victim", ns=(10**18, 10**18))
+    return paths
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Names, types, modes, owners, times and contents of a tree (links not followed)."""
+    out: dict[str, tuple] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st = os.lstat(p)
+            data = p.read_bytes() if stat.S_ISREG(st.st_mode) else None
+            out[str(p.relative_to(root))] = (st.st_mode, st.st_uid, st.st_gid,
+                                             st.st_mtime_ns, st.st_size, data)
+    return out
+
+
+def test_absolute_symlink_is_shown_verbatim(mounted):
+    m = mounted()
+    os.symlink("/etc/shadow", m.source / "shadow")
+    assert os.readlink(m.mnt / "shadow") == "/etc/shadow"
+    assert stat.S_ISLNK(os.lstat(m.mnt / "shadow").st_mode)
+    os.symlink("/etc/passwd", m.mnt / "made")
+    assert os.readlink(m.source / "made") == "/etc/passwd"
+
+
+def test_relative_escape_link_ops_act_on_the_link(mounted, layout):
+    m = mounted(source=layout["src"], mnt=layout["mnt"])
+    os.symlink("../../outside/victim", layout["src"] / "link")
+    os.symlink("../outside", layout["src"] / "dirlink")
+    before = snapshot(layout["outside"])
+    link = m.mnt / "link"
+    assert os.readlink(link) == "../../outside/victim"
+    assert os.readlink(m.mnt / "dirlink") == "../outside"
+    os.lchown(link, 1234, 4321)
+    st = os.lstat(layout["src"] / "link")
+    assert (st.st_uid, st.st_gid) == (1234, 4321)
+    os.utime(link, ns=(5 * 10**17, 5 * 10**17), follow_symlinks=False)
+    assert os.lstat(layout["src"] / "link").st_mtime_ns == 5 * 10**17
+    assert os.lstat(link).st_mtime_ns == 5 * 10**17
+    # following the link happens in our namespace, where it leads nowhere
+    assert errno_of(lambda: os.chmod(link, 0o777)) == errno.ENOENT
+    assert errno_of(lambda: open(link, "w")) == errno.ENOENT
+    assert errno_of(lambda: os.listdir(m.mnt / "dirlink")) == errno.ENOENT
+    assert errno_of(lambda: os.setxattr(link, "user.x", b"1",
+                                        follow_symlinks=False)) == errno.EPERM
+    os.unlink(link)
+    assert snapshot(layout["outside"]) == before
+    assert not os.path.lexists(layout["src"] / "link")
+
+
+def test_dotdot_at_the_root_stays_outside_azfs(mounted, layout):
+    m = mounted(source=layout["src"], mnt=layout["mnt"])
+    (layout["src"] / "inside").touch()
+    up = m.mnt / ".."
+    assert sorted(os.listdir(up)) == sorted(os.listdir(layout["mnt"].parent))
+    assert os.stat(up).st_ino == os.stat(layout["mnt"].parent).st_ino
+    assert os.stat(up).st_dev != os.stat(m.mnt).st_dev
+    # '..' of a subdirectory is its parent inside the vfolder
+    (m.mnt / "d").mkdir()
+    assert os.stat(m.mnt / "d" / "..").st_ino == os.stat(m.mnt).st_ino
+    assert sorted(os.listdir(m.mnt / "d" / ".." / "..")) == \
+        sorted(os.listdir(layout["mnt"].parent))
+    fd = os.open(m.mnt / "d", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        parent = os.open("..", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        try:
+            assert sorted(os.listdir(parent)) == ["d", "inside"]
+            grand = os.open("..", os.O_RDONLY | os.O_DIRECTORY, dir_fd=parent)
+            try:
+                assert os.fstat(grand).st_ino == os.stat(layout["mnt"].parent).st_ino
+            finally:
+                os.close(grand)
+        finally:
+            os.close(parent)
+    finally:
+        os.close(fd)
+    assert "victim" not in os.listdir(layout["mnt"].parent)
+
+
+def test_directory_swapped_for_symlink_during_a_walk(mounted, layout):
+    """Held directory handles keep naming the directory the daemon resolved, not the link."""
+    src, outside = layout["src"], layout["outside"]
+    m = mounted("--cache-timeout", "0.1", source=src, mnt=layout["mnt"])
+    (m.mnt / "d" / "e").mkdir(parents=True)
+    (m.mnt / "d" / "e" / "old").write_text("inside")
+    held_d = os.open(m.mnt / "d", os.O_RDONLY | os.O_DIRECTORY)
+    held_e = os.open(m.mnt / "d" / "e", os.O_RDONLY | os.O_DIRECTORY)
+    before = snapshot(outside)
+    try:
+        os.rename(src / "d", src / "moved")
+        os.symlink("../outside", src / "d")
+        # create / open / list / remove through the already-open directories
+        fd = os.open("new", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=held_d)
+        os.write(fd, b"new data")
+        os.close(fd)
+        fd = os.open("deep", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=held_e)
+        os.close(fd)
+        fresh = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=held_d)
+        try:
+            assert sorted(os.listdir(fresh)) == ["e", "new"]
+        finally:
+            os.close(fresh)
+        fd = os.open("old", os.O_RDONLY, dir_fd=held_e)
+        assert os.read(fd, 100) == b"inside"
+        os.close(fd)
+        assert errno_of(lambda: os.open("victim", os.O_RDONLY, dir_fd=held_d)) == errno.ENOENT
+        os.mkdir("sub", dir_fd=held_d)
+        os.symlink("x", "lnk", dir_fd=held_d)
+        os.rename("new", "renamed", src_dir_fd=held_d, dst_dir_fd=held_d)
+        assert errno_of(lambda: os.unlink("victim", dir_fd=held_d)) == errno.ENOENT
+    finally:
+        os.close(held_d)
+        os.close(held_e)
+    assert (src / "moved" / "renamed").read_text() == "new data"
+    assert (src / "moved" / "e" / "deep").exists()
+    assert (src / "moved" / "sub").is_dir()
+    # a fresh path walk sees the link, followed in our namespace (where it is missing)
+    time.sleep(0.3)
+    assert stat.S_ISLNK(os.lstat(m.mnt / "d").st_mode)
+    assert errno_of(lambda: open(m.mnt / "d" / "x", "w")) == errno.ENOENT
+    assert snapshot(outside) == before
+
+
+def test_parent_swapped_during_lookups(mounted, layout):
+    """Swapping the directory back and forth while walking never lists the outside dir."""
+    src, outside = layout["src"], layout["outside"]
+    m = mounted("--cache-timeout", "0", source=src, mnt=layout["mnt"])
+    (src / "d").mkdir()
+    (src / "d" / "own").write_text("own")
+    before = snapshot(outside)
+    seen: set[str] = set()
+    for i in range(30):
+        if i % 2:
+            os.rename(src / "d", src / "real")
+            os.symlink("../outside", src / "d")
+        else:
+            if os.path.islink(src / "d"):
+                os.unlink(src / "d")
+                os.rename(src / "real", src / "d")
+        try:
+            seen.update(os.listdir(m.mnt / "d"))
+            with open(m.mnt / "d" / "probe", "a") as f:
+                f.write("x")
+        except OSError as exc:
+            assert exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ESTALE), exc
+    assert "victim" not in seen
+    assert snapshot(outside) == before
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", ".", "", "x\0y", "../outside", "/etc"])
+async def test_backend_refuses_names_with_slash_nul_or_dots(tmp_path, name):
+    """The kernel never sends such names; the backend refuses them anyway (in-process)."""
+    (tmp_path / "src").mkdir()
+    backend = PosixBackend(tmp_path / "src")
+    await backend.start()
+    try:
+        root = backend.root()
+        for call in (lambda: backend.lookup(root, name),
+                     lambda: backend.mkdir(root, name, 0o755),
+                     lambda: backend.create(root, name, 0o644, os.O_WRONLY),
+                     lambda: backend.symlink(root, name, b"x"),
+                     lambda: backend.unlink(root, name)):
+            with pytest.raises(InvalidArgument):
+                await call()
+    finally:
+        await backend.close()
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
+async def test_backend_refuses_long_names(tmp_path):
+    backend = PosixBackend(tmp_path)
+    await backend.start()
+    try:
+        with pytest.raises(OSError) as info:
+            await backend.lookup(backend.root(), "x" * 256)
+        assert info.value.errno == errno.ENAMETOOLONG
+    finally:
+        await backend.close()
+
+
+def test_reserved_meta_dir_is_invisible_and_untouchable(mounted):
+    m = mounted()
+    meta = m.mnt / ".azfs-meta"
+    assert (m.source / ".azfs-meta").is_dir()  # the ledger is there...
+    assert ".azfs-meta" not in os.listdir(m.mnt)  # ...but not shown
+    assert errno_of(lambda: os.stat(meta)) == errno.ENOENT
+    assert errno_of(lambda: os.stat(meta / "usage.json")) == errno.ENOENT
+    assert errno_of(lambda: os.mkdir(meta)) == errno.EPERM
+    assert errno_of(lambda: os.open(meta, os.O_CREAT | os.O_WRONLY)) == errno.EPERM
+    assert errno_of(lambda: os.symlink("x", meta)) == errno.EPERM
+    assert errno_of(lambda: os.mkfifo(meta)) == errno.EPERM
+    (m.mnt / "f").touch()
+    (m.mnt / "d").mkdir()
+    assert errno_of(lambda: os.rename(m.mnt / "f", meta)) == errno.EPERM
+    assert errno_of(lambda: os.rename(m.mnt / "d", meta)) == errno.EPERM
+    assert errno_of(lambda: os.link(m.mnt / "f", meta)) == errno.EPERM
+    assert (m.source / ".azfs-meta" / "usage.json").exists()
+    # the name is only reserved at the root
+    (m.mnt / "d" / ".azfs-meta").mkdir()
+    assert os.listdir(m.mnt / "d") == [".azfs-meta"]

@@ -1,0 +1,457 @@
+"""Every FUSE operation of a posix vfolder, through a real mount made by ``azfs mount``.
+
+Each test checks what a program sees through the mount and, where it matters,
+what landed in the source directory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from azfs.mountinfo import find_mount
+from tests.support.fuse import as_user, errno_of
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def renameat2(old: Path, new: Path, flags: int) -> None:
+    rc = _libc.renameat2(-100, os.fsencode(old), -100, os.fsencode(new), flags)
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+# ---- the mount itself ---------------------------------------------------------------------
+def test_mount_options_and_type(mounted):
+    m = mounted()
+    entry = find_mount(m.mnt)
+    assert entry is not None
+    assert entry.fstype == "fuse.azfs"
+    assert entry.source == "azfs"
+    opts = entry.options.split(",")
+    assert "allow_other" in opts
+    assert "default_permissions" in opts
+
+
+def test_readdir_lists_dot_entries_and_names(mounted):
+    m = mounted()
+    (m.source / "f").write_text("x")
+    (m.source / "d").mkdir()
+    out = subprocess.run(["ls", "-a1", str(m.mnt)], capture_output=True, text=True, check=True)
+    assert sorted(out.stdout.split()) == [".", "..", "d", "f"]
+    with os.scandir(m.mnt) as it:
+        kinds = {e.name: (e.is_dir(follow_symlinks=False), e.is_file(follow_symlinks=False))
+                 for e in it}
+    assert kinds == {"d": (True, False), "f": (False, True)}
+
+
+def test_readdir_under_concurrent_changes(mounted):
+    """A listing taken while names come and go never repeats a name nor misses a stable one."""
+    m = mounted()
+    stable = {f"stable-{i:04d}-{'x' * 40}" for i in range(1500)}
+    for name in stable:
+        (m.source / name).touch()
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def churn() -> None:
+        i = 0
+        try:
+            while not stop.is_set():
+                p = m.mnt / f"churn-{i % 300:04d}-{'y' * 40}"
+                if i // 300 % 2 == 0:
+                    p.touch()
+                else:
+                    p.unlink()
+                i += 1
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=churn)
+    t.start()
+    try:
+        for _ in range(15):
+            names = os.listdir(m.mnt)
+            assert len(names) == len(set(names)), "a name was returned twice"
+            assert stable <= set(names), "a name that existed throughout was missed"
+    finally:
+        stop.set()
+        t.join()
+    assert not errors
+
+
+# ---- attributes ------------------------------------------------------------------------------
+def test_getattr_matches_source(mounted):
+    m = mounted()
+    (m.source / "f").write_bytes(b"a" * 12345)
+    os.utime(m.source / "f", ns=(1_600_000_000_123_456_789, 1_500_000_000_987_654_321))
+    a, b = os.stat(m.mnt / "f"), os.stat(m.source / "f")
+    assert (a.st_size, a.st_mode, a.st_nlink, a.st_uid, a.st_gid) == \
+           (b.st_size, b.st_mode, b.st_nlink, b.st_uid, b.st_gid)
+    assert (a.st_mtime_ns, a.st_atime_ns) == (b.st_mtime_ns, b.st_atime_ns)
+    assert errno_of(lambda: os.stat(m.mnt / "missing")) == errno.ENOENT
+
+
+def test_chmod_truncate_utimens(mounted):
+    m = mounted()
+    p = m.mnt / "f"
+    p.write_bytes(b"0123456789")
+    os.chmod(p, 0o640)
+    assert stat.S_IMODE(os.stat(p).st_mode) == 0o640
+    assert stat.S_IMODE(os.stat(m.source / "f").st_mode) == 0o640
+    os.truncate(p, 4)
+    assert os.stat(p).st_size == 4
+    assert (m.source / "f").read_bytes() == b"0123"
+    os.truncate(p, 8)
+    assert p.read_bytes() == b"0123\0\0\0\0"
+    os.utime(p, ns=(1_000_000_000_000_000_001, 1_100_000_000_000_000_002))
+    st = os.stat(p)
+    assert (st.st_atime_ns, st.st_mtime_ns) == (1_000_000_000_000_000_001,
+                                                1_100_000_000_000_000_002)
+    assert os.stat(m.source / "f").st_mtime_ns == 1_100_000_000_000_000_002
+    before = time.time_ns()
+    os.utime(p)  # UTIME_NOW
+    assert os.stat(m.source / "f").st_mtime_ns >= before - 10**9
+    d = m.mnt / "d"
+    d.mkdir()
+    assert errno_of(lambda: os.truncate(d, 0)) == errno.EISDIR
+
+
+def test_chown_passes_through_without_uid(mounted):
+    m = mounted()
+    p = m.mnt / "f"
+    p.touch()
+    os.chown(p, 1234, 5678)
+    st = os.stat(m.source / "f")
+    assert (st.st_uid, st.st_gid) == (1234, 5678)
+    assert (os.stat(p).st_uid, os.stat(p).st_gid) == (1234, 5678)
+
+
+def test_uid_gid_presented(mounted):
+    m = mounted("--uid", "1000", "--gid", "1001")
+    (m.source / "f").touch()
+    (m.source / "d").mkdir()
+    for name in ("f", "d", "."):
+        st = os.stat(m.mnt / name)
+        assert (st.st_uid, st.st_gid) == (1000, 1001)
+    assert errno_of(lambda: os.chown(m.mnt / "f", 1234, -1)) == errno.EPERM
+    assert errno_of(lambda: os.chown(m.mnt / "f", -1, 4321)) == errno.EPERM
+    os.chown(m.mnt / "f", 1000, 1001)  # the shown owner: accepted
+    assert os.stat(m.source / "f").st_uid == 0  # not stored
+
+
+# ---- directories -----------------------------------------------------------------------------
+def test_mkdir_rmdir(mounted):
+    m = mounted()
+    d = m.mnt / "d"
+    os.mkdir(d, 0o750)
+    assert stat.S_ISDIR(os.stat(m.source / "d").st_mode)
+    assert errno_of(lambda: os.mkdir(d)) == errno.EEXIST
+    (d / "f").touch()
+    assert errno_of(lambda: os.rmdir(d)) == errno.ENOTEMPTY
+    os.unlink(d / "f")
+    os.rmdir(d)
+    assert not (m.source / "d").exists()
+    assert errno_of(lambda: os.rmdir(d)) == errno.ENOENT
+    (m.mnt / "f").touch()
+    assert errno_of(lambda: os.rmdir(m.mnt / "f")) == errno.ENOTDIR
+
+
+# ---- files -----------------------------------------------------------------------------------
+def test_create_excl(mounted):
+    m = mounted()
+    p = m.mnt / "f"
+    fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    os.close(fd)
+    assert stat.S_IMODE(os.stat(m.source / "f").st_mode) == 0o600
+    assert errno_of(lambda: os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY)) == errno.EEXIST
+
+
+def test_open_read_write_flush_fsync_release(mounted):
+    m = mounted()
+    p = m.mnt / "f"
+    fd = os.open(p, os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        assert os.write(fd, b"hello world") == 11
+        assert os.pwrite(fd, b"W", 6) == 1
+        os.fsync(fd)
+        os.fdatasync(fd)
+        assert os.pread(fd, 100, 0) == b"hello World"
+        assert os.pread(fd, 5, 6) == b"World"
+        assert os.pread(fd, 10, 100) == b""
+        os.pwrite(fd, b"!", 20)  # a hole
+    finally:
+        os.close(fd)
+    expected = b"hello World" + b"\0" * 9 + b"!"
+    assert (m.source / "f").read_bytes() == expected
+    assert p.read_bytes() == expected
+    with open(p, "ab") as f:  # O_APPEND
+        f.write(b"tail")
+    assert (m.source / "f").read_bytes() == expected + b"tail"
+    with open(p, "wb") as f:  # O_TRUNC
+        f.write(b"new")
+    assert (m.source / "f").read_bytes() == b"new"
+    assert errno_of(lambda: os.open(m.mnt / "nope", os.O_RDONLY)) == errno.ENOENT
+
+
+def test_large_file_round_trip(mounted):
+    m = mounted()
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    (m.mnt / "big").write_bytes(data)
+    assert (m.source / "big").read_bytes() == data
+    assert (m.mnt / "big").read_bytes() == data
+
+
+def test_unlink(mounted):
+    m = mounted()
+    (m.mnt / "f").write_text("x")
+    os.unlink(m.mnt / "f")
+    assert not (m.source / "f").exists()
+    assert errno_of(lambda: os.unlink(m.mnt / "f")) == errno.ENOENT
+    (m.mnt / "d").mkdir()
+    assert errno_of(lambda: os.unlink(m.mnt / "d")) == errno.EISDIR
+
+
+def test_unlink_open_file_keeps_data(mounted):
+    m = mounted()
+    (m.mnt / "f").write_bytes(b"still here")
+    with open(m.mnt / "f", "rb") as f:
+        os.unlink(m.mnt / "f")
+        assert f.read() == b"still here"
+    assert os.listdir(m.mnt) == []
+
+
+# ---- names -----------------------------------------------------------------------------------
+def test_rename_replace_noreplace_exchange(mounted):
+    m = mounted()
+    (m.mnt / "a").write_text("A")
+    (m.mnt / "b").write_text("B")
+    (m.mnt / "d").mkdir()
+    os.rename(m.mnt / "a", m.mnt / "d" / "a2")
+    assert (m.source / "d" / "a2").read_text() == "A"
+    assert sorted(os.listdir(m.mnt)) == ["b", "d"]
+    os.rename(m.mnt / "d" / "a2", m.mnt / "b")  # replaces
+    assert (m.mnt / "b").read_text() == "A"
+    assert sorted(os.listdir(m.mnt)) == ["b", "d"]
+    (m.mnt / "c").write_text("C")
+    assert errno_of(lambda: renameat2(m.mnt / "c", m.mnt / "b", RENAME_NOREPLACE)) == errno.EEXIST
+    assert (m.mnt / "b").read_text() == "A"
+    renameat2(m.mnt / "c", m.mnt / "e", RENAME_NOREPLACE)
+    assert (m.source / "e").read_text() == "C"
+    renameat2(m.mnt / "e", m.mnt / "d", RENAME_EXCHANGE)
+    assert (m.mnt / "d").read_text() == "C"
+    assert stat.S_ISDIR(os.stat(m.mnt / "e").st_mode)
+    assert (m.source / "d").read_text() == "C"
+    (m.mnt / "x").mkdir()
+    (m.mnt / "x" / "f").touch()
+    assert errno_of(lambda: os.rename(m.mnt / "e", m.mnt / "x")) == errno.ENOTEMPTY
+    assert errno_of(lambda: os.rename(m.mnt / "missing", m.mnt / "y")) == errno.ENOENT
+
+
+def test_hard_link(mounted):
+    m = mounted()
+    (m.mnt / "f").write_text("data")
+    os.link(m.mnt / "f", m.mnt / "g")
+    assert os.stat(m.mnt / "f").st_nlink == 2
+    assert os.stat(m.mnt / "g").st_nlink == 2
+    assert os.stat(m.mnt / "f").st_ino == os.stat(m.mnt / "g").st_ino
+    assert os.stat(m.source / "f").st_ino == os.stat(m.source / "g").st_ino
+    (m.mnt / "g").write_text("changed")
+    assert (m.mnt / "f").read_text() == "changed"
+    os.unlink(m.mnt / "f")
+    assert os.stat(m.mnt / "g").st_nlink == 1
+    (m.mnt / "d").mkdir()
+    assert errno_of(lambda: os.link(m.mnt / "d", m.mnt / "d2")) == errno.EPERM
+
+
+def test_symlink_readlink(mounted):
+    m = mounted()
+    (m.mnt / "target").write_text("t")
+    os.symlink("target", m.mnt / "l")
+    assert os.readlink(m.mnt / "l") == "target"
+    assert os.readlink(m.source / "l") == "target"
+    assert stat.S_ISLNK(os.lstat(m.mnt / "l").st_mode)
+    assert (m.mnt / "l").read_text() == "t"
+    os.symlink("dangling/x" * 20, m.mnt / "long")
+    assert os.readlink(m.mnt / "long") == "dangling/x" * 20
+    assert errno_of(lambda: os.readlink(m.mnt / "target")) == errno.EINVAL
+
+
+def test_statfs_matches_backing_volume(mounted):
+    m = mounted()
+    a, b = os.statvfs(m.mnt), os.statvfs(m.source)
+    assert a.f_frsize == b.f_frsize
+    assert a.f_blocks == b.f_blocks
+    assert a.f_files == b.f_files
+    assert a.f_namemax == 255
+    assert abs(a.f_bavail - b.f_bavail) < b.f_blocks // 100 + 1000
+
+
+def test_xattrs(mounted):
+    m = mounted()
+    p = m.mnt / "f"
+    p.touch()
+    os.setxattr(p, "user.color", b"blue")
+    assert os.getxattr(p, "user.color") == b"blue"
+    assert os.getxattr(m.source / "f", "user.color") == b"blue"
+    assert "user.color" in os.listxattr(p)
+    os.removexattr(p, "user.color")
+    assert errno_of(lambda: os.getxattr(p, "user.color")) == errno.ENODATA
+    os.setxattr(m.source / "f", "trusted.secret", b"root only")
+    for name in ("trusted.secret", "trusted.other", "security.x"):
+        assert errno_of(lambda name=name: os.setxattr(p, name, b"v")) == errno.EOPNOTSUPP
+        assert errno_of(lambda name=name: os.getxattr(p, name)) == errno.ENODATA
+    assert "trusted.secret" not in os.listxattr(p)
+    assert os.getxattr(m.source / "f", "trusted.secret") == b"root only"
+
+
+def test_mknod_fifo_allowed_devices_refused(mounted):
+    m = mounted()
+    os.mkfifo(m.mnt / "fifo", 0o600)
+    assert stat.S_ISFIFO(os.lstat(m.mnt / "fifo").st_mode)
+    assert stat.S_ISFIFO(os.lstat(m.source / "fifo").st_mode)
+    for kind in (stat.S_IFCHR, stat.S_IFBLK):
+        assert errno_of(lambda kind=kind: os.mknod(m.mnt / "dev", kind | 0o600,
+                                                   os.makedev(1, 3))) == errno.EPERM
+    assert not os.path.lexists(m.source / "dev")
+
+
+def test_new_objects_belong_to_the_caller(mounted):
+    m = mounted()
+    shared = m.mnt / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+
+    def work() -> None:
+        with open("file", "w") as f:
+            f.write("mine")
+        os.mkdir("dir")
+        os.symlink("file", "link")
+        os.mkfifo("fifo")
+
+    as_user(1000, 1000, work, cwd=shared)
+    for name in ("file", "dir", "link", "fifo"):
+        st = os.lstat(m.source / "shared" / name)
+        assert (st.st_uid, st.st_gid) == (1000, 1000), name
+        st = os.lstat(shared / name)
+        assert (st.st_uid, st.st_gid) == (1000, 1000), name
+
+
+def test_permissions_checked_by_kernel(mounted):
+    m = mounted()
+    (m.mnt / "private").write_text("secret")
+    os.chmod(m.mnt / "private", 0o600)
+    assert as_user(1000, 1000, lambda: errno_of(lambda: open("private").read()),
+                   cwd=m.mnt) == errno.EACCES
+
+
+# ---- read-only -------------------------------------------------------------------------------
+def test_read_only_refuses_every_write(mounted, tmp_path):
+    src = tmp_path / "rosrc"
+    src.mkdir()
+    (src / "f").write_text("content")
+    (src / "d").mkdir()
+    os.setxattr(src / "f", "user.a", b"1")
+    m = mounted("--ro", source=src)
+    p = m.mnt / "f"
+    assert p.read_text() == "content"
+    assert os.getxattr(p, "user.a") == b"1"
+    assert sorted(os.listdir(m.mnt)) == ["d", "f"]
+    attempts = {
+        "create": lambda: os.open(m.mnt / "new", os.O_CREAT | os.O_WRONLY),
+        "open-write": lambda: os.open(p, os.O_WRONLY),
+        "open-trunc": lambda: os.open(p, os.O_RDONLY | os.O_TRUNC),
+        "mkdir": lambda: os.mkdir(m.mnt / "nd"),
+        "rmdir": lambda: os.rmdir(m.mnt / "d"),
+        "unlink": lambda: os.unlink(p),
+        "rename": lambda: os.rename(p, m.mnt / "g"),
+        "chmod": lambda: os.chmod(p, 0o777),
+        "chown": lambda: os.chown(p, 1, 1),
+        "utime": lambda: os.utime(p, (1, 1)),
+        "truncate": lambda: os.truncate(p, 0),
+        "setxattr": lambda: os.setxattr(p, "user.b", b"2"),
+        "removexattr": lambda: os.removexattr(p, "user.a"),
+        "symlink": lambda: os.symlink("f", m.mnt / "l"),
+        "link": lambda: os.link(p, m.mnt / "h"),
+        "mkfifo": lambda: os.mkfifo(m.mnt / "fifo"),
+    }
+    got = {name: errno_of(fn) for name, fn in attempts.items()}
+    assert got == {name: errno.EROFS for name in attempts}
+    assert (src / "f").read_text() == "content"
+    assert sorted(os.listdir(src)) == [".azfs-meta", "d", "f"]
+
+
+# ---- caching ---------------------------------------------------------------------------------
+def test_changes_through_the_mount_are_seen_at_once(mounted):
+    m = mounted("--cache-timeout", "30")
+    p = m.mnt / "f"
+    p.write_bytes(b"first version")
+    assert p.read_bytes() == b"first version"
+    assert os.stat(p).st_size == 13
+    p.write_bytes(b"second")
+    assert p.read_bytes() == b"second"
+    os.truncate(p, 2)
+    assert os.stat(p).st_size == 2
+    assert p.read_bytes() == b"se"
+    os.listdir(m.mnt)
+    os.rename(p, m.mnt / "g")
+    assert os.listdir(m.mnt) == ["g"]
+    assert errno_of(lambda: os.stat(p)) == errno.ENOENT
+    os.chmod(m.mnt / "g", 0o600)
+    assert stat.S_IMODE(os.stat(m.mnt / "g").st_mode) == 0o600
+
+
+def test_changes_in_the_source_are_seen_after_the_cache_timeout(mounted):
+    m = mounted("--cache-timeout", "0.2")
+    (m.source / "f").write_bytes(b"aaaa")
+    assert (m.mnt / "f").read_bytes() == b"aaaa"
+    assert os.listdir(m.mnt) == ["f"]
+    (m.source / "f").write_bytes(b"bbbbbbbb")
+    (m.source / "new").touch()
+    os.chmod(m.source / "f", 0o600)
+    time.sleep(0.5)
+    assert os.stat(m.mnt / "f").st_size == 8
+    assert stat.S_IMODE(os.stat(m.mnt / "f").st_mode) == 0o600
+    assert (m.mnt / "f").read_bytes() == b"bbbbbbbb"
+    assert sorted(os.listdir(m.mnt)) == ["f", "new"]
+    os.unlink(m.source / "new")
+    time.sleep(0.5)
+    assert not (m.mnt / "new").exists()
+
+
+@pytest.mark.parametrize("count", [300])
+def test_many_files_stat_and_forget(mounted, count):
+    """Inodes come and go (lookup/forget) without leaking or confusing names."""
+    m = mounted()
+    for i in range(count):
+        (m.mnt / f"f{i}").write_text(str(i))
+    for i in range(count):
+        assert (m.mnt / f"f{i}").read_text() == str(i)
+    subprocess.run(["ls", "-l", str(m.mnt)], capture_output=True, check=True)
+    for i in range(0, count, 2):
+        os.unlink(m.mnt / f"f{i}")
+    assert len(os.listdir(m.mnt)) == count // 2
+
+
+@pytest.mark.xfail(strict=True, reason="readdir at offset 0 serves the opendir snapshot: "
+                   "rewinddir() does not refresh the listing as POSIX requires")
+def test_rewinddir_sees_the_current_directory(mounted):
+    m = mounted()
+    fd = os.open(m.mnt, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert os.listdir(fd) == []
+        (m.mnt / "f").touch()
+        assert os.listdir(fd) == ["f"]  # listdir(fd) rewinds the stream first
+    finally:
+        os.close(fd)

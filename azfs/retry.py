@@ -27,6 +27,9 @@ T = TypeVar("T")
 
 #: HTTP statuses worth retrying: timeouts, throttling, server errors.
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+#: The Azure SDK's connection-level failures (matched by name: no SDK import here).
+_SDK_TRANSIENT = frozenset({"ServiceRequestError", "ServiceResponseError",
+                            "IncompleteReadError"})
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -34,6 +37,8 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, TemporaryFailure | trio.TooSlowError | socket.timeout | TimeoutError):
         return True
     if isinstance(exc, ConnectionError | trio.BrokenResourceError):
+        return True
+    if any(cls.__name__ in _SDK_TRANSIENT for cls in type(exc).__mro__):
         return True
     status = getattr(exc, "status_code", None) or getattr(exc, "status", None)
     if isinstance(status, int) and status in TRANSIENT_STATUS:

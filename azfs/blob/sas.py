@@ -141,7 +141,7 @@ class SasManager:
         """Called when ``used`` was refused: a fresh SAS to retry with, or AccessDenied."""
         if self._current is not None and self._current != used:
             return self._current  # renewed meanwhile by another request
-        if await self.renew("request refused"):
+        if self._source is not None and await self.renew("request refused"):
             return self.current
         now = trio.current_time()
         if now - self._last_denied_log >= 60.0:

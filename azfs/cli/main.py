@@ -19,6 +19,7 @@ from azfs.secret import redact
 
 COMMANDS = (
     "azfs.cli.mount",
+    "azfs.cli.dataset",
 )
 
 

@@ -31,10 +31,12 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from azfs.export import ExportRequest
+from azfs.secret import Secret
 from managerd.app import create_app
 from managerd.config import AgentConfig, ManagerConfig
 from managerd.services.users import create_user
 from managerd.state import Manager
+from tests.support.azurite import ACCOUNT, KEY
 from tests.support.postgres import postgres  # noqa: F401
 
 # -- fixtures -------------------------------------------------------------------
@@ -114,7 +116,7 @@ def _unmount_under(root: Path) -> None:
 
 @contextlib.asynccontextmanager
 async def running_manager(tmp: Path, database_url: str, backend: str,
-                          volumes: int = 2) -> AsyncIterator[Server]:
+                          volumes: int = 2, **extra: Any) -> AsyncIterator[Server]:
     vol_dirs = {f"vol{i}": tmp / f"vol{i}" for i in range(1, volumes + 1)}
     for path in vol_dirs.values():
         path.mkdir()
@@ -125,7 +127,8 @@ async def running_manager(tmp: Path, database_url: str, backend: str,
     agent = FakeAgent(tmp / "agent.sock")
     config = ManagerConfig(state_dir=tmp / "state", database_url=database_url,
                            volumes_file=volumes_file, db_threads=8, storage_timeout=10,
-                           agents={"node1": AgentConfig("node1", socket=agent.socket)})
+                           agents={"node1": AgentConfig("node1", socket=agent.socket)},
+                           account_keys={ACCOUNT: Secret(KEY)}, **extra)
     manager = Manager(config)
     try:
         async with trio.open_nursery() as nursery:

@@ -195,7 +195,7 @@ class DatasetService:
         return DatasetSource(url=source_url(ds), sas=issued.sas)
 
     def _sign(self, ds: Dataset, ttl: int | None, blob: str | None) -> sas.IssuedSas:
-        ttl = self.sas_ttl if ttl is None else ttl
+        ttl = min(self.sas_ttl, self.sas_max_ttl) if ttl is None else ttl
         if not 60 <= ttl <= self.sas_max_ttl:
             raise InvalidArgument(f"ttl must be 60-{self.sas_max_ttl} seconds")
         account = sas.account_name(ds.account_url)

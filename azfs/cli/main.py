@@ -20,6 +20,7 @@ from azfs.secret import redact
 COMMANDS = (
     "azfs.cli.mount",
     "azfs.cli.dataset",
+    "azfs.cli.volumes",
 )
 
 

@@ -46,7 +46,7 @@ from azfs.blob.prefetch import DEFAULT_BUDGET, BlockReader, PrefetchBudget, Read
 from azfs.blob.sas import SasManager, TokenSource, file_token_source, static_token_source
 from azfs.blob.url import BlobSource, parse_blob_url
 from azfs.cache.block import BlockCache
-from azfs.errors import NotFound, ReadOnly, StaleObject, UserError
+from azfs.errors import AccessDenied, NotFound, ReadOnly, StaleObject, UserError
 from azfs.retry import RetryPolicy
 from azfs.secret import Secret
 
@@ -222,7 +222,12 @@ class BlobBackend(Backend):
     # ---- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
         await self.sas.start()
-        await self.http.probe(self.sas.current)
+        try:
+            await self.http.probe(self.sas.current)
+        except AccessDenied:
+            why = "has expired" if self.sas.expired() else \
+                "was refused (forged, revoked, or lacking READ|LIST)"
+            raise AccessDenied(f"{self.source.display}: the SAS {why}") from None
         started = trio.Event()
         trio.lowlevel.spawn_system_task(self._serve, started,
                                         name=f"blob:{self.source.display}")

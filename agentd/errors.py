@@ -1,0 +1,50 @@
+"""The agent API's errors: a stable ``code``, an HTTP status and a message safe to show."""
+
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    status = 400
+    code = "invalid-request"
+
+    def __init__(self, message: str, *, code: str | None = None,
+                 status: int | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+
+
+class BadRequest(ApiError):
+    status, code = 400, "invalid-request"
+
+
+class NotFoundError(ApiError):
+    status, code = 404, "not-found"
+
+
+class Conflict(ApiError):
+    status, code = 409, "conflict"
+
+
+class Unavailable(ApiError):
+    status, code = 503, "unavailable"
+
+
+#: every code the API answers with, for the docs and the OpenAPI description
+CODES = {
+    "invalid-request": "the body or a parameter is malformed (400)",
+    "invalid-kernel-id": "the kernel id is not 1-128 of [A-Za-z0-9_.-] (400)",
+    "unknown-volume": "a vfolder names a host volume the volume config does not have (400)",
+    "path-outside-volume": "a vfolder path leaves its volume (.., a symlink) (400)",
+    "vfolder-not-found": "a vfolder directory does not exist in its volume (404)",
+    "kernel-not-found": "no export for this kernel (404)",
+    "kernel-conflict": "the kernel is exported with a different request (409)",
+    "body-too-large": "the request body exceeds the agent's limit (413)",
+    "unauthorized": "missing or wrong bearer token on the TCP listener (401)",
+    "volume-mount-failed": "a host volume could not be mounted (503)",
+    "dataset-unavailable": "a blob dataset could not be opened (SAS refused, unreachable) (502)",
+    "fusehost-unavailable": "the FUSE process does not answer (503)",
+    "internal-error": "a bug; the agent log has the details (500)",
+}

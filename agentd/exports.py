@@ -1,0 +1,431 @@
+"""The export service: what ``PUT``/``DELETE /v1/kernels/{id}`` do, and the restore at start.
+
+An export of kernel K:
+
+1. validates the request (:mod:`azfs.export`) and that every posix vfolder
+   names a volume of the volume config;
+2. acquires each distinct host volume once for K (mounted on first use,
+   refcounted by :class:`~azfs.volumes.hostmount.HostMounter`);
+3. checks each vfolder path inside its volume mount without following
+   symlinks (:mod:`agentd.paths`; the fusehost opens it the same way);
+4. attaches the views ``/kernels/K/<alias>`` in the fusehost;
+5. records K in the journal and answers the OCI ``mounts``: each view at its
+   container path (``rbind`` + ``ro``/``rw``), and every ``startup`` volume
+   read-only at ``/home/work/<volume>`` (read-write if its mount options say
+   ``rw``; skipped where a vfolder target overlaps).  Startup volumes are
+   bound from their host mount directly: they are shared datasets, and a
+   FUSE view would put a usage ledger into the volume and scan it.
+
+Any failure undoes steps 2-4 in reverse, so nothing half-done remains.  The
+same request again answers the recorded mounts (idempotent); another
+request for a recorded K is a conflict.  Unexport removes K from the
+journal first, then its views, then releases its volumes.
+
+The journal is the truth: :meth:`ExportService.restore_volumes` rebuilds
+the refcounts from it at start, :meth:`ExportService.reconcile_views` makes
+the fusehost's namespace equal to it (attach missing views, detach
+orphans), and orphan volume mounts are unmounted.  Reconciling takes an
+exclusive gate that exports and unexports hold shared, so it never sees an
+export half-way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from agentd.config import Config
+from agentd.errors import ApiError, BadRequest, Conflict, Unavailable
+from agentd.fuseclient import FuseHostClient, FuseHostError, FuseHostUnavailable
+from agentd.journal import Journal
+from agentd.paths import PathMissing, PathOutsideVolume, check_beneath
+from azfs.errors import AzfsError
+from azfs.export import CONTAINER_HOME, ExportRequest, ExportResponse, OciMount, VfolderExport
+from azfs.secret import redact
+from azfs.volumes.hostmount import HostMounter, MountError, unmount
+from azfs.volumes.model import Volume, split_options
+from azfs.volumes.mountinfo import mounts_under
+from azfs.volumes.store import VolumeStore
+
+log = logging.getLogger("agentd.exports")
+
+KERNELS = "kernels"
+CATALOG_RELOAD_INTERVAL = 1.0
+
+
+class VolumeCatalog:
+    """The volume config as last read from the store; re-read on an unknown name."""
+
+    def __init__(self, store: VolumeStore) -> None:
+        self.store = store
+        self.volumes: dict[str, Volume] = {}
+        self._loaded_at = 0.0
+        self._lock = trio.Lock()
+
+    async def reload(self) -> None:
+        volumes = await trio.to_thread.run_sync(self.store.list)
+        self.volumes = {v.name: v for v in volumes}
+        self._loaded_at = time.monotonic()
+
+    async def get(self, name: str) -> Volume | None:
+        volume = self.volumes.get(name)
+        if volume is not None:
+            return volume
+        async with self._lock:
+            if time.monotonic() - self._loaded_at >= CATALOG_RELOAD_INTERVAL:
+                try:
+                    await self.reload()
+                except (AzfsError, OSError) as exc:
+                    log.warning("cannot re-read the volume config: %s", exc)
+        return self.volumes.get(name)
+
+    def startup(self) -> list[Volume]:
+        return [v for v in self.volumes.values() if v.mount.at == "startup"]
+
+
+class _Gate:
+    """Shared for exports, exclusive for reconciling the namespace."""
+
+    def __init__(self) -> None:
+        self._readers = 0
+        self._writer = False
+        self._cond = trio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        async with self._cond:
+            while self._writer:
+                await self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with trio.CancelScope(shield=True):
+                async with self._cond:
+                    self._readers -= 1
+                    self._cond.notify_all()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        async with self._cond:
+            while self._writer or self._readers:
+                await self._cond.wait()
+            self._writer = True
+        try:
+            yield
+        finally:
+            with trio.CancelScope(shield=True):
+                async with self._cond:
+                    self._writer = False
+                    self._cond.notify_all()
+
+
+def digest(path: list[str], view: dict, backend: dict) -> str:
+    text = json.dumps({"path": path, "view": view, "backend": backend}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def view_label(vf: VfolderExport) -> str:
+    """The metrics label of a view: the vfolder id, else where its data lives."""
+    if vf.vfolder_id:
+        return vf.vfolder_id
+    if vf.kind == "posix":
+        return f"{vf.volume}/{vf.path}"
+    assert vf.dataset is not None
+    return vf.dataset.url
+
+
+class ExportService:
+    def __init__(self, config: Config, catalog: VolumeCatalog, mounter: HostMounter,
+                 client: FuseHostClient, journal: Journal) -> None:
+        self.config = config
+        self.catalog = catalog
+        self.mounter = mounter
+        self.client = client
+        self.journal = journal
+        #: startup volumes mounted by this agent: name → host mount path
+        self.startup_mounts: dict[str, Path] = {}
+        self.startup_failures: dict[str, str] = {}
+        #: volumes acquired for kernels, as they were when acquired (for release)
+        self._acquired: dict[str, Volume] = {}
+        self._locks: dict[str, trio.Lock] = {}
+        self.gate = _Gate()
+
+    # ---- startup volumes --------------------------------------------------------
+    async def mount_startup(self) -> None:
+        volumes = self.catalog.startup()
+        failures = await self.mounter.mount_startup(volumes)
+        self.startup_failures = {name: redact(str(exc)) for name, exc in failures.items()}
+        self.startup_mounts = {v.name: self.mounter.path_for(v.name) for v in volumes
+                               if v.name not in failures}
+
+    # ---- export ------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _kernel(self, kernel_id: str) -> AsyncIterator[None]:
+        lock = self._locks.setdefault(kernel_id, trio.Lock())
+        try:
+            async with self.gate.shared(), lock:
+                yield
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._locks.pop(kernel_id, None)
+
+    async def export(self, kernel_id: str, request: ExportRequest) -> ExportResponse:
+        body = request.model_dump(mode="json")
+        async with self._kernel(kernel_id):
+            record = self.journal.kernels.get(kernel_id)
+            if record is not None:
+                if record["request"] == body:
+                    return ExportResponse.model_validate(record["response"])
+                raise Conflict(f"kernel {kernel_id} is already exported with another request; "
+                               "unexport it first", code="kernel-conflict")
+            volumes = await self._volumes_of(request)
+            acquired: list[Volume] = []
+            attached: list[list[str]] = []
+            try:
+                roots: dict[str, Path] = {}
+                for volume in volumes:
+                    roots[volume.name] = await self._acquire(volume)
+                    acquired.append(volume)
+                views = [await self._plan_view(kernel_id, request, vf, roots)
+                         for vf in request.vfolders]
+                for view in views:
+                    await self._attach(view)
+                    attached.append(view["path"])
+                response = ExportResponse(kernel_id=kernel_id,
+                                          mounts=self._mounts(kernel_id, request))
+                await self.journal.put(kernel_id, {
+                    "request": body,
+                    "views": views,
+                    "volumes": [v.name for v in volumes],
+                    "response": response.model_dump(mode="json"),
+                    "created": time.time(),
+                })
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self._undo(attached, acquired)
+                raise
+            log.info("exported kernel %s: %d vfolders", kernel_id, len(request.vfolders))
+            return response
+
+    async def _volumes_of(self, request: ExportRequest) -> list[Volume]:
+        names = sorted({vf.volume for vf in request.vfolders if vf.kind == "posix" and vf.volume})
+        out = []
+        for name in names:
+            volume = await self.catalog.get(name)
+            if volume is None:
+                raise BadRequest(f"unknown volume {name!r}", code="unknown-volume")
+            out.append(volume)
+        return out
+
+    async def _acquire(self, volume: Volume) -> Path:
+        try:
+            path = await self.mounter.acquire(volume)
+        except MountError as exc:
+            raise Unavailable(redact(str(exc)), code="volume-mount-failed") from None
+        self._acquired[volume.name] = volume
+        return path
+
+    async def _plan_view(self, kernel_id: str, request: ExportRequest, vf: VfolderExport,
+                         roots: dict[str, Path]) -> dict[str, Any]:
+        path = [KERNELS, kernel_id, vf.alias]
+        backend: dict[str, Any]
+        if vf.kind == "posix":
+            assert vf.volume is not None and vf.path is not None
+            root = roots[vf.volume]
+            try:
+                await trio.to_thread.run_sync(check_beneath, root, vf.path)
+            except PathOutsideVolume as exc:
+                raise BadRequest(f"vfolder {vf.alias!r}: {exc}", code="path-outside-volume") \
+                    from None
+            except PathMissing as exc:
+                raise ApiError(f"vfolder {vf.alias!r}: {exc}", code="vfolder-not-found",
+                               status=404) from None
+            except OSError as exc:
+                raise Unavailable(f"vfolder {vf.alias!r}: volume {vf.volume!r}: "
+                                  f"{exc.strerror}", code="volume-mount-failed") from None
+            backend = {"kind": "posix", "volume_root": str(root), "path": vf.path,
+                       "quota_bytes": vf.quota_bytes, "quota_files": vf.quota_files}
+        else:
+            assert vf.dataset is not None
+            backend = {"kind": "blob", "url": vf.dataset.url, "sas": vf.dataset.sas,
+                       "sas_url": vf.dataset.sas_url}
+        view = {"label": view_label(vf), "read_only": vf.mode == "ro",
+                "uid": request.uid, "gid": request.gid}
+        return {"path": path, "view": view, "backend": backend,
+                "digest": digest(path, view, backend)}
+
+    async def _attach(self, view: dict[str, Any]) -> None:
+        try:
+            await self.client.attach(view["path"], view["view"], view["backend"],
+                                     view["digest"])
+        except FuseHostUnavailable as exc:
+            raise Unavailable(str(exc), code="fusehost-unavailable") from None
+        except FuseHostError as exc:
+            alias = view["path"][-1]
+            if exc.code == "path-outside-volume":
+                raise BadRequest(f"vfolder {alias!r}: {exc}", code=exc.code) from None
+            if exc.code == "vfolder-not-found":
+                raise ApiError(f"vfolder {alias!r}: {exc}", code=exc.code, status=404) \
+                    from None
+            if exc.code == "backend-failed" and view["backend"]["kind"] == "blob":
+                raise ApiError(f"dataset {alias!r}: {exc}", code="dataset-unavailable",
+                               status=502) from None
+            if exc.code == "exists":
+                raise Conflict(f"vfolder {alias!r}: {exc}", code="kernel-conflict") from None
+            raise ApiError(f"vfolder {alias!r}: {exc}", code="internal-error",
+                           status=500) from None
+
+    def _mounts(self, kernel_id: str, request: ExportRequest) -> list[OciMount]:
+        base = self.config.mountpoint / KERNELS / kernel_id
+        mounts = [OciMount(destination=vf.container_path, source=str(base / vf.alias),
+                           options=["rbind", vf.mode]) for vf in request.vfolders]
+        if not self.config.bind_startup_volumes:
+            return mounts
+        targets = [vf.container_path for vf in request.vfolders]
+        for name, path in sorted(self.startup_mounts.items()):
+            destination = f"{CONTAINER_HOME}/{name}"
+            if any(_overlap(destination, t) for t in targets):
+                continue
+            volume = self.catalog.volumes.get(name)
+            writable = volume is not None and any(
+                k == "rw" and v is None for k, v in split_options(volume.mount.options))
+            mounts.append(OciMount(destination=destination, source=str(path),
+                                   options=["rbind", "rw" if writable else "ro"]))
+        return mounts
+
+    async def _undo(self, attached: list[list[str]], acquired: list[Volume]) -> None:
+        for path in reversed(attached):
+            try:
+                await self.client.detach(path)
+            except (FuseHostError, FuseHostUnavailable) as exc:
+                log.error("rollback: cannot detach %s: %s (the next reconcile will)",
+                          "/".join(path), exc)
+        for volume in reversed(acquired):
+            await self._release(volume.name)
+
+    async def _release(self, name: str) -> None:
+        volume = self._acquired.get(name) or await self.catalog.get(name)
+        if volume is None:
+            log.error("volume %r is gone from the config; cannot release it", name)
+            return
+        try:
+            await self.mounter.release(volume)
+        except MountError as exc:
+            log.error("%s", exc)
+
+    # ---- unexport -------------------------------------------------------------------
+    async def unexport(self, kernel_id: str) -> bool:
+        """Removes the kernel's views and releases its volumes; False if unknown."""
+        async with self._kernel(kernel_id):
+            record = self.journal.kernels.get(kernel_id)
+            if record is None:
+                return False
+            with trio.CancelScope(shield=True):
+                await self.journal.remove(kernel_id)
+                for view in record["views"]:
+                    try:
+                        await self.client.detach(view["path"])
+                    except (FuseHostError, FuseHostUnavailable) as exc:
+                        log.error("cannot detach %s: %s (the next reconcile will)",
+                                  "/".join(view["path"]), exc)
+                for name in record["volumes"]:
+                    await self._release(name)
+            log.info("unexported kernel %s", kernel_id)
+            return True
+
+    # ---- restore ------------------------------------------------------------------------
+    async def restore_volumes(self) -> None:
+        """Takes one reference per recorded kernel and volume (once, at start)."""
+        for kernel_id, record in sorted(self.journal.kernels.items()):
+            for name in record["volumes"]:
+                volume = await self.catalog.get(name)
+                if volume is None:
+                    log.error("kernel %s: volume %r is no longer configured; its views "
+                              "cannot be restored", kernel_id, name)
+                    continue
+                try:
+                    await self._acquire(volume)
+                except ApiError as exc:
+                    log.error("kernel %s: %s", kernel_id, exc)
+
+    async def reconcile_views(self) -> dict[str, int]:
+        """Makes the fusehost's ``/kernels`` equal to the journal."""
+        async with self.gate.exclusive():
+            wanted = {tuple(v["path"]): v for r in self.journal.kernels.values()
+                      for v in r["views"]}
+            present = {tuple(v["path"]): v["digest"] for v in await self.client.list()}
+            detached = attached = failed = 0
+            for path, dig in present.items():
+                if path[0] == KERNELS and (path not in wanted or wanted[path]["digest"] != dig):
+                    await self.client.detach(list(path))
+                    detached += 1
+            for path, view in wanted.items():
+                if present.get(path) == view["digest"]:
+                    continue
+                try:
+                    await self.client.attach(view["path"], view["view"], view["backend"],
+                                             view["digest"])
+                    attached += 1
+                except FuseHostError as exc:
+                    failed += 1
+                    log.error("cannot restore view %s: %s", "/".join(path), exc)
+            if attached or detached or failed:
+                log.info("reconciled the namespace: %d attached, %d detached, %d failed",
+                         attached, detached, failed)
+            return {"attached": attached, "detached": detached, "failed": failed}
+
+    async def unmount_orphans(self) -> list[str]:
+        """Unmounts volume mounts under the state dir that nothing uses (a crash's leftovers)."""
+        held = set(self.mounter.mounts()) | set(self.startup_mounts)
+        orphans = []
+        for entry in await trio.to_thread.run_sync(mounts_under, self.mounter.volumes_dir):
+            rel = Path(entry.mount_point).relative_to(self.mounter.volumes_dir)
+            if rel.parts and rel.parts[0] not in held and len(rel.parts) == 1:
+                orphans.append(entry.mount_point)
+        for mount_point in orphans:
+            log.warning("unmounting %s: no recorded export uses it", mount_point)
+            try:
+                await trio.to_thread.run_sync(unmount, mount_point)
+                with contextlib.suppress(OSError):
+                    Path(mount_point).rmdir()
+            except MountError as exc:
+                log.error("%s", exc)
+        return orphans
+
+    # ---- queries ------------------------------------------------------------------------
+    def kernels(self) -> dict[str, dict[str, Any]]:
+        return self.journal.kernels
+
+    async def volume_status(self) -> list[dict[str, Any]]:
+        mounted = self.mounter.mounts()
+        out = []
+        for name in sorted(set(self.catalog.volumes) | set(mounted)):
+            volume = self.catalog.volumes.get(name) or self._acquired.get(name)
+            path, refs = mounted.get(name, (None, 0))
+            out.append({
+                "name": name,
+                "fstype": volume.mount.fstype if volume else None,
+                "at": volume.mount.at if volume else None,
+                "mounted": name in mounted,
+                "path": str(path) if path else None,
+                "refcount": refs,
+                "error": self.startup_failures.get(name),
+            })
+        return out
+
+    def volume_refcounts(self) -> dict[str, int]:
+        return {name: refs for name, (_, refs) in self.mounter.mounts().items()}
+
+
+def _overlap(a: str, b: str) -> bool:
+    return a == b or a.startswith(b.rstrip("/") + "/") or b.startswith(a.rstrip("/") + "/")
+

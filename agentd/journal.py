@@ -1,0 +1,106 @@
+"""The agent's state journal: the exports it has promised, per kernel.
+
+The journal is the truth about what this node exports; at start (and after
+a fusehost restart) the agent brings the host mounts and the FUSE namespace
+in line with it.  It is one JSON file in the state dir, rewritten whole and
+atomically (temporary file, fsync, rename, fsync of the directory), mode
+0600 because dataset SAS tokens are part of what must be restored.
+
+Concurrent changes are group-committed: a change waits for the first write
+that started after it, so N concurrent exports cost far fewer than N
+rewrites and none returns before its change is on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from azfs.errors import UserError
+
+log = logging.getLogger("agentd.journal")
+
+VERSION = 1
+
+
+class Journal:
+    def __init__(self, path: Path, kernels: dict[str, dict[str, Any]] | None = None) -> None:
+        self.path = Path(path)
+        self.kernels: dict[str, dict[str, Any]] = kernels or {}
+        self._lock = trio.Lock()
+        self._generation = 0
+        self._written = 0
+
+    @classmethod
+    def load(cls, path: Path) -> Journal:
+        """The journal at ``path``; an empty one if there is none yet."""
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            return cls(path)
+        except OSError as exc:
+            raise UserError(f"journal {path}: {exc.strerror}") from None
+        try:
+            data = json.loads(text)
+            if data.get("version") != VERSION or not isinstance(data.get("kernels"), dict):
+                raise ValueError("unknown layout")
+        except (ValueError, AttributeError) as exc:
+            raise UserError(f"journal {path} is unreadable ({exc}); move it away to start "
+                            "without the recorded exports") from None
+        return cls(path, data["kernels"])
+
+    # ---- changes -------------------------------------------------------------------
+    async def put(self, kernel_id: str, record: dict[str, Any]) -> None:
+        self.kernels[kernel_id] = record
+        await self._commit()
+
+    async def remove(self, kernel_id: str) -> None:
+        if self.kernels.pop(kernel_id, None) is not None:
+            await self._commit()
+
+    async def _commit(self) -> None:
+        self._generation += 1
+        mine = self._generation
+        with trio.CancelScope(shield=True):  # a change in memory must reach the disk
+            async with self._lock:
+                if self._written >= mine:
+                    return
+                upto = self._generation
+                text = json.dumps({"version": VERSION, "kernels": self.kernels},
+                                  sort_keys=True, separators=(",", ":"))
+                await trio.to_thread.run_sync(write_atomic, self.path, text)
+                self._written = upto
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replaces ``path`` with ``text`` so that a crash leaves the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with_suppressed_unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def with_suppressed_unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -1,0 +1,197 @@
+"""``azfs-agentd``: the node daemon.
+
+Start: read the config, take the state dir's lock (one agent per node), mount
+the ``startup`` volumes, reuse the running fusehost (or clean a stale FUSE
+mount and start a new one), restore the journal's exports, register in etcd
+(when configured), serve the control API on the unix socket (mode 0660) and,
+if configured, on TCP for a remote manager (bearer token).
+
+SIGTERM/SIGINT: stop taking requests (in-flight ones finish within a grace
+period), revoke the registration, keep the journal.  By default the FUSE
+process and the host volumes are left running: containers keep their
+mounts, and the next agent start reattaches to them without a gap.  This is
+the point of running the filesystem in a process of its own -- an agent
+upgrade or crash must never turn every container's ``/home/work`` into
+``ENOTCONN``.  With ``--unmount-on-exit`` (or ``unmount_on_exit = true``)
+the agent also stops the fusehost, which unmounts, and unmounts every host
+volume: for decommissioning a node, once its kernels are gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import trio
+
+from agentd.config import DEFAULT_CONFIG, Config
+from azfs.errors import AzfsError, UserError
+from azfs.logs import setup_logging
+from azfs.secret import redact
+
+log = logging.getLogger("agentd")
+
+GRACE_SECONDS = 10.0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="azfs-agentd", description="azfs node agent")
+    p.add_argument("--config", type=Path, default=None,
+                   help=f"TOML config file (default {DEFAULT_CONFIG} if it exists)")
+    p.add_argument("--state-dir", type=Path, default=None)
+    p.add_argument("--socket", type=Path, default=None)
+    p.add_argument("--volumes-file", type=Path, default=None)
+    p.add_argument("--etcd", default=None, metavar="HOST:PORT")
+    p.add_argument("--unmount-on-exit", action="store_true", default=None,
+                   help="on SIGTERM also unmount the FUSE filesystem and the host volumes")
+    p.add_argument("--debug", action="store_true", default=None)
+    return p
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    path = args.config
+    if path is None and DEFAULT_CONFIG.exists():
+        path = DEFAULT_CONFIG
+    config = Config.from_toml(path) if path is not None else Config()
+    if args.etcd and config.volumes_file and not args.volumes_file:
+        config = config.with_overrides(volumes_file=None)
+    return config.with_overrides(state_dir=args.state_dir, socket=args.socket,
+                                 volumes_file=args.volumes_file, etcd=args.etcd,
+                                 unmount_on_exit=args.unmount_on_exit, debug=args.debug)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load_config(args)
+    except UserError as exc:
+        print(f"azfs-agentd: {redact(str(exc))}", file=sys.stderr)
+        return 1
+    setup_logging(logging.DEBUG if config.debug else logging.INFO)
+    try:
+        trio.run(run, config)
+    except (UserError, AzfsError) as exc:
+        log.error("%s", redact(str(exc)))
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+@contextlib.contextmanager
+def state_lock(config: Config):
+    """One agent per state dir; released by the kernel even after kill -9."""
+    config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(config.state_dir / "agent.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise UserError(f"another agent is running with state dir {config.state_dir}") from None
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+async def run(config: Config) -> None:
+    from agentd.agent import Agent
+    from agentd.registration import Registration
+
+    with state_lock(config):
+        agent = Agent(config)
+        await agent.start()
+        stop = trio.Event()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_on_signals, stop)
+                nursery.start_soon(agent.run_watchdog)
+                nursery.start_soon(Registration(config).run)
+                async with trio.open_nursery() as servers:
+                    await servers.start(serve_unix, agent, stop)
+                    if config.manager_listen:
+                        await servers.start(serve_tcp, agent, stop)
+                    log.info("serving %s", config.socket)
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                config.socket.unlink(missing_ok=True)
+                await agent.shutdown(config.unmount_on_exit)
+        log.info("agent stopped (%s)", "unmounted" if config.unmount_on_exit
+                 else "FUSE mount and volumes left in place")
+
+
+async def _on_signals(stop: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("%s: no longer taking requests", signal.Signals(signum).name)
+            stop.set()
+            return
+
+
+def _hypercorn_config(bind: str):
+    from hypercorn.config import Config as HyperConfig
+
+    hc = HyperConfig()
+    hc.bind = [bind]
+    hc.graceful_timeout = GRACE_SECONDS
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("agentd.http")
+    hc.keep_alive_timeout = 30
+    return hc
+
+
+def unix_listener(config: Config) -> socket.socket:
+    """The control socket, created under a temporary name and renamed into place
+    once its mode and group are right (no window where it is too open)."""
+    path = config.socket
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(tmp))
+    finally:
+        os.umask(old)
+    gid = config.socket_gid
+    if gid is not None:
+        os.chown(tmp, -1, gid)
+    os.chmod(tmp, config.socket_mode)
+    os.replace(tmp, path)
+    return sock
+
+
+async def serve_unix(agent, stop: trio.Event,
+                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    from hypercorn.trio import serve
+
+    from agentd.api import BodyLimit, create_app
+
+    sock = unix_listener(agent.config)
+    app = BodyLimit(create_app(agent), agent.config.max_body_bytes)
+    hc = _hypercorn_config(f"fd://{sock.detach()}")
+    await serve(app, hc, shutdown_trigger=stop.wait, task_status=task_status)
+
+
+async def serve_tcp(agent, stop: trio.Event,
+                    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    from hypercorn.trio import serve
+
+    from agentd.api import BearerAuth, BodyLimit, create_app
+
+    secret = agent.config.manager_secret()
+    app = BearerAuth(BodyLimit(create_app(agent), agent.config.max_body_bytes), secret)
+    hc = _hypercorn_config(agent.config.manager_listen)
+    await serve(app, hc, shutdown_trigger=stop.wait, task_status=task_status)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The agent's registration in etcd: a key under a lease, so a dead node disappears.
+
+``/azfs/agents/<agent_id>`` holds ``{"agent_id", "socket", "manager_url",
+"started"}`` under a lease of ``registration_ttl`` seconds refreshed at a
+third of it; if etcd is unreachable the agent keeps serving and retries.
+Single-node installs (no etcd configured) register nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import trio
+
+from agentd.config import Config
+
+log = logging.getLogger("agentd.registration")
+
+PREFIX = "/azfs/agents/"
+
+
+class Registration:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.key = PREFIX + config.agent_id
+        self._client = None
+        self._lease = None
+
+    def _value(self) -> str:
+        return json.dumps({"agent_id": self.config.agent_id, "socket": str(self.config.socket),
+                           "manager_url": (f"http://{self.config.manager_listen}"
+                                           if self.config.manager_listen else None),
+                           "started": time.time()})
+
+    def _register(self) -> None:
+        import etcd3
+
+        from azfs.volumes.etcd_store import parse_endpoint
+
+        if self._client is None:
+            host, port = parse_endpoint(self.config.etcd or "")
+            self._client = etcd3.client(host=host, port=port, timeout=5)
+        self._lease = self._client.lease(self.config.registration_ttl)
+        self._client.put(self.key, self._value(), lease=self._lease)
+
+    def _refresh(self) -> None:
+        assert self._lease is not None
+        response = list(self._lease.refresh())
+        if not response or response[0].TTL <= 0:  # the lease expired meanwhile
+            self._register()
+
+    def _revoke(self) -> None:
+        if self._lease is not None:
+            self._lease.revoke()
+        if self._client is not None:
+            self._client.close()
+
+    async def run(self) -> None:
+        """Registers and keeps the lease alive until cancelled; then revokes it."""
+        if not self.config.etcd:
+            return
+        interval = max(1.0, self.config.registration_ttl / 3)
+        try:
+            while True:
+                try:
+                    if self._lease is None:
+                        await trio.to_thread.run_sync(self._register)
+                        log.info("registered as %s", self.key)
+                    else:
+                        await trio.to_thread.run_sync(self._refresh)
+                except Exception as exc:  # noqa: BLE001 - etcd down: keep serving, retry
+                    log.warning("etcd registration failed: %s", exc)
+                    self._lease = None
+                await trio.sleep(interval)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                try:
+                    await trio.to_thread.run_sync(self._revoke)
+                except Exception:  # noqa: BLE001 - the lease expires anyway
+                    log.debug("revoke failed", exc_info=True)

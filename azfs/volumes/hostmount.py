@@ -320,13 +320,23 @@ class HostMounter:
         return failures
 
     async def release_all(self) -> None:
-        """Unmounts everything this mounter mounted (startup volumes included)."""
+        """Unmounts everything this mounter mounted (startup volumes included).
+
+        Tries every volume; raises the first failure afterwards.
+        """
+        failures: list[MountError] = []
         for name in list(self._mounted):
             async with self._lock(name):
                 self._refs.pop(name, None)
                 self._startup.discard(name)
                 if name in self._mounted:
-                    await self._unmount(name, self.path_for(name))
+                    try:
+                        await self._unmount(name, self.path_for(name))
+                    except MountError as exc:
+                        log.error("%s", exc)
+                        failures.append(exc)
+        if failures:
+            raise failures[0]
 
     # -- internals -----------------------------------------------------------------
 

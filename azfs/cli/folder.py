@@ -1,0 +1,283 @@
+"""``azfs folder``: vfolders through the manager's REST API (create, ls, info, rm, share...).
+
+The manager is ``--url`` or ``$AZFS_MANAGER_URL``; the token comes from
+``--token-file`` or ``$AZFS_TOKEN`` (never a flag value, so it stays out of
+``ps``).  Output is a table, or the API's JSON with ``--json``.  This module
+also holds the small REST client that ``azfs kernel`` uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from azfs.errors import UserError
+from azfs.secret import Secret, redact
+
+DEFAULT_URL = "http://127.0.0.1:8630"
+
+
+class ManagerClient:
+    """A thin synchronous client of the manager; API errors become :class:`UserError`."""
+
+    def __init__(self, url: str, token: Secret | None, timeout: float = 60.0) -> None:
+        self.url = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {token.reveal()}"} if token else {}
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ManagerClient:
+        url = args.url or os.environ.get("AZFS_MANAGER_URL") or DEFAULT_URL
+        if not url.startswith(("http://", "https://")):
+            raise UserError(f"manager URL must start with http:// or https:// (got {url!r})")
+        token: Secret | None = None
+        if args.token_file:
+            try:
+                token = Secret(Path(args.token_file).read_text().strip())
+            except OSError as exc:
+                raise UserError(f"cannot read token file {args.token_file}: "
+                                f"{exc.strerror}") from None
+        elif os.environ.get("AZFS_TOKEN"):
+            token = Secret(os.environ["AZFS_TOKEN"].strip())
+        if not token:
+            raise UserError("no API token: set AZFS_TOKEN or pass --token-file")
+        return cls(url, token)
+
+    def call(self, method: str, path: str, body: Any = None,
+             params: dict[str, Any] | None = None) -> Any:
+        try:
+            response = self._http.request(method, path, json=body, params=params)
+        except httpx.HTTPError as exc:
+            raise UserError(f"cannot reach the manager at {self.url}: "
+                            f"{redact(str(exc)) or type(exc).__name__}") from None
+        if response.status_code == 204:
+            return None
+        try:
+            data = response.json()
+        except ValueError:
+            raise UserError(f"the manager answered {response.status_code} "
+                            "with something that is not JSON") from None
+        if response.status_code >= 400:
+            error = data.get("error", {}) if isinstance(data, dict) else {}
+            raise UserError(f"{error.get('message', 'request failed')} "
+                            f"[{error.get('code', response.status_code)}]")
+        return data
+
+
+def ref_path(ref: str) -> str:
+    return quote(ref, safe="")
+
+
+def add_client_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", help=f"manager URL (default $AZFS_MANAGER_URL or {DEFAULT_URL})")
+    parser.add_argument("--token-file", help="file holding the API token (default $AZFS_TOKEN)")
+    parser.add_argument("--json", action="store_true", help="print the API's JSON")
+
+
+def emit(args: argparse.Namespace, data: Any, columns: list[tuple[str, str]],
+         title: str | None = None) -> None:
+    """Prints ``data`` (a dict or a list of dicts) as JSON or as a table."""
+    if args.json:
+        json.dump(data, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return
+    rows = data if isinstance(data, list) else [data]
+    table = Table(title=title, show_lines=False)
+    for _, header in columns:
+        table.add_column(header)
+    for row in rows:
+        table.add_row(*(_cell(row, key) for key, _ in columns))
+    Console().print(table)
+
+
+def _cell(row: dict, key: str) -> str:
+    value: Any = row
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    if value is None:
+        return "-"
+    if key.endswith("bytes") and isinstance(value, int):
+        return human_bytes(value) if value else ("unlimited" if "quota" in key else "0")
+    if key == "quota_files" and value == 0:
+        return "unlimited"
+    if isinstance(value, list):
+        return ", ".join(f"{v['user']}:{v['permission']}" if isinstance(v, dict) else str(v)
+                         for v in value) or "-"
+    return str(value)
+
+
+def human_bytes(value: int) -> str:
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(value)
+
+
+LIST_COLUMNS = [("alias", "alias"), ("id", "id"), ("owner", "owner"), ("access", "access"),
+                ("status", "status"), ("volume", "volume"), ("quota_bytes", "quota")]
+INFO_COLUMNS = [*LIST_COLUMNS, ("usage.bytes", "used"), ("usage.files", "files"),
+                ("shared_with", "shared with")]
+
+
+def _create(args: argparse.Namespace) -> int:
+    body = {"alias": args.alias, "usage_mode": args.usage_mode,
+            "permission": "ro" if args.ro else "rw", "dotfolder": args.dotfolder}
+    if args.volume:
+        body["volume"] = args.volume
+    emit(args, ManagerClient.from_args(args).call("POST", "/v1/vfolders", body), LIST_COLUMNS)
+    return 0
+
+
+def _ls(args: argparse.Namespace) -> int:
+    data = ManagerClient.from_args(args).call(
+        "GET", "/v1/vfolders", params={"all": args.all, "trash": args.trash})
+    emit(args, data, LIST_COLUMNS, title="trash" if args.trash else None)
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    data = ManagerClient.from_args(args).call("GET", f"/v1/vfolders/{ref_path(args.ref)}")
+    emit(args, data, INFO_COLUMNS)
+    if not args.json and data.get("usage") is None and data.get("usage_error"):
+        print(f"usage unknown: {data['usage_error']['message']}", file=sys.stderr)
+    return 0
+
+
+def _rename(args: argparse.Namespace) -> int:
+    data = ManagerClient.from_args(args).call(
+        "PATCH", f"/v1/vfolders/{ref_path(args.ref)}",
+        {"alias": args.new_alias, "dotfolder": args.dotfolder})
+    emit(args, data, LIST_COLUMNS)
+    return 0
+
+
+def _rm(args: argparse.Namespace) -> int:
+    client = ManagerClient.from_args(args)
+    path = f"/v1/vfolders/{ref_path(args.ref)}"
+    if args.purge:
+        info = client.call("GET", path, params=None) if not _is_id(args.ref) else None
+        vfid = info["id"] if info else args.ref
+        client.call("DELETE", f"/v1/vfolders/{vfid}")
+        client.call("POST", f"/v1/vfolders/{vfid}/purge")
+    else:
+        client.call("DELETE", path)
+    if args.json:
+        print(json.dumps({"ref": args.ref, "purged": args.purge}))
+    else:
+        print(f"{args.ref}: {'purged' if args.purge else 'moved to the trash'}")
+    return 0
+
+
+def _is_id(ref: str) -> bool:
+    import uuid
+    try:
+        uuid.UUID(ref)
+    except ValueError:
+        return False
+    return len(ref) in (32, 36)
+
+
+def _restore(args: argparse.Namespace) -> int:
+    data = ManagerClient.from_args(args).call(
+        "POST", f"/v1/vfolders/{ref_path(args.ref)}/restore")
+    emit(args, data, LIST_COLUMNS)
+    return 0
+
+
+def _share(args: argparse.Namespace) -> int:
+    data = ManagerClient.from_args(args).call(
+        "PUT", f"/v1/vfolders/{ref_path(args.ref)}/shares/{ref_path(args.user)}",
+        {"permission": args.permission})
+    emit(args, data, [("alias", "alias"), ("id", "id"), ("shared_with", "shared with")])
+    return 0
+
+
+def _unshare(args: argparse.Namespace) -> int:
+    ManagerClient.from_args(args).call(
+        "DELETE", f"/v1/vfolders/{ref_path(args.ref)}/shares/{ref_path(args.user)}")
+    if args.json:
+        print(json.dumps({"ref": args.ref, "user": args.user, "shared": False}))
+    else:
+        print(f"{args.ref}: no longer shared with {args.user}")
+    return 0
+
+
+def _quota(args: argparse.Namespace) -> int:
+    if args.bytes is None and args.files is None:
+        raise UserError("give --bytes and/or --files (0 means unlimited)")
+    data = ManagerClient.from_args(args).call(
+        "PUT", f"/v1/vfolders/{ref_path(args.ref)}/quota",
+        {"quota_bytes": args.bytes, "quota_files": args.files})
+    emit(args, data, [("alias", "alias"), ("quota_bytes", "quota bytes"),
+                      ("quota_files", "quota files")])
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("folder", help="vfolders (through the manager)",
+                                   description=__doc__.splitlines()[0].replace("``", ""))
+    sub = parser.add_subparsers(dest="folder_command", metavar="ACTION", required=True)
+
+    p = sub.add_parser("create", help="create a vfolder")
+    p.add_argument("alias")
+    p.add_argument("--volume", help="host volume (default: the one with most free space)")
+    p.add_argument("--usage-mode", choices=["general", "data", "model"], default="general")
+    p.add_argument("--ro", action="store_true", help="mount read-only in your kernels")
+    p.add_argument("--dotfolder", action="store_true",
+                   help="allow a reserved dot-name such as .ssh")
+    p.set_defaults(func=_create)
+
+    p = sub.add_parser("ls", help="list your own and shared vfolders")
+    p.add_argument("--all", action="store_true", help="every vfolder (admins)")
+    p.add_argument("--trash", action="store_true", help="list the trash instead")
+    p.set_defaults(func=_ls)
+
+    p = sub.add_parser("info", help="details and usage of a vfolder")
+    p.add_argument("ref", help="alias or id")
+    p.set_defaults(func=_info)
+
+    p = sub.add_parser("rename", help="rename a vfolder")
+    p.add_argument("ref")
+    p.add_argument("new_alias")
+    p.add_argument("--dotfolder", action="store_true")
+    p.set_defaults(func=_rename)
+
+    p = sub.add_parser("rm", help="move a vfolder to the trash (--purge: delete for good)")
+    p.add_argument("ref")
+    p.add_argument("--purge", action="store_true", help="also remove its data")
+    p.set_defaults(func=_rm)
+
+    p = sub.add_parser("restore", help="take a vfolder out of the trash")
+    p.add_argument("ref")
+    p.set_defaults(func=_restore)
+
+    p = sub.add_parser("share", help="share a vfolder with a user")
+    p.add_argument("ref")
+    p.add_argument("user")
+    p.add_argument("--permission", choices=["ro", "rw", "rw-delete"], default="ro")
+    p.set_defaults(func=_share)
+
+    p = sub.add_parser("unshare", help="stop sharing a vfolder with a user")
+    p.add_argument("ref")
+    p.add_argument("user")
+    p.set_defaults(func=_unshare)
+
+    p = sub.add_parser("quota", help="set a vfolder's quota (admins)")
+    p.add_argument("ref")
+    p.add_argument("--bytes", type=int)
+    p.add_argument("--files", type=int)
+    p.set_defaults(func=_quota)
+
+    for action in sub.choices.values():
+        add_client_flags(action)

@@ -1,0 +1,107 @@
+"""``azfs kernel``: ask the manager to export vfolders and datasets to a kernel, or drop them.
+
+``-v REF[:TARGET][:ro|rw]`` adds a vfolder (TARGET relative to /home/work
+unless absolute), ``-d DATASET[:TARGET]`` a dataset.  ``create`` prints the
+bind mounts the container runtime must apply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from azfs.cli.folder import ManagerClient, add_client_flags, emit, ref_path
+from azfs.errors import UserError
+
+COLUMNS = [("kernel_id", "kernel"), ("owner", "owner"), ("agent", "agent"),
+           ("status", "status"), ("created_at", "created")]
+MOUNT_COLUMNS = [("destination", "container path"), ("source", "source"),
+                 ("options", "options")]
+
+
+def parse_vfolder(spec: str) -> dict:
+    parts = spec.split(":")
+    item: dict = {"vfolder": parts[0]}
+    rest = parts[1:]
+    if rest and rest[-1] in ("ro", "rw"):
+        item["mode"] = rest.pop()
+    if len(rest) > 1 or not parts[0]:
+        raise UserError(f"bad vfolder spec {spec!r} (expected REF[:TARGET][:ro|rw])")
+    if rest and rest[0]:
+        item["target"] = rest[0]
+    return item
+
+
+def parse_dataset(spec: str) -> dict:
+    name, _, target = spec.partition(":")
+    if not name:
+        raise UserError(f"bad dataset spec {spec!r} (expected NAME[:TARGET])")
+    return {"dataset": name, **({"target": target} if target else {})}
+
+
+def _create(args: argparse.Namespace) -> int:
+    body = {"kernel_id": args.kernel_id, "agent": args.agent,
+            "vfolders": [parse_vfolder(v) for v in args.vfolder],
+            "datasets": [parse_dataset(d) for d in args.dataset],
+            "dotfolders": not args.no_dotfolders}
+    data = ManagerClient.from_args(args).call("POST", "/v1/kernels", body)
+    if args.json:
+        emit(args, data, COLUMNS)
+    else:
+        emit(args, data["mounts"], MOUNT_COLUMNS, title=f"kernel {data['kernel_id']}")
+    return 0
+
+
+def _ls(args: argparse.Namespace) -> int:
+    emit(args, ManagerClient.from_args(args).call("GET", "/v1/kernels",
+                                                  params={"all": args.all}), COLUMNS)
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    data = ManagerClient.from_args(args).call("GET", f"/v1/kernels/{ref_path(args.kernel_id)}")
+    emit(args, data, COLUMNS)
+    if not args.json:
+        emit(args, data["vfolders"], [("alias", "alias"), ("kind", "kind"), ("mode", "mode"),
+                                      ("target", "target")])
+    return 0
+
+
+def _rm(args: argparse.Namespace) -> int:
+    ManagerClient.from_args(args).call("DELETE", f"/v1/kernels/{ref_path(args.kernel_id)}")
+    if args.json:
+        print(json.dumps({"kernel_id": args.kernel_id, "destroyed": True}))
+    else:
+        print(f"{args.kernel_id}: exports dropped")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("kernel", help="kernel exports (through the manager)",
+                                   description=__doc__.splitlines()[0].replace("``", ""))
+    sub = parser.add_subparsers(dest="kernel_command", metavar="ACTION", required=True)
+
+    p = sub.add_parser("create", help="export vfolders/datasets to a kernel on an agent")
+    p.add_argument("kernel_id")
+    p.add_argument("--agent", required=True, help="the node agent that runs the kernel")
+    p.add_argument("-v", "--vfolder", action="append", default=[],
+                   metavar="REF[:TARGET][:ro|rw]")
+    p.add_argument("-d", "--dataset", action="append", default=[], metavar="NAME[:TARGET]")
+    p.add_argument("--no-dotfolders", action="store_true",
+                   help="do not add your dot-folders automatically")
+    p.set_defaults(func=_create)
+
+    p = sub.add_parser("ls", help="list your kernels")
+    p.add_argument("--all", action="store_true", help="every kernel (admins)")
+    p.set_defaults(func=_ls)
+
+    p = sub.add_parser("info", help="a kernel's exports")
+    p.add_argument("kernel_id")
+    p.set_defaults(func=_info)
+
+    p = sub.add_parser("rm", help="drop a kernel's exports (destroying twice is fine)")
+    p.add_argument("kernel_id")
+    p.set_defaults(func=_rm)
+
+    for action in sub.choices.values():
+        add_client_flags(action)

@@ -21,7 +21,6 @@ COMMANDS = (
     "azfs.cli.mount",
     "azfs.cli.dataset",
     "azfs.cli.volumes",
-    "azfs.cli.agent",
     "azfs.cli.folder", "azfs.cli.kernel",
 )
 

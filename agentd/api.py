@@ -200,29 +200,34 @@ class BodyLimit:
                                       f"request body over {self.limit} bytes")
                     return
         seen = 0
-        started = False
+        exceeded = False
+        replaced = False
 
         async def limited_receive() -> dict:
-            nonlocal seen
+            nonlocal seen, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
+                    exceeded = True
                     raise _TooLarge(f"request body over {self.limit} bytes")
             return message
 
-        async def tracking_send(message: dict) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
+        async def guarded_send(message: dict) -> None:
+            # whatever the app made of the aborted body read, the answer is 413
+            nonlocal replaced
+            if exceeded:
+                if not replaced:
+                    replaced = True
+                    await _send_error(send, 413, "body-too-large",
+                                      f"request body over {self.limit} bytes")
+                return
             await send(message)
 
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, limited_receive, guarded_send)
         except _TooLarge:
-            if not started:
-                await _send_error(send, 413, "body-too-large",
-                                  f"request body over {self.limit} bytes")
+            await guarded_send({})
 
 
 class BearerAuth:

@@ -21,6 +21,7 @@ COMMANDS = (
     "azfs.cli.mount",
     "azfs.cli.dataset",
     "azfs.cli.volumes",
+    "azfs.cli.agent",
     "azfs.cli.folder", "azfs.cli.kernel",
 )
 

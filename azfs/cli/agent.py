@@ -1,0 +1,112 @@
+"""``azfs agent status|kernels|volumes``: what the node agent is doing, from its socket.
+
+A thin client of the agent's control API (``/v1/health``, ``/v1/kernels``,
+``/v1/volumes``); ``--json`` prints the API's answer unchanged for scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from azfs.errors import UserError
+
+ENV_SOCKET = "AZFS_AGENT_SOCKET"
+DEFAULT_SOCKET = Path("/run/azfs/agent.sock")
+TIMEOUT = 30.0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("agent", help="show the node agent's state (via its control socket)",
+                       description="Query the node agent's control socket.")
+    p.add_argument("--socket", type=Path, default=None,
+                   help=f"control socket (default ${ENV_SOCKET} or {DEFAULT_SOCKET})")
+    p.add_argument("--json", action="store_true", help="print the API's JSON answer")
+    what = p.add_subparsers(dest="agent_command", metavar="WHAT", required=True)
+    what.add_parser("status", help="health of the agent, its FUSE mount and volumes") \
+        .set_defaults(func=cmd_status)
+    what.add_parser("kernels", help="kernels with exports on this node") \
+        .set_defaults(func=cmd_kernels)
+    what.add_parser("volumes", help="host volumes with their refcounts") \
+        .set_defaults(func=cmd_volumes)
+
+
+def _socket(args: argparse.Namespace) -> Path:
+    return args.socket or Path(os.environ.get(ENV_SOCKET) or DEFAULT_SOCKET)
+
+
+def get(args: argparse.Namespace, path: str) -> tuple[int, Any]:
+    sock = _socket(args)
+    if not sock.exists():
+        raise UserError(f"no agent socket at {sock} (is azfs-agentd running? --socket?)")
+    try:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)),
+                          base_url="http://agent", timeout=TIMEOUT) as client:
+            response = client.get(path)
+    except httpx.HTTPError as exc:
+        raise UserError(f"cannot reach the agent at {sock}: {exc}") from None
+    try:
+        body = response.json()
+    except ValueError:
+        raise UserError(f"the agent answered {response.status_code} without JSON") from None
+    if response.status_code >= 400 and response.status_code != 503:
+        error = body.get("error", {}) if isinstance(body, dict) else {}
+        raise UserError(f"the agent answered {response.status_code}: "
+                        f"{error.get('message', body)}")
+    return response.status_code, body
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status, body = get(args, "/v1/health")
+    if args.json:
+        print(json.dumps(body, indent=2))
+        return 0 if status == 200 else 1
+    fuse = body.get("fuse", {})
+    print(f"agent      {body.get('agent_id')}  {body.get('status')}  "
+          f"up {body.get('uptime', 0):.0f}s")
+    print(f"fuse       {fuse.get('mountpoint')}  {fuse.get('state')}  "
+          f"pid {fuse.get('pid', '-')}  views {fuse.get('views', '-')}  "
+          f"restarts {fuse.get('restarts', 0)}")
+    if fuse.get("error"):
+        print(f"           {fuse['error']}")
+    print(f"kernels    {body.get('kernels')}")
+    volumes = body.get("volumes", {})
+    print("volumes    " + (", ".join(f"{n} ({r})" for n, r in sorted(volumes.items()))
+                           or "none mounted"))
+    for name, error in sorted(body.get("startup_failures", {}).items()):
+        print(f"failed     {name}: {error}")
+    return 0 if status == 200 else 1
+
+
+def cmd_kernels(args: argparse.Namespace) -> int:
+    _, body = get(args, "/v1/kernels")
+    if args.json:
+        print(json.dumps(body, indent=2))
+        return 0
+    kernels = body.get("kernels", [])
+    if not kernels:
+        print("no kernels")
+    for kernel in kernels:
+        vfolders = ", ".join(f"{v['alias']}:{v['mode']}" for v in kernel["vfolders"])
+        print(f"{kernel['kernel_id']}  {vfolders or '-'}")
+    return 0
+
+
+def cmd_volumes(args: argparse.Namespace) -> int:
+    _, body = get(args, "/v1/volumes")
+    if args.json:
+        print(json.dumps(body, indent=2))
+        return 0
+    rows = [("NAME", "FSTYPE", "AT", "MOUNTED", "REFS")]
+    for v in body.get("volumes", []):
+        rows.append((v["name"], v.get("fstype") or "-", v.get("at") or "-",
+                     "yes" if v["mounted"] else "no", str(v["refcount"])))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return 0

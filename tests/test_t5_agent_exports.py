@@ -5,6 +5,7 @@ file and its fusehost; requests over the real unix socket.  Every refused
 request is checked to change nothing: recorded kernels, volume refcounts,
 the fusehost's views and /proc/self/mountinfo.
 """
+# ruff: noqa: F811 - pytest fixtures are imported by name and requested by name
 
 from __future__ import annotations
 
@@ -176,7 +177,7 @@ async def test_bad_requests_change_nothing(agent: AgentHarness) -> None:
 
 
 async def test_failed_dataset_rolls_back_attached_views(agent: AgentHarness,
-                                                        azurite) -> None:  # noqa: F811
+                                                        azurite) -> None:
     """A dataset the agent cannot open (forged SAS) fails the whole export after the
     posix view was attached and its volume mounted: both are undone."""
     azurite.upload("dsc", {"a.txt": b"A"})
@@ -195,7 +196,7 @@ async def test_failed_dataset_rolls_back_attached_views(agent: AgentHarness,
     assert "vol2" not in agent.volume_mounts()
 
 
-async def test_blob_dataset_export(agent: AgentHarness, azurite) -> None:  # noqa: F811
+async def test_blob_dataset_export(agent: AgentHarness, azurite) -> None:
     azurite.upload("dsx", {"train/a.bin": b"a" * 1000, "readme": b"hello"})
     sas = azurite.container_sas("dsx")
     async with agent.client() as http:

@@ -252,12 +252,21 @@ def test_etcd_restart_under_the_client(etcd_server: EtcdServer,  # noqa: F811
             wait_until(lambda: "interrupted" in caplog.text, 10, "watch notices the outage")
             etcd_server.start()
             # the same client recovers, data survived, and the watch follows again
+            wait_until(lambda: _answers(store), 15, "the client reconnects")
             assert store.list() == [cifs("a")]
             store.import_volumes([cifs("b")])
             wait_until(lambda: seen and [v.name for v in seen[-1]] == ["a", "b"], 15,
                        "watch after restart")
         assert "recovered" in caplog.text
         assert PASSWORD not in caplog.text
+
+
+def _answers(store: VolumeStore) -> bool:
+    try:
+        store.list()
+    except BackendUnavailable:
+        return False
+    return True
 
 
 def test_etcd_watch_started_while_etcd_is_down(etcd_server: EtcdServer) -> None:  # noqa: F811
@@ -281,6 +290,43 @@ def test_etcd_unreachable_is_a_clear_error() -> None:
     with EtcdVolumeStore(f"127.0.0.1:{free_port()}", timeout=2) as store, \
             pytest.raises(BackendUnavailable, match=r"etcd at 127\.0\.0\.1:\d+ is unavailable"):
         store.list()
+
+
+def test_etcd_fails_over_to_the_next_member(etcd_server: EtcdServer) -> None:  # noqa: F811
+    from tests.support.services import free_port
+
+    dead = f"127.0.0.1:{free_port()}"
+    with EtcdVolumeStore(f"{dead},{etcd_server.endpoint}", timeout=2) as store:
+        store.import_volumes([cifs("a")])
+        assert store.endpoint == etcd_server.endpoint
+        assert store.list() == [cifs("a")]
+        seen: list[list[Volume]] = []
+        with store.watch(seen.append):
+            store.import_volumes([cifs("b")])
+            wait_until(lambda: seen and len(seen[-1]) == 2, 10, "watch via second member")
+        etcd_server.stop()
+        with pytest.raises(BackendUnavailable, match=f"etcd at {dead}, {etcd_server.endpoint} "
+                                                     "is unavailable"):
+            store.list()
+
+
+def test_etcd_cache_serves_reads_during_an_outage(etcd_server: EtcdServer,  # noqa: F811
+                                                  tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    cache = tmp_path / "cache" / "volumes.yaml"
+    with EtcdVolumeStore(etcd_server.endpoint, timeout=2, cache_file=cache) as store:
+        with pytest.raises(NotFound):
+            store.get("a")
+        store.import_volumes([cifs("a"), bind("b")])
+        assert store.list() == [cifs("a"), bind("b")]
+        assert stat.S_IMODE(cache.stat().st_mode) == 0o600
+        etcd_server.stop()
+        assert store.list() == [cifs("a"), bind("b")]
+        assert store.get("a").mount.password == Secret(PASSWORD)
+        assert "using the last good volume config" in caplog.text
+        assert PASSWORD not in caplog.text
+        with pytest.raises(BackendUnavailable):
+            store.remove("a")  # writes never fall back
 
 
 @pytest.mark.parametrize(("endpoint", "expected"), [

@@ -74,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _store_arguments(parser: argparse.ArgumentParser, default: object) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--etcd", metavar="HOST:PORT", default=default,
-                       help=f"etcd endpoint (default ${ENV_ETCD})")
+                       help=f"etcd endpoint(s), comma-separated (default ${ENV_ETCD})")
     group.add_argument("--config-file", metavar="FILE", default=default,
                        help=f"YAML volume file (default ${ENV_VOLUMES_FILE}, "
                             "else /etc/azfs/volumes.yaml)")

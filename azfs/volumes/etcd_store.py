@@ -25,6 +25,8 @@ import logging
 import re
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import TypeVar
 
 import etcd3
 import etcd3.etcdrpc as etcdrpc
@@ -36,10 +38,12 @@ from azfs.volumes.model import (
     Volume,
     VolumeConfigError,
     dump_volume,
+    dump_yaml,
+    load_yaml_file,
     parse_volume,
     validate_name,
 )
-from azfs.volumes.store import VolumeStore, Watch, WatchCallback, check_unique
+from azfs.volumes.store import VolumeStore, Watch, WatchCallback, atomic_write, check_unique
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,14 @@ DEFAULT_PREFIX = "/azfs/volumes/"
 DEFAULT_PORT = 2379
 _ENDPOINT_RE = re.compile(r"^(?:https?://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::(\d{1,5}))?/?$")
 _WRITE_ATTEMPTS = 10
+T = TypeVar("T")
+#: gRPC backs off up to 120 s between reconnects by default; a restarted etcd
+#: should be used again within a second or two.
+_GRPC_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
@@ -62,24 +74,63 @@ def _prefix_end(prefix: bytes) -> bytes:
     return etcd3.utils.increment_last_byte(prefix)
 
 
+def parse_endpoints(endpoints: str) -> list[tuple[str, int]]:
+    """A comma-separated list of endpoints (the members of one etcd cluster)."""
+    parsed = [parse_endpoint(e) for e in endpoints.split(",") if e.strip()]
+    if not parsed:
+        raise UserError("no etcd endpoint given (expected HOST:PORT[,HOST:PORT...])")
+    return parsed
+
+
 class EtcdVolumeStore(VolumeStore):
+    """Volumes in etcd.  ``endpoint`` may list several members: ``h1:2379,h2:2379``.
+
+    With ``cache_file``, every successful read is saved there (mode 0600; it
+    holds the passwords) and reads fall back to it, with a warning, while etcd
+    is unreachable, so a node can restart during an etcd outage.  Writes never
+    fall back.
+    """
+
     def __init__(self, endpoint: str, prefix: str = DEFAULT_PREFIX,
-                 secrets_prefix: str | None = None, timeout: float = 5.0) -> None:
-        self.host, self.port = parse_endpoint(endpoint)
-        self.endpoint = f"{self.host}:{self.port}"
+                 secrets_prefix: str | None = None, timeout: float = 5.0,
+                 cache_file: str | Path | None = None) -> None:
+        self.endpoints = parse_endpoints(endpoint)
         if not prefix.startswith("/") or not prefix.endswith("/"):
             raise UserError(f"etcd prefix must start and end with '/' (got {prefix!r})")
         self.prefix = prefix
         self.secrets_prefix = secrets_prefix or prefix.rstrip("/") + "-secrets/"
         self.generation_key = prefix.rstrip("/") + ".generation"
         self.timeout = timeout
-        self.description = f"etcd {self.endpoint}{self.prefix}"
-        self._client = self._connect()
+        self.cache_file = Path(cache_file) if cache_file else None
+        self.description = f"etcd {','.join(_fmt(e) for e in self.endpoints)}{self.prefix}"
+        self._current = 0
+        self._clients: dict[int, etcd3.Etcd3Client] = {}
+        self._clients_lock = threading.Lock()
         self._watches: list[_EtcdWatch] = []
         self._lock = threading.Lock()
+        self._cached: list[Volume] | None = None
 
-    def _connect(self) -> etcd3.Etcd3Client:
-        return etcd3.client(host=self.host, port=self.port, timeout=self.timeout)
+    @property
+    def endpoint(self) -> str:
+        """The member in use, ``HOST:PORT``."""
+        return _fmt(self.endpoints[self._current])
+
+    def _connect(self, index: int | None = None) -> etcd3.Etcd3Client:
+        host, port = self.endpoints[self._current if index is None else index]
+        return etcd3.client(host=host, port=port, timeout=self.timeout,
+                            grpc_options=_GRPC_OPTIONS)
+
+    def _client_at(self, index: int) -> etcd3.Etcd3Client:
+        with self._clients_lock:
+            if index not in self._clients:
+                self._clients[index] = self._connect(index)
+            return self._clients[index]
+
+    def rotate(self, failed: int) -> None:
+        """Moves on to the next member after ``failed`` did not answer."""
+        with self._clients_lock:
+            if self._current == failed:
+                self._current = (failed + 1) % len(self.endpoints)
 
     # -- errors ----------------------------------------------------------------------
 
@@ -95,20 +146,29 @@ class EtcdVolumeStore(VolumeStore):
             reason = f"{exc.code().name.lower()}: {exc.details()}"
         else:
             reason = str(exc) or type(exc).__name__
-        return BackendUnavailable(f"etcd at {self.endpoint} is unavailable ({what}): {reason}")
+        where = ", ".join(_fmt(e) for e in self.endpoints)
+        return BackendUnavailable(f"etcd at {where} is unavailable ({what}): {reason}")
 
-    def _call(self, what: str, fn: Callable[[], object]) -> object:
-        try:
-            return fn()
-        except (grpc.RpcError, Etcd3Exception) as exc:
-            raise self._unavailable(exc, what) from None
+    def _call(self, what: str, fn: Callable[[etcd3.Etcd3Client], T]) -> T:
+        """Runs ``fn(client)``, trying each member once before giving up."""
+        error: Exception | None = None
+        for _ in range(len(self.endpoints)):
+            index = self._current
+            try:
+                return fn(self._client_at(index))
+            except (grpc.RpcError, Etcd3Exception) as exc:
+                error = self._unavailable(exc, what)
+                if not isinstance(error, BackendUnavailable):
+                    raise error from None
+                self.rotate(index)
+        assert error is not None
+        raise error
 
     # -- reading ---------------------------------------------------------------------
 
-    def _snapshot(self, client: etcd3.Etcd3Client | None = None
+    def _snapshot(self, client: etcd3.Etcd3Client
                   ) -> tuple[list[Volume], dict[str, bytes], int, int]:
         """(volumes, raw config values by name, generation mod revision, revision)."""
-        client = client or self._client
         config = self._range(client, self.prefix, prefix=True)
         revision = config.header.revision
         secrets = self._range(client, self.secrets_prefix, prefix=True, revision=revision)
@@ -149,7 +209,26 @@ class EtcdVolumeStore(VolumeStore):
         return client.kvstub.Range(request, self.timeout)
 
     def list(self) -> list[Volume]:
-        return self._call("read volumes", lambda: self._snapshot()[0])  # type: ignore[return-value]
+        try:
+            volumes = self._call("read volumes", lambda client: self._snapshot(client)[0])
+        except BackendUnavailable as exc:
+            if self.cache_file is None or not self.cache_file.exists():
+                raise
+            log.warning("%s; using the last good volume config from %s", exc, self.cache_file)
+            return load_yaml_file(self.cache_file)
+        self._save_cache(volumes)
+        return volumes
+
+    def _save_cache(self, volumes: list[Volume]) -> None:
+        if self.cache_file is None or volumes == self._cached:
+            return
+        try:
+            self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.cache_file, dump_yaml(volumes, show_secrets=True), 0o600)
+            self._cached = volumes
+        except OSError as exc:
+            log.warning("cannot save the volume config cache %s: %s", self.cache_file,
+                        exc.strerror)
 
     # -- writing ---------------------------------------------------------------------
 
@@ -161,19 +240,20 @@ class EtcdVolumeStore(VolumeStore):
         with self._lock:
             for _attempt in range(_WRITE_ATTEMPTS):
                 current, raw, generation_rev, revision = self._call(
-                    "read volumes", self._snapshot)  # type: ignore[misc]
+                    "read volumes", self._snapshot)
                 new = check_unique(change(current))
                 ok = self._call("write volumes", functools.partial(
-                    self._write, current, raw, new, generation_rev, revision))
+                    self._write, current=current, raw=raw, new=new,
+                    generation_rev=generation_rev, revision=revision))
                 if ok:
                     log.info("wrote %d volume(s) to %s", len(new), self.description)
                     return
             raise BackendUnavailable(f"{self.description}: gave up after {_WRITE_ATTEMPTS} "
                                      "attempts: other writers kept changing the volumes")
 
-    def _write(self, current: list[Volume], raw: dict[str, bytes], new: list[Volume],
-               generation_rev: int, revision: int) -> bool:
-        client = self._client
+    def _write(self, client: etcd3.Etcd3Client, *, current: list[Volume],
+               raw: dict[str, bytes], new: list[Volume], generation_rev: int,
+               revision: int) -> bool:
         tx = client.transactions
         old = {v.name: v for v in current}
         ops: list[object] = []
@@ -220,7 +300,15 @@ class EtcdVolumeStore(VolumeStore):
         for watch in self._watches:
             watch.cancel()
         self._watches.clear()
-        self._client.close()
+        with self._clients_lock:
+            for client in self._clients.values():
+                client.close()
+            self._clients.clear()
+
+
+def _fmt(endpoint: tuple[str, int]) -> str:
+    host, port = endpoint
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _encode(volume: Volume) -> bytes:
@@ -251,6 +339,7 @@ class _EtcdWatch(Watch):
         if volumes == self.last:
             return
         self.last = volumes
+        self.store._save_cache(volumes)
         try:
             self.callback(volumes)
         except Exception:  # noqa: BLE001 - a watcher must survive its callback
@@ -260,7 +349,8 @@ class _EtcdWatch(Watch):
         backoff = 0.1
         failing = False
         while not self._stop.is_set():
-            client = self.store._connect()
+            index = self.store._current
+            client = self.store._connect(index)
             try:
                 volumes, _raw, _gen, revision = self.store._snapshot(client)
                 if failing:
@@ -274,6 +364,7 @@ class _EtcdWatch(Watch):
             except (grpc.RpcError, Etcd3Exception, UserError) as exc:
                 if self._stop.is_set():
                     break
+                self.store.rotate(index)
                 if not failing:
                     log.warning("volume watch on %s interrupted: %s (retrying)",
                                 self.store.description,

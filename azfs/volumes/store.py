@@ -15,7 +15,9 @@ thread of the store.
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
+import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -125,11 +127,29 @@ def merge(current: Iterable[Volume], new: Iterable[Volume]) -> list[Volume]:
     return sorted(by_name.values(), key=lambda v: v.name)
 
 
+def atomic_write(path: Path, text: str, mode: int) -> None:
+    """Replaces ``path`` with ``text`` (created with ``mode``) so readers see old or new."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 def open_store(etcd: str | None = None, config_file: str | Path | None = None,
-               **options: object) -> VolumeStore:
+               cache_file: str | Path | None = None, timeout: float = 5.0) -> VolumeStore:
     """The store named by the arguments, else by ``$AZFS_ETCD`` / ``$AZFS_VOLUMES_FILE``.
 
     With nothing given, the single-node default file ``/etc/azfs/volumes.yaml``.
+    ``etcd`` may list several members (``h1:2379,h2:2379``).  ``cache_file``
+    (etcd only) keeps the last good config for reads during an etcd outage.
     """
     if etcd and config_file:
         raise UserError("give either an etcd endpoint or a config file, not both")
@@ -142,7 +162,7 @@ def open_store(etcd: str | None = None, config_file: str | Path | None = None,
     if etcd:
         from azfs.volumes.etcd_store import EtcdVolumeStore
 
-        return EtcdVolumeStore(etcd, **options)  # type: ignore[arg-type]
+        return EtcdVolumeStore(etcd, timeout=timeout, cache_file=cache_file)
     from azfs.volumes.yaml_store import YamlVolumeStore
 
-    return YamlVolumeStore(config_file or DEFAULT_VOLUMES_FILE, **options)  # type: ignore[arg-type]
+    return YamlVolumeStore(config_file or DEFAULT_VOLUMES_FILE)

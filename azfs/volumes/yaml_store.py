@@ -16,7 +16,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,7 +31,7 @@ from azfs.volumes.model import (
     dump_volumes,
     load_yaml_file,
 )
-from azfs.volumes.store import VolumeStore, Watch, WatchCallback, check_unique
+from azfs.volumes.store import VolumeStore, Watch, WatchCallback, atomic_write, check_unique
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +96,8 @@ class YamlVolumeStore(VolumeStore):
             for entry, volume in zip(document["volumes"], new, strict=True):
                 # The file keeps the options without the password placeholder.
                 entry["mount"]["options"] = volume.mount.options
-            _atomic_write(self.secrets_path, _yaml(secrets), 0o600)
-            _atomic_write(self.path, _yaml(document), 0o644)
+            atomic_write(self.secrets_path, _yaml(secrets), 0o600)
+            atomic_write(self.path, _yaml(document), 0o644)
         log.info("wrote %d volume(s) to %s", len(new), self.path)
 
     @contextlib.contextmanager
@@ -181,18 +180,3 @@ class _PollWatch(Watch):
 
 def _yaml(data: object) -> str:
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
-
-
-def _atomic_write(path: Path, text: str, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

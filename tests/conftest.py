@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -17,20 +17,22 @@ def mounted(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
     """Factory: ``mounted("--ro", "--quota-bytes", "1M")`` → a live :class:`Mount`.
 
     Source and mountpoint are fresh temp dirs unless ``source=``/``mnt=`` are
-    given.  Every mount made is lazily unmounted and its daemon ended at
-    teardown, even when the test failed or killed the daemon itself.
+    given; ``prefix`` wraps the command (e.g. ``["prlimit", ...]``).  Every
+    mount made is lazily unmounted and its daemon ended at teardown, even when
+    the test failed or killed the daemon itself.
     """
     mounts: list[Mount] = []
     counter = itertools.count()
     env = dict(os.environ, AZFS_RUN_DIR=str(tmp_path / "run"))
 
-    def factory(*options: str, source: Path | None = None, mnt: Path | None = None) -> Mount:
+    def factory(*options: str, source: Path | None = None, mnt: Path | None = None,
+                prefix: Sequence[str] = ()) -> Mount:
         n = next(counter)
         src = source if source is not None else tmp_path / f"src{n}"
         mp = mnt if mnt is not None else tmp_path / f"mnt{n}"
         src.mkdir(parents=True, exist_ok=True)
         mp.mkdir(parents=True, exist_ok=True)
-        m = Mount(src, mp, options, tmp_path / f"azfs{n}.log", env)
+        m = Mount(src, mp, options, tmp_path / f"azfs{n}.log", env, prefix)
         mounts.append(m)
         m.mount()
         return m

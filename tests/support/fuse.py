@@ -31,10 +31,10 @@ def azfs_argv() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "azfs.cli.main"]
 
 
-def azfs(*args: str, env: dict[str, str] | None = None,
-         timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    """Runs the ``azfs`` command; never raises on a non-zero exit."""
-    return subprocess.run(azfs_argv() + list(args), capture_output=True, text=True,
+def azfs(*args: str, env: dict[str, str] | None = None, timeout: float = 60.0,
+         prefix: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
+    """Runs the ``azfs`` command (under ``prefix``, e.g. prlimit); never raises on failure."""
+    return subprocess.run([*prefix, *azfs_argv(), *args], capture_output=True, text=True,
                           env=env, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
@@ -84,11 +84,13 @@ class Mount:
     options: Sequence[str]
     log: Path
     env: dict[str, str]
+    #: command prefix for the daemon (e.g. resource limits)
+    prefix: Sequence[str] = ()
     pids: list[int] = field(default_factory=list)
 
     def mount(self) -> None:
         res = azfs("mount", "--log-file", str(self.log), *self.options,
-                   str(self.source), str(self.mnt), env=self.env)
+                   str(self.source), str(self.mnt), env=self.env, prefix=self.prefix)
         if res.returncode != 0:
             raise RuntimeError(f"azfs mount failed ({res.returncode}): {res.stderr.strip()}\n"
                                f"{self.log_text()}")

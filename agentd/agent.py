@@ -58,11 +58,16 @@ class Agent:
                                      self.journal)
         self.fusehost_restarts = 0
         self._recover_lock = trio.Lock()
+        self._watch = None
 
     async def start(self) -> None:
         self.config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.config.fusehost_socket.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         await self.catalog.reload()
+        try:
+            self._watch = self.store.watch(self.catalog.replace)
+        except Exception as exc:  # noqa: BLE001 - a miss re-reads the store anyway
+            log.warning("cannot watch the volume config: %s", exc)
         await self.service.mount_startup()
         self.client, _ = await ensure_fusehost(self.spec)
         self.service.client = self.client
@@ -127,4 +132,6 @@ class Agent:
             await stop_fusehost(self.spec, self.client)
             await self.mounter.release_all()
         with contextlib.suppress(Exception):
+            if self._watch is not None:
+                self._watch.cancel()
             self.store.close()

@@ -58,7 +58,6 @@ from azfs.volumes.store import VolumeStore
 log = logging.getLogger("agentd.exports")
 
 KERNELS = "kernels"
-CATALOG_RELOAD_INTERVAL = 1.0
 
 
 class VolumeCatalog:
@@ -72,15 +71,22 @@ class VolumeCatalog:
 
     async def reload(self) -> None:
         volumes = await trio.to_thread.run_sync(self.store.list)
+        self.replace(volumes)
+
+    def replace(self, volumes: list[Volume]) -> None:
+        """Installs a new config (also the store's watch callback, from its thread)."""
         self.volumes = {v.name: v for v in volumes}
         self._loaded_at = time.monotonic()
 
     async def get(self, name: str) -> Volume | None:
+        """The named volume; an unknown name re-reads the store (concurrent misses share
+        one read), so a volume added a moment ago is found without waiting for a watch."""
         volume = self.volumes.get(name)
         if volume is not None:
             return volume
+        asked = time.monotonic()
         async with self._lock:
-            if time.monotonic() - self._loaded_at >= CATALOG_RELOAD_INTERVAL:
+            if self._loaded_at <= asked:
                 try:
                     await self.reload()
                 except (AzfsError, OSError) as exc:

@@ -93,7 +93,8 @@ async def test_killed_fusehost_is_cleaned_and_views_restored_at_agent_start(
     agent.kill_fusehost()
     with pytest.raises(OSError) as info:
         os.stat(agent.fuse_path("k1", "a"))
-    assert info.value.errno == errno.ENOTCONN
+    # ECONNABORTED while the kernel tears the dead connection down, ENOTCONN after
+    assert info.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     agent.start()
     assert await state(agent) == before
     assert (agent.fuse_path("k1", "a") / "f").read_text() == "data on the volume"

@@ -27,7 +27,8 @@ class Manager:
         self.users = UserService(self.db)
         self.vfolders = VfolderService(
             self.db, self.volumes, (config.default_quota_bytes, config.default_quota_files))
-        self.agents = AgentDirectory(self.db, config.agents, config.agent_secret)
+        self.agents = AgentDirectory(self.db, config.agents, config.agent_secret, config.etcd,
+                                     config.storage_timeout)
         self.datasets = DatasetService(self.db, config.account_keys, config.sas_ttl,
                                        config.sas_max_ttl)
         self.kernels = KernelService(self.db, self.agents, self.datasets,

@@ -1,18 +1,23 @@
-"""Where the node agents are: the config file, or registrations with a TTL.
+"""Where the node agents are: the config file, etcd, or API registrations with a TTL.
 
-An agent registers (``PUT /v1/agents/{name}``, admin token) its unix socket
-or URL and renews before the TTL runs out; an expired registration is
-treated as absent.  TCP agents are reached with the manager's shared agent
+Lookup order: the manager's config file; then, when etcd is configured, the
+agent's own key ``/azfs/agents/<name>`` (a JSON value under a lease, so a
+dead node disappears when its lease runs out); then registrations made
+through ``PUT /v1/agents/{name}`` (admin token), which expire after their
+TTL unless renewed.  TCP agents are reached with the manager's shared agent
 secret.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import trio
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -22,8 +27,11 @@ from managerd.auth import Principal
 from managerd.config import AgentConfig
 from managerd.db.models import Agent, now
 from managerd.db.session import Database
-from managerd.errors import Forbidden, InvalidArgument, NotFound
+from managerd.errors import Forbidden, InvalidArgument, NotFound, Unavailable
 from managerd.services.names import validate_name
+
+log = logging.getLogger(__name__)
+ETCD_PREFIX = "/azfs/agents/"
 
 
 class AgentNotFound(NotFound):
@@ -38,15 +46,24 @@ def _aware(value: datetime | None) -> datetime | None:
 
 class AgentDirectory:
     def __init__(self, db: Database, configured: Mapping[str, AgentConfig],
-                 secret: Secret | None) -> None:
+                 secret: Secret | None, etcd: str | None = None,
+                 timeout: float = 5.0) -> None:
         self.db = db
         self.configured = configured
         self.secret = secret
+        self.etcd = etcd
+        self.timeout = timeout
+        self._etcd_client = None
 
     async def resolve(self, name: str) -> AgentAddress:
+        validate_name(name, "agent name")
         if name in self.configured:
             cfg = self.configured[name]
             return AgentAddress(name, cfg.socket, cfg.url, cfg.secret or self.secret)
+        if self.etcd:
+            found = await self._from_etcd(name)
+            if found is not None:
+                return found
 
         def work(session: Session) -> Agent | None:
             return session.get(Agent, name)
@@ -57,6 +74,41 @@ class AgentDirectory:
             raise AgentNotFound(f"no agent named {name!r} is registered")
         return AgentAddress(name, Path(agent.socket) if agent.socket else None, agent.url,
                             self.secret)
+
+    async def _from_etcd(self, name: str) -> AgentAddress | None:
+        try:
+            with trio.fail_after(self.timeout):
+                raw = await trio.to_thread.run_sync(self._etcd_get, ETCD_PREFIX + name,
+                                                    abandon_on_cancel=True)
+        except trio.TooSlowError:
+            raise Unavailable("etcd did not answer the agent lookup in time",
+                              code="agent-unreachable", status=502) from None
+        except Exception as exc:  # noqa: BLE001 - etcd down: fall back to the API registry
+            log.warning("agent lookup in etcd failed: %s", exc)
+            return None
+        if raw is None:
+            return None
+        try:
+            value = json.loads(raw)
+            socket, url = value.get("socket"), value.get("url")
+        except (ValueError, AttributeError):
+            log.warning("malformed etcd registration of agent %s", name)
+            return None
+        if url:
+            return AgentAddress(name, None, str(url), self.secret)
+        if socket:
+            return AgentAddress(name, Path(socket), None, None)
+        return None
+
+    def _etcd_get(self, key: str) -> bytes | None:
+        import etcd3
+
+        from azfs.volumes.etcd_store import parse_endpoint
+        if self._etcd_client is None:
+            host, port = parse_endpoint(self.etcd or "")
+            self._etcd_client = etcd3.client(host=host, port=port, timeout=self.timeout)
+        value, _meta = self._etcd_client.get(key)
+        return value
 
     async def register(self, who: Principal, name: str, socket: str | None, url: str | None,
                        ttl: int) -> dict[str, Any]:

@@ -10,15 +10,17 @@ import json
 import logging
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import etcd3
+import grpc
 import pytest
 
 from azfs.errors import BackendUnavailable, NotFound, UserError
 from azfs.secret import Secret
-from azfs.volumes.etcd_store import EtcdVolumeStore, parse_endpoint
+from azfs.volumes.etcd_store import EtcdAuth, EtcdVolumeStore, parse_endpoint
 from azfs.volumes.model import MountSpec, Volume, VolumeConfigError, load_yaml_text
 from azfs.volumes.store import VolumeStore, open_store
 from azfs.volumes.yaml_store import YamlVolumeStore
@@ -327,6 +329,90 @@ def test_etcd_cache_serves_reads_during_an_outage(etcd_server: EtcdServer,  # no
         assert PASSWORD not in caplog.text
         with pytest.raises(BackendUnavailable):
             store.remove("a")  # writes never fall back
+
+
+@pytest.fixture
+def secure_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    """etcd with TLS client certificates and user/password authentication."""
+    server = EtcdServer(tmp_path_factory.mktemp("etcd-tls"), tls=True)
+    server.start()
+    try:
+        server.enable_auth("root-pw", {"reader": ("reader-pw", "/azfs/", "READ")})
+        yield server
+    finally:
+        server.stop()
+
+
+def test_etcd_tls_and_authentication(secure_etcd: EtcdServer,
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    tls = secure_etcd.tls_files
+    certs = {"ca_cert": tls["ca"], "cert": tls["cert"], "key": tls["key"]}
+
+    def store(**auth: object) -> EtcdVolumeStore:
+        return EtcdVolumeStore(secure_etcd.endpoint, timeout=3,
+                               auth=EtcdAuth(**auth))  # type: ignore[arg-type]
+
+    with store(user="root", password=Secret("root-pw"), **certs) as root:
+        root.import_volumes([cifs("a")])
+        seen: list[list[Volume]] = []
+        with root.watch(seen.append):
+            root.import_volumes([cifs("b")])
+            wait_until(lambda: seen and len(seen[-1]) == 2, 10, "authenticated watch")
+    with store(user="reader", password=Secret("reader-pw"), **certs) as reader:
+        assert [v.name for v in reader.list()] == ["a", "b"]
+        with pytest.raises(UserError, match="write volumes: etcd refused: .*permission denied"):
+            reader.remove("a")
+    with store(user="root", password=Secret("wrong-pw"), **certs) as wrong, \
+            pytest.raises(UserError, match="authentication failed"):
+        wrong.list()
+    with store(**certs) as anonymous, pytest.raises(UserError, match="permission denied"):
+        anonymous.list()
+    with store() as plain, pytest.raises(BackendUnavailable):
+        plain.list()
+    assert "root-pw" not in caplog.text and "wrong-pw" not in caplog.text
+
+
+def test_etcd_expired_auth_token_logs_in_again(tmp_path_factory: pytest.TempPathFactory) -> None:
+    server = EtcdServer(tmp_path_factory.mktemp("etcd-ttl"), extra_args=["--auth-token-ttl=1"])
+    server.start()
+    try:
+        server.enable_auth("root-pw")
+        with EtcdVolumeStore(server.endpoint, timeout=3,
+                             auth=EtcdAuth(user="root", password=Secret("root-pw"))) as store:
+            store.import_volumes([cifs("a")])
+            time.sleep(3)  # idle: etcd drops a simple token 1 s after its last use
+            assert _token_expired(store)
+            assert store.list() == [cifs("a")]
+            store.remove("a")
+    finally:
+        server.stop()
+
+
+def _token_expired(store: EtcdVolumeStore) -> bool:
+    client = store._client_at(store._current)
+    try:
+        store._range(client, store.prefix, prefix=True)
+    except grpc.RpcError as exc:
+        return exc.code() == grpc.StatusCode.UNAUTHENTICATED
+    return False
+
+
+def test_etcd_auth_from_environment(tmp_path: Path) -> None:
+    password_file = tmp_path / "pw"
+    password_file.write_text("from-a-file\n")
+    auth = EtcdAuth.from_env({"AZFS_ETCD_USER": "azfs",
+                              "AZFS_ETCD_PASSWORD_FILE": str(password_file)})
+    assert auth.user == "azfs" and auth.password == Secret("from-a-file")
+    assert "from-a-file" not in repr(auth)
+    with pytest.raises(UserError, match="cannot read"):
+        EtcdAuth.from_env({"AZFS_ETCD_PASSWORD_FILE": str(tmp_path / "missing")})
+    with pytest.raises(UserError, match="both a user and a password"):
+        EtcdVolumeStore("127.0.0.1:1", auth=EtcdAuth(user="azfs"))
+    with pytest.raises(UserError, match="needs the CA, the cert and the key"):
+        EtcdVolumeStore("127.0.0.1:1", auth=EtcdAuth(cert=str(password_file)))
+    with pytest.raises(UserError, match="does not exist"):
+        EtcdVolumeStore("127.0.0.1:1", auth=EtcdAuth(ca_cert=str(tmp_path / "nope.crt")))
 
 
 @pytest.mark.parametrize(("endpoint", "expected"), [

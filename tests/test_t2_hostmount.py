@@ -431,3 +431,15 @@ def test_path_for_refuses_unsafe_names(state_dir: Path) -> None:
     for name in ("..", "a/b", "", "x y"):
         with pytest.raises(Exception, match="name"):
             mounter.path_for(name)
+
+
+async def test_state_dir_with_a_space_is_found_in_mountinfo(tmp_path: Path,
+                                                            state_dir: Path) -> None:
+    """mountinfo escapes a space as \\040; mount state must still be read right."""
+    mounter = HostMounter(state_dir / "odd dir", uid=1000, gid=1000)
+    volume = bind("v", source(tmp_path, "v"))
+    path = await mounter.acquire(volume)
+    assert " " in str(path) and mount_count(path) == 1
+    assert await mounter.acquire(volume) == path and mount_count(path) == 1
+    await mounter.release_all()
+    assert mount_count(path) == 0

@@ -222,3 +222,24 @@ def test_etcd_down_is_a_clear_error(config: Path) -> None:
 def test_flags_are_exclusive(config: Path) -> None:
     result = run_azfs("volumes", "list", "--etcd", "h:1", "--config-file", str(config))
     assert result.returncode == 2 and "not allowed with" in result.stderr
+
+
+def test_secure_etcd_from_environment(tmp_path: Path, config: Path) -> None:
+    """TLS client certificate and user/password (from a file) come from the environment."""
+    server = EtcdServer(tmp_path / "etcd", tls=True)
+    server.start()
+    try:
+        server.enable_auth("root-etcd-pw")
+        password_file = tmp_path / "etcd-password"
+        password_file.write_text("root-etcd-pw\n")
+        tls = server.tls_files
+        env = {"AZFS_ETCD": server.endpoint, "AZFS_ETCD_CA": tls["ca"],
+               "AZFS_ETCD_CERT": tls["cert"], "AZFS_ETCD_KEY": tls["key"],
+               "AZFS_ETCD_USER": "root", "AZFS_ETCD_PASSWORD_FILE": str(password_file)}
+        ok(run_azfs("volumes", "import", str(config), env=env))
+        assert "azure-shard-1" in ok(run_azfs("volumes", "list", env=env))
+        password_file.write_text("wrong\n")
+        error = failed(run_azfs("volumes", "list", env=env))
+        assert "authentication failed" in error and "wrong" not in error
+    finally:
+        server.stop()

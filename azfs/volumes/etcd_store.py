@@ -22,9 +22,11 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import re
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -34,6 +36,7 @@ import grpc
 from etcd3.exceptions import Etcd3Exception
 
 from azfs.errors import BackendUnavailable, UserError
+from azfs.secret import Secret
 from azfs.volumes.model import (
     Volume,
     VolumeConfigError,
@@ -74,6 +77,50 @@ def _prefix_end(prefix: bytes) -> bytes:
     return etcd3.utils.increment_last_byte(prefix)
 
 
+@dataclass(frozen=True)
+class EtcdAuth:
+    """How to authenticate to etcd: a user and password, and/or TLS.
+
+    ``ca_cert`` alone gives a TLS channel; with ``cert`` and ``key`` also a
+    client certificate.  From the environment (:meth:`from_env`):
+    ``AZFS_ETCD_USER``, ``AZFS_ETCD_PASSWORD_FILE`` (a file, so that the
+    password is never on a command line), ``AZFS_ETCD_CA``,
+    ``AZFS_ETCD_CERT``, ``AZFS_ETCD_KEY``.
+    """
+
+    user: str | None = None
+    password: Secret | None = None
+    ca_cert: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> EtcdAuth:
+        env = os.environ if environ is None else environ
+        password = None
+        if env.get("AZFS_ETCD_PASSWORD_FILE"):
+            path = Path(env["AZFS_ETCD_PASSWORD_FILE"])
+            try:
+                password = Secret(path.read_text().rstrip("\r\n"))
+            except OSError as exc:
+                raise UserError(f"$AZFS_ETCD_PASSWORD_FILE {path}: cannot read: "
+                                f"{exc.strerror}") from None
+        return cls(user=env.get("AZFS_ETCD_USER") or None, password=password,
+                   ca_cert=env.get("AZFS_ETCD_CA") or None, cert=env.get("AZFS_ETCD_CERT") or None,
+                   key=env.get("AZFS_ETCD_KEY") or None)
+
+    def client_kwargs(self) -> dict[str, object]:
+        if bool(self.user) != bool(self.password):
+            raise UserError("etcd authentication needs both a user and a password")
+        if (self.cert or self.key) and not (self.cert and self.key and self.ca_cert):
+            raise UserError("an etcd client certificate needs the CA, the cert and the key")
+        for what, path in (("CA", self.ca_cert), ("cert", self.cert), ("key", self.key)):
+            if path and not os.path.isfile(path):
+                raise UserError(f"etcd TLS {what} file {path} does not exist")
+        return {"user": self.user, "password": self.password.reveal() if self.password else None,
+                "ca_cert": self.ca_cert, "cert_cert": self.cert, "cert_key": self.key}
+
+
 def parse_endpoints(endpoints: str) -> list[tuple[str, int]]:
     """A comma-separated list of endpoints (the members of one etcd cluster)."""
     parsed = [parse_endpoint(e) for e in endpoints.split(",") if e.strip()]
@@ -93,8 +140,10 @@ class EtcdVolumeStore(VolumeStore):
 
     def __init__(self, endpoint: str, prefix: str = DEFAULT_PREFIX,
                  secrets_prefix: str | None = None, timeout: float = 5.0,
-                 cache_file: str | Path | None = None) -> None:
+                 cache_file: str | Path | None = None, auth: EtcdAuth | None = None) -> None:
         self.endpoints = parse_endpoints(endpoint)
+        self.auth = auth or EtcdAuth()
+        self._client_kwargs = self.auth.client_kwargs()
         if not prefix.startswith("/") or not prefix.endswith("/"):
             raise UserError(f"etcd prefix must start and end with '/' (got {prefix!r})")
         self.prefix = prefix
@@ -117,14 +166,26 @@ class EtcdVolumeStore(VolumeStore):
 
     def _connect(self, index: int | None = None) -> etcd3.Etcd3Client:
         host, port = self.endpoints[self._current if index is None else index]
-        return etcd3.client(host=host, port=port, timeout=self.timeout,
-                            grpc_options=_GRPC_OPTIONS)
+        client = etcd3.client(host=host, port=port, timeout=self.timeout,
+                              grpc_options=_GRPC_OPTIONS, **self._client_kwargs)
+        if not client.uses_secure_channel:
+            # gRPC refuses call credentials on a plain channel; the auth token
+            # also travels in the metadata, which is what etcd reads.
+            client.call_credentials = None
+        return client
 
     def _client_at(self, index: int) -> etcd3.Etcd3Client:
         with self._clients_lock:
             if index not in self._clients:
                 self._clients[index] = self._connect(index)
             return self._clients[index]
+
+    def _drop_client(self, index: int) -> None:
+        """Forgets a member's client (its auth token expired); the next call reconnects."""
+        with self._clients_lock:
+            client = self._clients.pop(index, None)
+        if client is not None:
+            client.close()
 
     def rotate(self, failed: int) -> None:
         """Moves on to the next member after ``failed`` did not answer."""
@@ -135,7 +196,12 @@ class EtcdVolumeStore(VolumeStore):
     # -- errors ----------------------------------------------------------------------
 
     def _unavailable(self, exc: BaseException, what: str) -> Exception:
-        if isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+        code = exc.code() if isinstance(exc, grpc.RpcError) else None
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            return UserError(f"{self.description}: {what}: etcd refused: "
+                             f"{exc.details()}")  # type: ignore[union-attr]
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            assert isinstance(exc, grpc.RpcError)
             detail = exc.details() or ""
             if "too many operations" in detail:
                 return UserError(f"{self.description}: {what}: the change needs more "
@@ -152,11 +218,20 @@ class EtcdVolumeStore(VolumeStore):
     def _call(self, what: str, fn: Callable[[etcd3.Etcd3Client], T]) -> T:
         """Runs ``fn(client)``, trying each member once before giving up."""
         error: Exception | None = None
-        for _ in range(len(self.endpoints)):
+        reauthenticated = False
+        attempts = len(self.endpoints)
+        while attempts > 0:
+            attempts -= 1
             index = self._current
             try:
                 return fn(self._client_at(index))
             except (grpc.RpcError, Etcd3Exception) as exc:
+                if (isinstance(exc, grpc.RpcError) and not reauthenticated
+                        and exc.code() == grpc.StatusCode.UNAUTHENTICATED):
+                    reauthenticated = True  # an expired auth token: log in again, once
+                    self._drop_client(index)
+                    attempts += 1
+                    continue
                 error = self._unavailable(exc, what)
                 if not isinstance(error, BackendUnavailable):
                     raise error from None
@@ -206,7 +281,8 @@ class EtcdVolumeStore(VolumeStore):
         start = key.encode()
         request = etcdrpc.RangeRequest(key=start, revision=revision,
                                        range_end=_prefix_end(start) if prefix else b"")
-        return client.kvstub.Range(request, self.timeout)
+        return client.kvstub.Range(request, self.timeout, credentials=client.call_credentials,
+                                   metadata=client.metadata)
 
     def list(self) -> list[Volume]:
         try:
@@ -350,8 +426,9 @@ class _EtcdWatch(Watch):
         failing = False
         while not self._stop.is_set():
             index = self.store._current
-            client = self.store._connect(index)
+            client: etcd3.Etcd3Client | None = None
             try:
+                client = self.store._connect(index)
                 volumes, _raw, _gen, revision = self.store._snapshot(client)
                 if failing:
                     log.warning("volume watch on %s recovered", self.store.description)
@@ -372,7 +449,8 @@ class _EtcdWatch(Watch):
                                 if not isinstance(exc, UserError) else exc)
                     failing = True
             finally:
-                client.close()
+                if client is not None:
+                    client.close()
             self._stop.wait(backoff)
             backoff = min(backoff * 2, self.max_backoff)
 
@@ -385,7 +463,8 @@ class _EtcdWatch(Watch):
             yield etcdrpc.WatchRequest(create_request=create)
             self._stop.wait()
 
-        call = etcdrpc.WatchStub(client.channel).Watch(requests())
+        call = etcdrpc.WatchStub(client.channel).Watch(
+            requests(), credentials=client.call_credentials, metadata=client.metadata)
         with self._call_lock:
             self._call = call
         if self._stop.is_set():

@@ -20,9 +20,13 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from azfs.errors import NotFound, UserError
 from azfs.volumes.model import Volume, VolumeConfigError, validate_name
+
+if TYPE_CHECKING:
+    from azfs.volumes.etcd_store import EtcdAuth
 
 #: Environment variables naming the store when no flag is given.
 ENV_ETCD = "AZFS_ETCD"
@@ -144,12 +148,14 @@ def atomic_write(path: Path, text: str, mode: int) -> None:
 
 
 def open_store(etcd: str | None = None, config_file: str | Path | None = None,
-               cache_file: str | Path | None = None, timeout: float = 5.0) -> VolumeStore:
+               cache_file: str | Path | None = None, timeout: float = 5.0,
+               etcd_auth: EtcdAuth | None = None) -> VolumeStore:
     """The store named by the arguments, else by ``$AZFS_ETCD`` / ``$AZFS_VOLUMES_FILE``.
 
     With nothing given, the single-node default file ``/etc/azfs/volumes.yaml``.
     ``etcd`` may list several members (``h1:2379,h2:2379``).  ``cache_file``
     (etcd only) keeps the last good config for reads during an etcd outage.
+    ``etcd_auth`` defaults to :meth:`EtcdAuth.from_env` (``$AZFS_ETCD_USER``...).
     """
     if etcd and config_file:
         raise UserError("give either an etcd endpoint or a config file, not both")
@@ -160,9 +166,10 @@ def open_store(etcd: str | None = None, config_file: str | Path | None = None,
             raise UserError(f"both ${ENV_ETCD} and ${ENV_VOLUMES_FILE} are set; "
                             "pass --etcd or --config-file to choose")
     if etcd:
-        from azfs.volumes.etcd_store import EtcdVolumeStore
+        from azfs.volumes.etcd_store import EtcdAuth, EtcdVolumeStore
 
-        return EtcdVolumeStore(etcd, timeout=timeout, cache_file=cache_file)
+        return EtcdVolumeStore(etcd, timeout=timeout, cache_file=cache_file,
+                               auth=etcd_auth or EtcdAuth.from_env())
     from azfs.volumes.yaml_store import YamlVolumeStore
 
     return YamlVolumeStore(config_file or DEFAULT_VOLUMES_FILE)

@@ -9,17 +9,24 @@ Use the ``etcd_server`` fixture (import it into a test module or conftest)::
         etcd_server.stop(); etcd_server.start()        # restart, same data and ports
 
 The server is always stopped at teardown, even when the test fails.
+``EtcdServer(workdir, tls=True)`` serves TLS with a throw-away CA (client
+certificates required; see :attr:`EtcdServer.tls_files`), and
+:meth:`EtcdServer.enable_auth` turns on etcd's user/password authentication.
 """
 
 from __future__ import annotations
 
 import shutil
+import ssl
 import subprocess
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import etcd3
+import etcd3.etcdrpc as etcdrpc
 import pytest
+from etcd3.etcdrpc import auth_pb2
 
 from tests.support.services import free_port, stop_process, wait_until
 
@@ -29,8 +36,13 @@ ETCD_BINARY = shutil.which("etcd") or "/usr/bin/etcd"
 class EtcdServer:
     """One single-member etcd cluster; restartable on the same ports and data."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, tls: bool = False, extra_args: Sequence[str] = ()) -> None:
         self.workdir = workdir
+        self.tls = tls
+        self.extra_args = list(extra_args)
+        #: with tls: {"ca", "cert", "key"} of a client certificate the server trusts
+        self.tls_files: dict[str, str] = make_certificates(workdir / "tls") if tls else {}
+        self.root_password: str | None = None
         self.data_dir = workdir / "data"
         self.log = workdir / "etcd.log"
         self.client_port = free_port()
@@ -43,14 +55,54 @@ class EtcdServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.endpoint}"
+        return f"{'https' if self.tls else 'http'}://{self.endpoint}"
 
     def _healthy(self) -> bool:
+        context = None
+        if self.tls:
+            context = ssl.create_default_context(cafile=self.tls_files["ca"])
+            context.load_cert_chain(self.tls_files["cert"], self.tls_files["key"])
         try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=1) as response:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=1,
+                                        context=context) as response:
                 return b'"true"' in response.read()
         except OSError:
             return False
+
+    def client(self, **kwargs: object) -> etcd3.Etcd3Client:
+        """A raw etcd3 client (as root once auth is enabled)."""
+        if self.tls:
+            kwargs.setdefault("ca_cert", self.tls_files["ca"])
+            kwargs.setdefault("cert_cert", self.tls_files["cert"])
+            kwargs.setdefault("cert_key", self.tls_files["key"])
+        if self.root_password:
+            kwargs.setdefault("user", "root")
+            kwargs.setdefault("password", self.root_password)
+        return etcd3.client(host="127.0.0.1", port=self.client_port, timeout=5, **kwargs)
+
+    def enable_auth(self, root_password: str,
+                    users: dict[str, tuple[str, str, str]] | None = None) -> None:
+        """Turns on authentication; ``users``: name → (password, key prefix, "READ"|...)."""
+        client = self.client()
+        try:
+            auth = etcdrpc.AuthStub(client.channel)
+            auth.RoleAdd(etcdrpc.AuthRoleAddRequest(name="root"))
+            auth.UserAdd(etcdrpc.AuthUserAddRequest(name="root", password=root_password))
+            auth.UserGrantRole(etcdrpc.AuthUserGrantRoleRequest(user="root", role="root"))
+            for name, (password, prefix, perm) in (users or {}).items():
+                auth.RoleAdd(etcdrpc.AuthRoleAddRequest(name=name))
+                key = prefix.encode()
+                permission = auth_pb2.Permission(
+                    permType=auth_pb2.Permission.Type.Value(perm), key=key,
+                    range_end=etcd3.utils.increment_last_byte(key))
+                auth.RoleGrantPermission(
+                    etcdrpc.AuthRoleGrantPermissionRequest(name=name, perm=permission))
+                auth.UserAdd(etcdrpc.AuthUserAddRequest(name=name, password=password))
+                auth.UserGrantRole(etcdrpc.AuthUserGrantRoleRequest(user=name, role=name))
+            auth.AuthEnable(etcdrpc.AuthEnableRequest())
+        finally:
+            client.close()
+        self.root_password = root_password
 
     def start(self, timeout: float = 30.0) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -63,6 +115,11 @@ class EtcdServer:
             "--initial-cluster", f"test={peer}", "--initial-cluster-state", "new",
             "--log-level", "warn", "--logger", "zap",
         ]
+        cmd += self.extra_args
+        if self.tls:
+            tls = self.workdir / "tls"
+            cmd += ["--cert-file", str(tls / "server.crt"), "--key-file", str(tls / "server.key"),
+                    "--trusted-ca-file", self.tls_files["ca"], "--client-cert-auth"]
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                          start_new_session=True)
@@ -83,6 +140,26 @@ class EtcdServer:
             self.proc.kill()
             self.proc.wait(10)
             self.proc = None
+
+
+def make_certificates(directory: Path) -> dict[str, str]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate (openssl)."""
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+            "-keyout", "ca.key", "-out", "ca.crt")
+    (directory / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+                                      "extendedKeyUsage=serverAuth,clientAuth\n")
+    for name in ("server", "client"):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+                "-keyout", f"{name}.key", "-out", f"{name}.csr")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                "-CAcreateserial", "-days", "2", "-extfile", "san.cnf", "-out", f"{name}.crt")
+    return {"ca": str(directory / "ca.crt"), "cert": str(directory / "client.crt"),
+            "key": str(directory / "client.key")}
 
 
 @pytest.fixture

@@ -455,3 +455,82 @@ def test_rewinddir_sees_the_current_directory(mounted):
         assert os.listdir(fd) == ["f"]  # listdir(fd) rewinds the stream first
     finally:
         os.close(fd)
+
+
+def test_rename_whiteout_is_refused(mounted):
+    m = mounted()
+    (m.mnt / "a").touch()
+    assert errno_of(lambda: renameat2(m.mnt / "a", m.mnt / "b", 4)) == errno.EINVAL
+    assert sorted(os.listdir(m.source)) == [".azfs-meta", "a"]
+
+
+def test_xattr_namespaces_other_than_user(mounted):
+    m = mounted()
+    p = m.mnt / "f"
+    p.touch()
+    os.setxattr(m.source / "f", "trusted.t", b"1")
+    assert errno_of(lambda: os.removexattr(p, "trusted.t")) == errno.EOPNOTSUPP
+    assert os.getxattr(m.source / "f", "trusted.t") == b"1"
+    assert errno_of(lambda: os.getxattr(p, "system.posix_acl_access")) == errno.ENODATA
+    assert errno_of(lambda: os.removexattr(p, "user.never-set")) == errno.ENODATA
+    assert os.listxattr(p) == []
+
+
+def test_chmod_of_a_symlink_itself(mounted):
+    """fchmodat2(AT_SYMLINK_NOFOLLOW) reaches the filesystem: EOPNOTSUPP, target unchanged."""
+    m = mounted()
+    (m.mnt / "t").touch()
+    os.chmod(m.mnt / "t", 0o644)
+    os.symlink("t", m.mnt / "l")
+    at_fdcwd, at_symlink_nofollow, sys_fchmodat2 = -100, 0x100, 452
+    rc = _libc.syscall(sys_fchmodat2, at_fdcwd, os.fsencode(m.mnt / "l"), 0o600,
+                       at_symlink_nofollow)
+    err = ctypes.get_errno() if rc != 0 else 0
+    if err == errno.ENOSYS:
+        pytest.skip("kernel without fchmodat2")
+    assert err == errno.EOPNOTSUPP
+    assert stat.S_IMODE(os.stat(m.source / "t").st_mode) == 0o644
+
+
+def test_unix_socket_node(mounted):
+    import socket
+
+    m = mounted()
+    with socket.socket(socket.AF_UNIX) as s:
+        os.chdir(m.mnt)  # keep the path short
+        try:
+            s.bind("sock")
+        finally:
+            os.chdir("/")
+    assert stat.S_ISSOCK(os.lstat(m.source / "sock").st_mode)
+    assert stat.S_ISSOCK(os.lstat(m.mnt / "sock").st_mode)
+
+
+def test_o_direct_is_served(mounted):
+    m = mounted()
+    fd = os.open(m.mnt / "f", os.O_CREAT | os.O_WRONLY | os.O_DIRECT)
+    try:
+        assert os.write(fd, b"unaligned bytes") == 15
+    finally:
+        os.close(fd)
+    fd = os.open(m.mnt / "f", os.O_RDONLY | os.O_DIRECT)
+    try:
+        assert os.read(fd, 4096) == b"unaligned bytes"
+    finally:
+        os.close(fd)
+    assert (m.source / "f").read_bytes() == b"unaligned bytes"
+
+
+@pytest.mark.xfail(strict=True, reason="the posix backend keeps one O_PATH descriptor per "
+                   "inode the kernel remembers: past RLIMIT_NOFILE, lookups fail with EMFILE")
+def test_more_inodes_than_descriptors(mounted):
+    # without CAP_SYS_RESOURCE the daemon cannot raise its limit back up
+    m = mounted(prefix=["setpriv", "--bounding-set", "-sys_resource",
+                        "prlimit", "--nofile=400:400", "--"])
+    for i in range(1000):
+        (m.source / f"f{i:04d}").touch()
+    out = subprocess.run(["ls", "-l", str(m.mnt)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr.splitlines()[:3]
+    assert len(os.listdir(m.mnt)) == 1000
+    for i in range(0, 1000, 7):
+        assert os.stat(m.mnt / f"f{i:04d}").st_size == 0

@@ -69,8 +69,8 @@ class Agent:
         except Exception as exc:  # noqa: BLE001 - a miss re-reads the store anyway
             log.warning("cannot watch the volume config: %s", exc)
         await self.service.mount_startup()
-        self.client, _ = await ensure_fusehost(self.spec)
-        self.service.client = self.client
+        client, _ = await ensure_fusehost(self.spec)
+        self.client = self.service.client = client
         await self.service.restore_volumes()
         await self.service.reconcile_views()
         await self.service.unmount_orphans()
@@ -81,7 +81,10 @@ class Agent:
         """Restarts a dead fusehost and re-attaches the journal's views; True if it did."""
         async with self._recover_lock:
             client, restarted = await ensure_fusehost(self.spec)
-            self.client = self.service.client = client
+            old, self.client = self.client, client
+            self.service.client = client
+            with contextlib.suppress(Exception):
+                await old.aclose()
             if restarted:
                 self.fusehost_restarts += 1
                 log.warning("the fusehost was restarted; restoring %d kernels' views",

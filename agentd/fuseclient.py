@@ -55,30 +55,66 @@ class FuseHostUnavailable(Exception):
 
 
 class FuseHostClient:
-    def __init__(self, socket_path: Path, timeout: float = CALL_TIMEOUT) -> None:
+    """Requests over a small pool of kept-open connections (one request at a time each)."""
+
+    def __init__(self, socket_path: Path, timeout: float = CALL_TIMEOUT,
+                 pool_size: int = 16) -> None:
         self.socket_path = Path(socket_path)
         self.timeout = timeout
+        self.pool_size = pool_size
+        self._idle: list[tuple[trio.SocketStream, bytearray]] = []
 
     async def call(self, op: str, **args: Any) -> Any:
         request = json.dumps({"op": op, **args}).encode() + b"\n"
-        try:
-            with trio.fail_after(self.timeout):
-                stream = await trio.open_unix_socket(str(self.socket_path))
-                async with stream:
-                    await stream.send_all(request)
-                    buf = b""
-                    while b"\n" not in buf:
-                        data = await stream.receive_some(65536)
-                        if not data:
-                            raise FuseHostUnavailable("the fusehost closed the connection")
-                        buf += data
-        except (OSError, trio.BrokenResourceError, trio.TooSlowError) as exc:
-            raise FuseHostUnavailable(f"the fusehost does not answer: "
-                                      f"{getattr(exc, 'strerror', None) or exc!s}") from None
-        answer = json.loads(buf.split(b"\n", 1)[0])
+        for attempt in (0, 1):
+            reused = bool(self._idle)
+            try:
+                line = await self._exchange(request)
+                break
+            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
+                    trio.TooSlowError, FuseHostUnavailable) as exc:
+                if reused and attempt == 0 and not isinstance(exc, trio.TooSlowError):
+                    continue  # a kept connection of a fusehost since gone: try a fresh one
+                if isinstance(exc, FuseHostUnavailable):
+                    raise
+                raise FuseHostUnavailable(f"the fusehost does not answer: "
+                                          f"{getattr(exc, 'strerror', None) or exc!s}") \
+                    from None
+        answer = json.loads(line)
         if not answer.get("ok"):
             raise FuseHostError(str(answer.get("code")), str(answer.get("message")))
         return answer.get("result")
+
+    async def _exchange(self, request: bytes) -> bytes:
+        if self._idle:
+            stream, buf = self._idle.pop()
+        else:
+            with trio.fail_after(self.timeout):
+                stream = await trio.open_unix_socket(str(self.socket_path))
+            buf = bytearray()
+        ok = False
+        try:
+            with trio.fail_after(self.timeout):
+                await stream.send_all(request)
+                while b"\n" not in buf:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        raise FuseHostUnavailable("the fusehost closed the connection")
+                    buf += data
+            line, _, rest = bytes(buf).partition(b"\n")
+            ok = True
+            return line
+        finally:
+            if ok and len(self._idle) < self.pool_size:
+                self._idle.append((stream, bytearray(rest)))
+            else:
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        for stream, _ in idle:
+            await stream.aclose()
 
     async def attach(self, path: list[str], view: dict, backend: dict, digest: str) -> dict:
         return await self.call("attach", path=path, view=view, backend=backend, digest=digest)

@@ -33,6 +33,8 @@ class Journal:
     def __init__(self, path: Path, kernels: dict[str, dict[str, Any]] | None = None) -> None:
         self.path = Path(path)
         self.kernels: dict[str, dict[str, Any]] = kernels or {}
+        #: each record's JSON, encoded once (records are never changed in place)
+        self._encoded: dict[str, str] = {}
         self._lock = trio.Lock()
         self._generation = 0
         self._written = 0
@@ -58,12 +60,24 @@ class Journal:
 
     # ---- changes -------------------------------------------------------------------
     async def put(self, kernel_id: str, record: dict[str, Any]) -> None:
+        self._encoded[kernel_id] = _encode(record)
         self.kernels[kernel_id] = record
         await self._commit()
 
     async def remove(self, kernel_id: str) -> None:
+        self._encoded.pop(kernel_id, None)
         if self.kernels.pop(kernel_id, None) is not None:
             await self._commit()
+
+    def text(self) -> str:
+        """The file's content: the records' cached encodings joined, sorted by kernel."""
+        parts = []
+        for kernel_id in sorted(self.kernels):
+            encoded = self._encoded.get(kernel_id)
+            if encoded is None:
+                encoded = self._encoded[kernel_id] = _encode(self.kernels[kernel_id])
+            parts.append(f"{json.dumps(kernel_id)}:{encoded}")
+        return f'{{"kernels":{{{",".join(parts)}}},"version":{VERSION}}}'
 
     async def _commit(self) -> None:
         self._generation += 1
@@ -73,10 +87,13 @@ class Journal:
                 if self._written >= mine:
                     return
                 upto = self._generation
-                text = json.dumps({"version": VERSION, "kernels": self.kernels},
-                                  sort_keys=True, separators=(",", ":"))
+                text = self.text()
                 await trio.to_thread.run_sync(write_atomic, self.path, text)
                 self._written = upto
+
+
+def _encode(record: dict[str, Any]) -> str:
+    return json.dumps(record, sort_keys=True, separators=(",", ":"))
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -318,3 +318,32 @@ async def test_operator_cli(agent: AgentHarness) -> None:
                           text=True, cwd=REPO, timeout=60)
     assert gone.returncode == 1 and "no agent socket" in gone.stderr
     assert "Traceback" not in gone.stderr
+
+
+async def test_tcp_listener_requires_the_bearer_token(tmp_path: Path) -> None:
+    import httpx
+
+    from tests.support.services import free_port
+
+    secret = tmp_path / "agent.secret"
+    secret.write_text("s3cret-token-for-the-manager\n")
+    secret.chmod(0o600)
+    port = free_port()
+    harness = AgentHarness(tmp_path)
+    harness.write_config(manager={"listen": f"127.0.0.1:{port}", "secret_file": str(secret)})
+    try:
+        harness.start()
+        harness.vfolder("vol1", "vf-t")
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            r = await http.put("/v1/kernels/kt", json=body(posix("t", path="vf-t")))
+            assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+            r = await http.get("/v1/kernels", headers={"Authorization": "Bearer wrong"})
+            assert r.status_code == 401
+            auth = {"Authorization": "Bearer s3cret-token-for-the-manager"}
+            r = await http.put("/v1/kernels/kt", json=body(posix("t", path="vf-t")),
+                               headers=auth)
+            assert r.status_code == 200, r.text
+            assert (await http.delete("/v1/kernels/kt", headers=auth)).status_code == 204
+        assert "s3cret" not in harness.log.read_text()
+    finally:
+        harness.cleanup()

@@ -217,3 +217,65 @@ async def test_dead_endpoint_gives_eio_within_the_deadline(azurite_fn):  # noqa:
         await backend.release(fh)
     finally:
         await backend.close()
+
+
+async def test_blob_deleted_while_open_is_stale(dataset):
+    dataset.upload("faults", {"deleted.bin": DATA})
+    backend = BlobBackend.from_url(
+        dataset.container_url("faults", sas=dataset.container_sas("faults")),
+        options=options())
+    await backend.start()
+    try:
+        fh = await open_file(backend, "deleted.bin")
+        assert await backend.read(fh, 0, 100) == DATA[:100]
+        dataset.service_client().get_blob_client("faults", "deleted.bin").delete_blob()
+        with pytest.raises(StaleObject):
+            await backend.read(fh, MiB, 100)
+        await backend.release(fh)
+    finally:
+        await backend.close()
+
+
+async def test_sas_from_a_url_token_source(dataset):
+    """The agent's form: a URL that answers a fresh SAS (here a local HTTP server)."""
+    import http.server
+    import json
+    import threading
+
+    from azfs.blob.sas import url_token_source
+
+    fresh = dataset.container_sas("faults", seconds=7200)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            body = json.dumps({"sas": fresh}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        source = url_token_source(f"http://127.0.0.1:{server.server_port}/sas")
+        backend = BlobBackend.from_url(dataset.container_url("faults"), token_source=source,
+                                       options=options())
+        await backend.start()  # no SAS in the URL: the first one comes from the source
+        try:
+            assert backend.sas.current == Secret(fresh)
+            fh = await open_file(backend, "other.bin")
+            assert await backend.read(fh, 0, 10) == DATA[:10]
+            await backend.release(fh)
+        finally:
+            await backend.close()
+        dead = url_token_source("http://127.0.0.1:1/sas", timeout=2)
+        with pytest.raises(AccessDenied, match="did not answer"):
+            await dead()
+    finally:
+        server.shutdown()
+        server.server_close()

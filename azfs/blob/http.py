@@ -260,7 +260,13 @@ class BlobHttp:
         headers = {"x-ms-range": f"bytes={start}-{start + length - 1}"}
         if etag:
             headers["If-Match"] = etag
-        resp = await self._call("GET", name, {}, headers, f"read {name!r}")
+        try:
+            resp = await self._call("GET", name, {}, headers, f"read {name!r}")
+        except NotFound:
+            if not etag:
+                raise
+            raise StaleObject(f"read {name!r}: the blob was deleted since it was opened") \
+                from None
         if resp.status == 200 and start == 0 and len(resp.body) > length:
             del resp.body[length:]
         got_etag = resp.headers.get("ETag")

@@ -65,6 +65,40 @@ def file_token_source(path: Path) -> TokenSource:
     return read
 
 
+def url_token_source(url: str, *, timeout: float = 10.0,
+                     headers: dict[str, str] | None = None) -> TokenSource:
+    """GETs ``url`` (e.g. the manager's SAS endpoint) for a fresh SAS.
+
+    The answer is the SAS itself (query string or SAS URL) as text, or JSON
+    with a ``sas`` or ``sas_url`` field.  Any failure is AccessDenied with the
+    reason (never the SAS).
+    """
+    import json
+    import urllib.error
+    import urllib.request
+
+    def fetch() -> Secret:
+        request = urllib.request.Request(url, headers=headers or {})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as resp:
+                body = resp.read(65536).decode()
+                ctype = resp.headers.get("Content-Type", "")
+        except (urllib.error.URLError, OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise AccessDenied(f"the SAS source did not answer: {reason}") from None
+        if "json" in ctype:
+            try:
+                data = json.loads(body)
+                body = data.get("sas") or data.get("sas_url") or ""
+            except (ValueError, AttributeError):
+                raise AccessDenied("the SAS source sent malformed JSON") from None
+        return Secret(body.strip())
+
+    async def read() -> Secret:
+        return await trio.to_thread.run_sync(fetch)
+    return read
+
+
 class SasManager:
     """The current SAS of one blob source, renewed before expiry and on refusal."""
 

@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 
 from azfs.containers.rootfs import build_busybox_rootfs
-from azfs.containers.runc import ContainerError, Runc, oci_config, run_kernel, write_bundle
+from azfs.containers.runc import (
+    ContainerError,
+    KernelContainer,
+    Runc,
+    oci_config,
+    run_kernel,
+    write_bundle,
+)
 from azfs.containers.spec import BindMount, KernelSpec
 from azfs.errors import InvalidArgument, UserError
 from azfs.export import ExportResponse, OciMount
@@ -274,4 +281,39 @@ def test_run_timeout_kills_and_removes_the_container(runc: Runc, busybox_rootfs:
     write_bundle(spec, busybox_rootfs, bundle)
     with pytest.raises(ContainerError, match="did not finish"):
         runc.run(bundle, spec.kernel_id, timeout=0.5)
+    assert runc.list() == []
+
+
+def test_run_never_removes_a_container_it_did_not_make(runc: Runc, busybox_rootfs: Path,
+                                                       tmp_path: Path) -> None:
+    cid = container_id("dup")
+    write_bundle(KernelSpec(kernel_id=cid, args=("sleep", "600")), busybox_rootfs,
+                 tmp_path / "long")
+    write_bundle(KernelSpec(kernel_id=cid, args=("true",)), busybox_rootfs, tmp_path / "once")
+    with runc.running(tmp_path / "long", cid):
+        with pytest.raises(ContainerError, match="already exists"):
+            runc.run(tmp_path / "once", cid)
+        assert runc.state(cid)["status"] == "running"
+
+
+def test_stdin_reaches_the_process(runc: Runc, busybox_rootfs: Path, tmp_path: Path) -> None:
+    spec = KernelSpec(kernel_id=container_id(), args=("wc", "-c"))
+    write_bundle(spec, busybox_rootfs, tmp_path / "b")
+    result = runc.run(tmp_path / "b", spec.kernel_id, stdin=b"12345")
+    assert (result.exit_code, result.stdout.strip()) == (0, "5")
+
+
+def test_kernel_container_from_an_export(runc: Runc, busybox_rootfs: Path,
+                                         tmp_path: Path) -> None:
+    data = _owned_dir(tmp_path / "vfolder")
+    export = ExportResponse(kernel_id=container_id("kc"), mounts=[
+        OciMount(destination="/home/work/data", source=str(data), options=["rbind", "ro"])])
+    (data / "f").write_text("F\n")
+    with KernelContainer(busybox_rootfs, export, ["sleep", "600"], runc=runc,
+                         bundle_dir=tmp_path / "bundle", scratch_dir=tmp_path / "home",
+                         env={"GREETING": "hi"}) as kernel:
+        assert kernel.status() == "running"
+        r = kernel.sh("echo $GREETING; pwd; cat data/f; id -u")
+        assert r.stdout.split() == ["hi", "/home/work", "F", "1000"], r.stderr
+    assert kernel.status() == "absent"
     assert runc.list() == []

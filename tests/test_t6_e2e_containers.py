@@ -13,8 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from azfs.containers.runc import Runc, RunResult, prepare_scratch, write_bundle
-from azfs.containers.spec import KernelSpec
+from azfs.containers.runc import KernelContainer, Runc
 from azfs.export import ExportResponse
 from tests.support.agent import AgentHarness, agent  # noqa: F401
 from tests.support.azurite import azurite  # noqa: F401
@@ -40,25 +39,11 @@ def _dataset(azurite) -> dict:
                         "sas": azurite.container_sas("e2e")}}
 
 
-class Kernel:
-    """One kernel: its export on the agent and its long-running container."""
-
-    def __init__(self, runc: Runc, rootfs: Path, workdir: Path, kernel_id: str,
-                 export: ExportResponse) -> None:
-        self.runc, self.id, self.export = runc, kernel_id, export
-        self.scratch = prepare_scratch(workdir / f"scratch-{kernel_id}", 1000, 1000)
-        spec = KernelSpec.from_export(export, ["sleep", "3600"], scratch_dir=self.scratch)
-        self.bundle = write_bundle(spec, rootfs, workdir / f"bundle-{kernel_id}")
-        runc.start(self.bundle, kernel_id)
-
-    def sh(self, script: str) -> RunResult:
-        return self.runc.exec(self.id, ["sh", "-c", script])
-
-    def running(self) -> bool:
-        return self.runc.state(self.id)["status"] == "running"
-
-    def stop(self) -> None:
-        self.runc.delete(self.id)
+def _start(runc: Runc, rootfs: Path, workdir: Path, export: ExportResponse
+           ) -> KernelContainer:
+    return KernelContainer(rootfs, export, ["sleep", "3600"], runc=runc,
+                           bundle_dir=workdir / f"bundle-{export.kernel_id}",
+                           scratch_dir=workdir / f"scratch-{export.kernel_id}")
 
 
 async def _export(agent: AgentHarness, kernel_id: str, body: dict) -> ExportResponse:
@@ -96,7 +81,8 @@ async def test_two_kernels_share_a_vfolder_and_survive_an_agent_crash(
     body2 = {"uid": 1000, "gid": 1000, "vfolders": [_vfolder("data", "shared", "ro")]}
 
     # kernel 1: writes into its rw vfolder, reads the blob dataset
-    k1 = Kernel(runc, busybox_rootfs, tmp_path, id1, await _export(agent, id1, body1))
+    export1 = await _export(agent, id1, body1)
+    k1 = _start(runc, busybox_rootfs, tmp_path, export1)
     r = k1.sh("id -u && mkdir -p /home/work/data/sub && echo from-k1 > /home/work/data/x "
               "&& stat -c %u /home/work/data/x && wc -c < /home/work/ds/train/a.bin "
               "&& cat /home/work/ds/readme && echo scratch > /home/work/notes")
@@ -108,7 +94,7 @@ async def test_two_kernels_share_a_vfolder_and_survive_an_agent_crash(
     assert ds.exit_code != 0 and EROFS in ds.stderr
 
     # kernel 2: the same vfolder shared read-only
-    k2 = Kernel(runc, busybox_rootfs, tmp_path, id2, await _export(agent, id2, body2))
+    k2 = _start(runc, busybox_rootfs, tmp_path, await _export(agent, id2, body2))
     r = k2.sh("cat /home/work/data/x")
     assert (r.exit_code, r.stdout) == (0, "from-k1\n"), r.stderr
     for attempt in ("echo no > /home/work/data/y", "echo no >> /home/work/data/x",
@@ -128,13 +114,13 @@ async def test_two_kernels_share_a_vfolder_and_survive_an_agent_crash(
     assert (r.exit_code, r.stdout) == (0, "hello dataset\n"), r.stderr
     r = k2.sh("cat /home/work/data/x")
     assert (r.exit_code, r.stdout) == (0, "while-agent-dead\n"), r.stderr
-    assert k1.running() and k2.running()
+    assert k1.status() == k2.status() == "running"
 
     # the restarted agent has the same exports; the same request is idempotent
     agent.start("--unmount-on-exit")
     assert await _exports(agent) == before
     assert await _refcounts(agent) == refs
-    assert (await _export(agent, id1, body1)).model_dump() == k1.export.model_dump()
+    assert (await _export(agent, id1, body1)).model_dump() == export1.model_dump()
     assert await _refcounts(agent) == refs
     r = k1.sh("echo after-restart > /home/work/data/x")
     assert r.exit_code == 0, r.stderr
@@ -149,6 +135,7 @@ async def test_two_kernels_share_a_vfolder_and_survive_an_agent_crash(
 
     # destroying kernel 2 unmounts the requested volume
     k2.stop()
+    assert k2.status() == "absent"
     await _unexport(agent, id2)
     assert await _exports(agent) == {}
     assert "vol1" not in agent.volume_mounts()

@@ -5,8 +5,15 @@
 a minimal busybox root filesystem for tests and demos.
 """
 
-from azfs.containers.runc import ContainerError, Runc, RunResult, run_kernel, write_bundle
+from azfs.containers.runc import (
+    ContainerError,
+    KernelContainer,
+    Runc,
+    RunResult,
+    run_kernel,
+    write_bundle,
+)
 from azfs.containers.spec import BindMount, KernelSpec
 
-__all__ = ["BindMount", "ContainerError", "KernelSpec", "RunResult", "Runc", "run_kernel",
-           "write_bundle"]
+__all__ = ["BindMount", "ContainerError", "KernelContainer", "KernelSpec", "RunResult", "Runc",
+           "run_kernel", "write_bundle"]

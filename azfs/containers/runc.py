@@ -205,15 +205,20 @@ class Runc:
                                   stdin=None if stdin is not None else subprocess.DEVNULL,
                                   timeout=timeout, check=False)
         except subprocess.TimeoutExpired:
+            self.delete(container_id)
             raise ContainerError(
                 f"container {container_id} did not finish within {timeout}s") from None
-        finally:
+        except BaseException:
             self.delete(container_id)
+            raise
         stdout = done.stdout.decode(errors="replace")
         stderr = done.stderr.decode(errors="replace")
         if _log_errors(log):
-            raise ContainerError(
-                f"runc could not run {container_id}: {_runc_message(log, stderr)}")
+            message = _runc_message(log, stderr)
+            if "already exists" not in message:  # never remove a container we did not make
+                self.delete(container_id)
+            raise ContainerError(f"runc could not run {container_id}: {message}")
+        self.delete(container_id)
         return RunResult(done.returncode, stdout, stderr)
 
     # --- long-running ---------------------------------------------------------------
@@ -303,6 +308,54 @@ def prepare_scratch(scratch_dir: str | Path, uid: int, gid: int) -> Path:
     elif not scratch.is_dir():
         raise InvalidArgument(f"scratch dir {scratch} is not a directory")
     return scratch
+
+
+class KernelContainer:
+    """A long-running kernel container made from an export; ``stop()`` removes it.
+
+    Usable as a context manager, which always stops the container.
+    """
+
+    def __init__(self, rootfs: str | Path, export: ExportResponse, args: Sequence[str], *,
+                 bundle_dir: str | Path, scratch_dir: str | Path, uid: int = 1000,
+                 gid: int = 1000, env: Mapping[str, str] | None = None,
+                 network: Network = "none", readonly_rootfs: bool = False,
+                 runc: Runc | None = None) -> None:
+        scratch = prepare_scratch(scratch_dir, uid, gid)
+        self.spec = KernelSpec.from_export(export, args, uid=uid, gid=gid,
+                                           scratch_dir=scratch, env=env, network=network,
+                                           readonly_rootfs=readonly_rootfs)
+        self.id = self.spec.kernel_id
+        self.scratch = scratch
+        self.runc = runc or Runc()
+        self.bundle = write_bundle(self.spec, rootfs, bundle_dir)
+        self.runc.start(self.bundle, self.id)
+
+    def exec(self, args: Sequence[str], timeout: float = 60.0) -> RunResult:
+        """Runs ``args`` in the kernel as its user, in /home/work."""
+        return self.runc.exec(self.id, args, uid=self.spec.uid, gid=self.spec.gid,
+                              cwd=self.spec.cwd, env=self.spec.env, timeout=timeout)
+
+    def sh(self, script: str, timeout: float = 60.0) -> RunResult:
+        return self.exec(["sh", "-c", script], timeout=timeout)
+
+    def status(self) -> str:
+        """runc's status: ``running``, ``stopped``, ... or ``absent``."""
+        try:
+            return str(self.runc.state(self.id)["status"])
+        except ContainerError as exc:
+            if "does not exist" in str(exc):
+                return "absent"
+            raise
+
+    def stop(self) -> None:
+        self.runc.delete(self.id)
+
+    def __enter__(self) -> KernelContainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def run_kernel(rootfs: str | Path, export: ExportResponse, args: Sequence[str], *,

@@ -21,7 +21,7 @@ import pytest
 
 from azfs.backends.posix import PosixBackend
 from azfs.errors import InvalidArgument
-from tests.support.fuse import errno_of
+from tests.support.fuse import as_user, errno_of
 
 
 @pytest.fixture
@@ -234,3 +234,45 @@ def test_reserved_meta_dir_is_invisible_and_untouchable(mounted):
     # the name is only reserved at the root
     (m.mnt / "d" / ".azfs-meta").mkdir()
     assert os.listdir(m.mnt / "d") == [".azfs-meta"]
+
+
+def test_new_symlink_given_to_the_caller_leaves_its_target_alone(mounted, layout):
+    """The daemon chowns a new symlink to its creator: the link itself, never its target."""
+    m = mounted(source=layout["src"], mnt=layout["mnt"])
+    victim = layout["outside"] / "victim"
+    (layout["src"] / "root-file").write_text("root's")
+    shared = m.mnt / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+
+    def work() -> None:
+        os.symlink(str(victim), "abs")
+        os.symlink("../root-file", "rel")
+
+    as_user(1000, 1000, work, cwd=shared)
+    for name in ("abs", "rel"):
+        st = os.lstat(layout["src"] / "shared" / name)
+        assert (st.st_uid, st.st_gid) == (1000, 1000)
+    for target in (victim, layout["src"] / "root-file"):
+        st = os.stat(target)
+        assert (st.st_uid, st.st_gid) == (0, 0)
+
+
+def test_hard_link_of_a_symlink_links_the_symlink(mounted, layout):
+    m = mounted(source=layout["src"], mnt=layout["mnt"])
+    victim = layout["outside"] / "victim"
+    os.symlink(str(victim), layout["src"] / "abs")
+    os.link(m.mnt / "abs", m.mnt / "hard", follow_symlinks=False)
+    assert stat.S_ISLNK(os.lstat(layout["src"] / "hard").st_mode)
+    assert os.readlink(layout["src"] / "hard") == str(victim)
+    assert os.stat(victim).st_nlink == 1
+
+
+def test_xattrs_of_a_symlink_are_its_own(mounted, layout):
+    m = mounted(source=layout["src"], mnt=layout["mnt"])
+    victim = layout["outside"] / "victim"
+    os.setxattr(victim, "user.secret", b"outside")
+    os.symlink(str(victim), layout["src"] / "abs")
+    got = errno_of(lambda: os.getxattr(m.mnt / "abs", "user.secret", follow_symlinks=False))
+    assert got == errno.ENODATA
+    assert os.listxattr(m.mnt / "abs", follow_symlinks=False) == []

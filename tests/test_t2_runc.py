@@ -313,6 +313,7 @@ def test_kernel_container_from_an_export(runc: Runc, busybox_rootfs: Path,
                          bundle_dir=tmp_path / "bundle", scratch_dir=tmp_path / "home",
                          env={"GREETING": "hi"}) as kernel:
         assert kernel.status() == "running"
+        assert (tmp_path / "bundle" / "config.json").stat().st_mode & 0o777 == 0o600
         r = kernel.sh("echo $GREETING; pwd; cat data/f; id -u")
         assert r.stdout.split() == ["hi", "/home/work", "F", "1000"], r.stderr
     assert kernel.status() == "absent"

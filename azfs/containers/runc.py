@@ -137,7 +137,10 @@ def write_bundle(spec: KernelSpec, rootfs: str | Path, bundle: str | Path) -> Pa
     config = oci_config(spec, rootfs)
     bundle.mkdir(parents=True, exist_ok=True)
     tmp = bundle / "config.json.tmp"
-    tmp.write_text(json.dumps(config, indent=2))
+    tmp.unlink(missing_ok=True)
+    # the process environment may hold credentials: readable by root only
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        json.dump(config, f, indent=2)
     tmp.replace(bundle / "config.json")
     return bundle
 

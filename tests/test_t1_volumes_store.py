@@ -236,6 +236,18 @@ def test_etcd_hand_written_garbage_is_reported_with_its_key(etcd_server: EtcdSer
     assert "etcd key /azfs/volumes/bad: not JSON" in info.value.errors
     assert any(e.startswith("etcd key /azfs/volumes/worse.mount.at: must be")
                for e in info.value.errors)
+    with EtcdVolumeStore(etcd_server.endpoint) as store:
+        with pytest.raises(VolumeConfigError):  # a merge needs the current config
+            store.import_volumes([bind("ok")])
+        store.replace_all([cifs("worse"), bind("ok")])  # a full replace repairs the store
+        assert store.list() == [bind("ok"), cifs("worse")]
+    client = raw_etcd(etcd_server)
+    try:
+        keys = sorted(m.key.decode() for _v, m in client.get_prefix("/azfs/"))
+    finally:
+        client.close()
+    assert keys == ["/azfs/volumes-secrets/worse", "/azfs/volumes.generation",
+                    "/azfs/volumes/ok", "/azfs/volumes/worse"]
 
 
 def test_etcd_restart_under_the_client(etcd_server: EtcdServer,  # noqa: F811
@@ -457,7 +469,7 @@ def test_yaml_file_hand_written_in_the_concept_scheme(tmp_path: Path) -> None:
     assert store.get("a") == cifs("a")
 
 
-def test_yaml_broken_file_is_a_clear_error_and_import_leaves_it(tmp_path: Path) -> None:
+def test_yaml_broken_file_is_a_clear_error_until_replaced(tmp_path: Path) -> None:
     path = tmp_path / "volumes.yaml"
     path.write_text("volumes: [\n")
     store = YamlVolumeStore(path)
@@ -466,6 +478,8 @@ def test_yaml_broken_file_is_a_clear_error_and_import_leaves_it(tmp_path: Path) 
     with pytest.raises(VolumeConfigError, match="broken YAML"):
         store.import_volumes([bind("b")])
     assert path.read_text() == "volumes: [\n"
+    store.replace_all([bind("b")])  # a full replace repairs the file
+    assert store.list() == [bind("b")]
 
 
 def test_yaml_broken_secrets_file(tmp_path: Path) -> None:

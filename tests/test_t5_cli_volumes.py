@@ -178,6 +178,16 @@ def test_bad_import_is_clear_and_writes_nothing(azfs: Run, config: Path, tmp_pat
     assert ok(azfs("export", "--show-secrets")) == before
 
 
+def test_replace_repairs_a_damaged_store(tmp_path: Path, config: Path) -> None:
+    store = tmp_path / "store.yaml"
+    store.write_text("volumes:\n- name: x\n  mount: {at: sometimes}\n")
+    error = failed(run_azfs("volumes", "import", "--config-file", str(store), str(config)))
+    assert "volumes[0].mount.at" in error and "import --replace overwrites" in error
+    result = run_azfs("volumes", "import", "--replace", "--config-file", str(store), str(config))
+    assert result.returncode == 0 and "replacing an invalid config" in result.stderr
+    assert len(load_yaml_text(ok(run_azfs("volumes", "export", "--config-file", str(store))))) == 2
+
+
 def test_missing_import_file(azfs: Run, tmp_path: Path) -> None:
     assert "cannot read" in failed(azfs("import", str(tmp_path / "nope.yaml")))
 

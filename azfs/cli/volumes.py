@@ -21,6 +21,7 @@ import yaml
 from azfs.errors import UserError
 from azfs.volumes.model import (
     Volume,
+    VolumeConfigError,
     dump_volume,
     dump_yaml,
     load_yaml_file,
@@ -91,7 +92,13 @@ def cmd_import(args: argparse.Namespace) -> int:
     else:
         volumes = load_yaml_file(args.file)
     with _store(args) as store:
-        current = {v.name: v for v in store.list()}
+        try:
+            current = {v.name: v for v in store.list()}
+        except VolumeConfigError as exc:
+            if not args.replace:
+                raise UserError(f"{exc} (import --replace overwrites the whole config)") from None
+            print(f"azfs: warning: replacing an invalid config: {exc}", file=sys.stderr)
+            current = {}
         new = {v.name: v for v in volumes}
         added = sorted(n for n in new if n not in current)
         changed = sorted(n for n in new if n in current and current[n] != new[n])

@@ -3,7 +3,7 @@
 Layout (``prefix`` defaults to ``/azfs/volumes/``)::
 
     /azfs/volumes/<name>          JSON {"name", "mount": {at, fstype, path, options}}
-    /azfs/volume-secrets/<name>   the password (only for volumes that have one)
+    /azfs/volumes-secrets/<name>  the password (only for volumes that have one)
     /azfs/volumes.generation      bumped by every write (optimistic concurrency)
 
 Every write is one etcd transaction guarded by the generation key's
@@ -28,7 +28,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import etcd3
 import etcd3.etcdrpc as etcdrpc
@@ -241,9 +241,13 @@ class EtcdVolumeStore(VolumeStore):
 
     # -- reading ---------------------------------------------------------------------
 
-    def _snapshot(self, client: etcd3.Etcd3Client
-                  ) -> tuple[list[Volume], dict[str, bytes], int, int]:
-        """(volumes, raw config values by name, generation mod revision, revision)."""
+    def _snapshot(self, client: etcd3.Etcd3Client, strict: bool = True) -> _Snapshot:
+        """The volumes at one revision.
+
+        ``strict=False`` skips entries that do not parse (listing them in
+        ``invalid``) instead of failing, so that a full replace can repair a
+        hand-damaged store.
+        """
         config = self._range(client, self.prefix, prefix=True)
         revision = config.header.revision
         secrets = self._range(client, self.secrets_prefix, prefix=True, revision=revision)
@@ -254,27 +258,39 @@ class EtcdVolumeStore(VolumeStore):
         volumes: list[Volume] = []
         raw: dict[str, bytes] = {}
         errors: list[str] = []
+        invalid: list[str] = []
         for kv in config.kvs:
             key = kv.key.decode(errors="replace")
             name = key[len(self.prefix):]
             try:
-                validate_name(name, f"etcd key {key}")
-                entry = json.loads(kv.value)
-                volume = parse_volume(entry, f"etcd key {key}")
-                if volume.name != name:
-                    raise VolumeConfigError(f"etcd key {key}: holds volume {volume.name!r}")
-                if name in passwords:
-                    volume = volume.with_password(passwords[name].decode())
-            except (VolumeConfigError, ValueError) as exc:
-                errors.extend(exc.errors if isinstance(exc, VolumeConfigError)
-                              else [f"etcd key {key}: not JSON"])
+                volume = self._decode(key, name, kv.value, passwords.get(name))
+            except VolumeConfigError as exc:
+                errors.extend(exc.errors)
+                invalid.append(name)
                 continue
             raw[name] = kv.value
             volumes.append(volume)
-        if errors:
+        if errors and strict:
             raise VolumeConfigError(errors)
         volumes.sort(key=lambda v: v.name)
-        return volumes, raw, generation_rev, revision
+        return _Snapshot(volumes, raw, generation_rev, revision, invalid)
+
+    def _decode(self, key: str, name: str, value: bytes, password: bytes | None) -> Volume:
+        validate_name(name, f"etcd key {key}")
+        try:
+            entry = json.loads(value)
+        except ValueError:
+            raise VolumeConfigError(f"etcd key {key}: not JSON") from None
+        volume = parse_volume(entry, f"etcd key {key}")
+        if volume.name != name:
+            raise VolumeConfigError(f"etcd key {key}: holds volume {volume.name!r}")
+        if password is not None:
+            try:
+                volume = volume.with_password(password.decode())
+            except UnicodeDecodeError:
+                raise VolumeConfigError(f"etcd key {self.secrets_prefix}{name}: "
+                                        "not UTF-8") from None
+        return volume
 
     def _range(self, client: etcd3.Etcd3Client, key: str, prefix: bool = False,
                revision: int = 0) -> etcdrpc.RangeResponse:
@@ -286,7 +302,7 @@ class EtcdVolumeStore(VolumeStore):
 
     def list(self) -> list[Volume]:
         try:
-            volumes = self._call("read volumes", lambda client: self._snapshot(client)[0])
+            volumes = self._call("read volumes", lambda client: self._snapshot(client).volumes)
         except BackendUnavailable as exc:
             if self.cache_file is None or not self.cache_file.exists():
                 raise
@@ -310,28 +326,27 @@ class EtcdVolumeStore(VolumeStore):
 
     def replace_all(self, volumes: Iterable[Volume]) -> None:
         volumes = check_unique(volumes)
-        self._update(lambda _current: volumes)
+        self._update(lambda _current: volumes, strict=False)
 
-    def _update(self, change: Callable[[list[Volume]], list[Volume]]) -> None:
+    def _update(self, change: Callable[[list[Volume]], list[Volume]],
+                strict: bool = True) -> None:
         with self._lock:
             for _attempt in range(_WRITE_ATTEMPTS):
-                current, raw, generation_rev, revision = self._call(
-                    "read volumes", self._snapshot)
-                new = check_unique(change(current))
-                ok = self._call("write volumes", functools.partial(
-                    self._write, current=current, raw=raw, new=new,
-                    generation_rev=generation_rev, revision=revision))
+                snapshot = self._call("read volumes",
+                                      functools.partial(self._snapshot, strict=strict))
+                new = check_unique(change(snapshot.volumes))
+                ok = self._call("write volumes",
+                                functools.partial(self._write, snapshot=snapshot, new=new))
                 if ok:
                     log.info("wrote %d volume(s) to %s", len(new), self.description)
                     return
             raise BackendUnavailable(f"{self.description}: gave up after {_WRITE_ATTEMPTS} "
                                      "attempts: other writers kept changing the volumes")
 
-    def _write(self, client: etcd3.Etcd3Client, *, current: list[Volume],
-               raw: dict[str, bytes], new: list[Volume], generation_rev: int,
-               revision: int) -> bool:
+    def _write(self, client: etcd3.Etcd3Client, *, snapshot: _Snapshot,
+               new: list[Volume]) -> bool:
         tx = client.transactions
-        old = {v.name: v for v in current}
+        old = {v.name: v for v in snapshot.volumes}
         ops: list[object] = []
         for volume in new:
             value = _encode(volume)
@@ -339,8 +354,9 @@ class EtcdVolumeStore(VolumeStore):
             secret_key = self.secrets_prefix + volume.name
             before = old.get(volume.name)
             old_password = before.mount.password if before else None
-            secret_changed = old_password != volume.mount.password
-            if raw.get(volume.name) != value or secret_changed:
+            secret_changed = (old_password != volume.mount.password
+                              or volume.name in snapshot.invalid)
+            if snapshot.raw.get(volume.name) != value or secret_changed:
                 ops.append(tx.put(key, value))
             if secret_changed:
                 if volume.mount.password is None:
@@ -348,15 +364,15 @@ class EtcdVolumeStore(VolumeStore):
                 else:
                     ops.append(tx.put(secret_key, volume.mount.password.reveal()))
         names = {v.name for v in new}
-        for name in old:
+        for name in [*old, *snapshot.invalid]:
             if name not in names:
                 ops.append(tx.delete(self.prefix + name))
                 ops.append(tx.delete(self.secrets_prefix + name))
         if not ops:
             return True
-        ops.append(tx.put(self.generation_key, str(revision)))
-        guard = (tx.mod(self.generation_key) == generation_rev if generation_rev
-                 else tx.version(self.generation_key) == 0)
+        ops.append(tx.put(self.generation_key, str(snapshot.revision)))
+        guard = (tx.mod(self.generation_key) == snapshot.generation_rev
+                 if snapshot.generation_rev else tx.version(self.generation_key) == 0)
         succeeded, _ = client.transaction(compare=[guard], success=ops, failure=[])
         return bool(succeeded)
 
@@ -380,6 +396,14 @@ class EtcdVolumeStore(VolumeStore):
             for client in self._clients.values():
                 client.close()
             self._clients.clear()
+
+
+class _Snapshot(NamedTuple):
+    volumes: list[Volume]
+    raw: dict[str, bytes]  # config values by name, to write only what changed
+    generation_rev: int  # mod revision of the generation key (0: absent)
+    revision: int
+    invalid: list[str]  # names whose entries do not parse (strict=False only)
 
 
 def _fmt(endpoint: tuple[str, int]) -> str:
@@ -429,14 +453,15 @@ class _EtcdWatch(Watch):
             client: etcd3.Etcd3Client | None = None
             try:
                 client = self.store._connect(index)
-                volumes, _raw, _gen, revision = self.store._snapshot(client)
+                snapshot = self.store._snapshot(client)
+                volumes, revision = snapshot.volumes, snapshot.revision
                 if failing:
                     log.warning("volume watch on %s recovered", self.store.description)
                     failing = False
                 backoff = 0.1
                 self._deliver(volumes)
                 for _ in self._events(client, revision + 1):
-                    volumes, *_ = self.store._snapshot(client)
+                    volumes = self.store._snapshot(client).volumes
                     self._deliver(volumes)
             except (grpc.RpcError, Etcd3Exception, UserError) as exc:
                 if self._stop.is_set():

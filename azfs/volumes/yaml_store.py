@@ -84,12 +84,14 @@ class YamlVolumeStore(VolumeStore):
     # -- writing -----------------------------------------------------------------
 
     def replace_all(self, volumes) -> None:
+        """Writes ``volumes`` whatever the file held (even if it no longer parses)."""
         volumes = check_unique(volumes)
-        self._update(lambda _current: volumes)
+        self._update(lambda _current: volumes, read=False)
 
-    def _update(self, change: Callable[[list[Volume]], list[Volume]]) -> None:
+    def _update(self, change: Callable[[list[Volume]], list[Volume]],
+                read: bool = True) -> None:
         with self._locked():
-            new = check_unique(change(self._read()))
+            new = check_unique(change(self._read() if read else []))
             new.sort(key=lambda v: v.name)
             secrets = {v.name: v.mount.password.reveal() for v in new if v.mount.password}
             document = dump_volumes(new, show_secrets=False)

@@ -212,13 +212,18 @@ def test_start_exec_kill_delete_leave_nothing(runc: Runc, busybox_rootfs: Path,
     write_bundle(spec, busybox_rootfs, bundle)
     with runc.running(bundle, cid):
         assert runc.state(cid)["status"] == "running"
-        written = runc.exec(cid, ["sh", "-c", "echo e > data/e; id -u"])
-        assert (written.exit_code, written.stdout) == (0, "1000\n"), written.stderr
+        written = runc.exec(cid, ["sh", "-c", "echo e > data/e; id -u; echo $TOKEN"],
+                            env={"TOKEN": "t0ken", "PATH": "/bin"})
+        assert (written.exit_code, written.stdout) == (0, "1000\nt0ken\n"), written.stderr
         assert (data / "e").read_text() == "e\n"
         failed = runc.exec(cid, ["sh", "-c", "exit 4"])
         assert failed.exit_code == 4
         with pytest.raises(ContainerError, match="exec"):
             runc.exec(cid, ["/no/such/program"])
+        with pytest.raises(ContainerError, match="exec"):
+            runc.exec(cid, ["cat"], env={"PATH": "/nowhere"})  # the caller's PATH wins
+        with pytest.raises(InvalidArgument, match="environment"):
+            runc.exec(cid, ["true"], env={"A=B": "1"})
         with pytest.raises(ContainerError, match="already exists"):
             runc.start(bundle, cid)
         assert runc.state(cid)["status"] == "running"

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from azfs.containers.spec import KernelSpec, Network, check_sources
+from azfs.containers.spec import DEFAULT_PATH, KernelSpec, Network, check_sources
 from azfs.errors import AzfsError, InvalidArgument
 from azfs.export import CONTAINER_HOME, ExportResponse
 
@@ -88,6 +88,23 @@ def _system_mounts(readonly_rootfs: bool) -> list[dict[str, Any]]:
          if readonly_rootfs else [])
 
 
+def _process(uid: int, gid: int, args: list[str], env: list[str], cwd: str
+             ) -> dict[str, Any]:
+    """An OCI ``process``: no terminal, few capabilities, no privilege gain."""
+    caps = list(CAPABILITIES)
+    return {
+        "terminal": False,
+        "user": {"uid": uid, "gid": gid},
+        "args": args,
+        "env": env,
+        "cwd": cwd,
+        "capabilities": {"bounding": caps, "effective": caps, "permitted": caps,
+                         "ambient": caps if uid == 0 else []},
+        "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
+        "noNewPrivileges": True,
+    }
+
+
 def oci_config(spec: KernelSpec, rootfs: str | Path) -> dict[str, Any]:
     """The OCI runtime ``config.json`` for ``spec`` on ``rootfs`` (absolute path)."""
     rootfs = Path(rootfs)
@@ -102,20 +119,9 @@ def oci_config(spec: KernelSpec, rootfs: str | Path) -> dict[str, Any]:
     namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
     if spec.network == "none":
         namespaces.append({"type": "network"})
-    caps = list(CAPABILITIES)
     return {
         "ociVersion": OCI_VERSION,
-        "process": {
-            "terminal": False,
-            "user": {"uid": spec.uid, "gid": spec.gid},
-            "args": list(spec.args),
-            "env": spec.environment(),
-            "cwd": spec.cwd,
-            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps,
-                             "ambient": caps if spec.uid == 0 else []},
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
-            "noNewPrivileges": True,
-        },
+        "process": _process(spec.uid, spec.gid, list(spec.args), spec.environment(), spec.cwd),
         "root": {"path": str(rootfs), "readonly": spec.readonly_rootfs},
         "hostname": spec.kernel_id[:63],
         "mounts": mounts,
@@ -253,12 +259,18 @@ class Runc:
         """Runs one more process in a running container and returns its result."""
         if not args:
             raise InvalidArgument("args must not be empty")
+        merged = {"PATH": DEFAULT_PATH, "HOME": CONTAINER_HOME, **(env or {})}
+        if any(not k or "=" in k or "\0" in k + v for k, v in merged.items()):
+            raise InvalidArgument("bad environment variable name or value")
+        env_list = [f"{k}={v}" for k, v in merged.items()]
         with tempfile.TemporaryDirectory(prefix="azfs-exec-") as tmp:
             log = Path(tmp) / RUNC_LOG
-            cmd = self._base(log) + ["exec", "--user", f"{uid}:{gid}", "--cwd", cwd]
-            for key, value in (env or {}).items():
-                cmd += ["--env", f"{key}={value}"]
-            cmd += [container_id, *args]
+            # a process file, not --env flags: values never show in the process list
+            process = Path(tmp) / "process.json"
+            with os.fdopen(os.open(process, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
+                           "w") as f:
+                json.dump(_process(uid, gid, list(args), env_list, cwd), f)
+            cmd = self._base(log) + ["exec", "--process", str(process), container_id]
             try:
                 done = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL,
                                       timeout=timeout, check=False)

@@ -14,6 +14,8 @@ import errno
 import os
 from pathlib import Path
 
+from azfs.usage import META_DIR
+
 _FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC
 
 
@@ -29,6 +31,9 @@ def split_relative(rel: str) -> list[str]:
     parts = [p for p in rel.split("/") if p]
     if not parts or rel.startswith("/") or "\0" in rel or any(p in (".", "..") for p in parts):
         raise PathOutsideVolume(f"{rel!r} is not a relative path inside the volume")
+    if META_DIR in parts:
+        # a vfolder's usage ledger is the filesystem's, never a kernel's to edit
+        raise PathOutsideVolume(f"{rel!r} names the reserved directory {META_DIR}")
     return parts
 
 

@@ -123,6 +123,9 @@ def _bad_requests(agent: AgentHarness) -> list[tuple[str, str, object, int, str]
          "path-outside-volume"),
         ("symlink inside the volume", "k2",
          body(ok, posix("x", volume="vol2", path="inner-link")), 400, "path-outside-volume"),
+        ("another vfolder's ledger", "k2",
+         body(ok, posix("x", volume="vol2", path="vf-ok/.azfs-meta")), 400,
+         "path-outside-volume"),
         ("missing vfolder dir", "k2", body(ok, posix("x", volume="vol2", path="absent")),
          404, "vfolder-not-found"),
         ("a file, not a dir", "k2", body(ok, posix("x", volume="vol2", path="vf-ok/file")),
@@ -219,6 +222,46 @@ async def test_blob_dataset_export(agent: AgentHarness, azurite) -> None:
     assert not (agent.mountpoint / "kernels" / "kb").exists()
     journal = (agent.state_dir / "journal.json")
     assert stat.S_IMODE(journal.stat().st_mode) == 0o600
+
+
+async def test_blob_dataset_with_a_sas_url(agent: AgentHarness, azurite) -> None:
+    """The agent fetches the dataset's SAS from ``sas_url`` (as the manager serves it)."""
+    import http.server
+    import threading
+
+    azurite.upload("dsu", {"f.txt": b"via sas_url"})
+    sas = azurite.container_sas("dsu")
+    fetched: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            fetched.append(self.path)
+            payload = json.dumps({"sas": sas}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        sas_url = f"http://127.0.0.1:{server.server_port}/sas/dsu"
+        async with agent.client() as http:
+            r = await http.put("/v1/kernels/ku", json=body(
+                {"alias": "ds", "kind": "blob", "mode": "ro",
+                 "dataset": {"url": azurite.container_url("dsu"), "sas_url": sas_url}}))
+            assert r.status_code == 200, r.text
+            assert (agent.fuse_path("ku", "ds") / "f.txt").read_bytes() == b"via sas_url"
+            assert fetched == ["/sas/dsu"]
+            assert (await http.delete("/v1/kernels/ku")).status_code == 204
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 async def test_ro_view_is_erofs_while_rw_view_writes(agent: AgentHarness) -> None:

@@ -197,3 +197,4 @@ def agent(tmp_path: Path) -> Iterator[AgentHarness]:
         yield harness
     finally:
         harness.cleanup()
+    assert harness.mounts() == [], "mounts left behind after teardown"

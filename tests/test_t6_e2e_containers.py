@@ -90,8 +90,9 @@ async def test_two_kernels_share_a_vfolder_and_survive_an_agent_crash(
     assert r.stdout.split() == ["1000", "1000", "5000", "hello", "dataset"]
     assert (shared / "x").read_text() == "from-k1\n"
     assert (k1.scratch / "notes").read_text() == "scratch\n"
-    ds = k1.sh("echo no > /home/work/ds/new")
-    assert ds.exit_code != 0 and EROFS in ds.stderr
+    for read_only in ("/home/work/ds", "/home/work/datasets"):  # dataset, startup volume
+        r = k1.sh(f"ls {read_only} >/dev/null && echo no > {read_only}/new")
+        assert r.exit_code != 0 and EROFS in r.stderr, (read_only, r.stderr)
 
     # kernel 2: the same vfolder shared read-only
     k2 = _start(runc, busybox_rootfs, tmp_path, await _export(agent, id2, body2))

@@ -320,6 +320,15 @@ def create_app(manager: Manager) -> FastAPI:
         await m.kernels.destroy(who, kernel_id)
         return Response(status_code=204)
 
+    @app.get("/v1/kernels/{kernel_id}/datasets/{alias}/sas", tags=["kernels"],
+             summary="SAS renewal for the agent serving a kernel's dataset",
+             description="Authenticated by the key in the URL the agent was given "
+                         "(no bearer token); answers a fresh read-only SAS.")
+    async def renew_kernel_sas(kernel_id: KernelId, alias: Ref,
+                               key: Annotated[str, Query(min_length=1, max_length=128,
+                                                         pattern=r"^[A-Za-z0-9_-]+$")]) -> dict:
+        return await m.kernels.renew_sas(kernel_id, alias, key)
+
     # -- agents and volumes (admin) ----------------------------------------------
 
     @app.put("/v1/agents/{name}", tags=["agents"])

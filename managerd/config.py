@@ -66,10 +66,22 @@ class ManagerConfig:
     default_quota_bytes: int = 0
     default_quota_files: int = 0
     log_level: str = "INFO"
+    #: how agents reach this manager (for SAS renewal URLs); default from ``listen``.
+    public_url: str | None = None
 
     @property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{self.state_dir / 'managerd.db'}"
+
+    @property
+    def agent_url(self) -> str | None:
+        """Base URL the agents use to call back (None: no callbacks, e.g. on 0.0.0.0)."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        if self.listen_host in ("0.0.0.0", "::", ""):
+            return None
+        host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
+        return f"http://{host}:{self.listen_port}"
 
     @property
     def mount_dir(self) -> Path:

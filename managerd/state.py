@@ -32,7 +32,7 @@ class Manager:
         self.datasets = DatasetService(self.db, config.account_keys, config.sas_ttl,
                                        config.sas_max_ttl)
         self.kernels = KernelService(self.db, self.agents, self.datasets,
-                                     config.agent_timeout)
+                                     config.agent_timeout, config.agent_url)
 
     def migrate(self) -> None:
         """Brings the schema up to date (blocking; before serving)."""

@@ -136,6 +136,7 @@ async def running_manager(tmp: Path, database_url: str, backend: str,
             agent_stop, _ = await _serve(nursery, agent.app(), f"unix:{agent.socket}")
             app_stop, binds = await _serve(nursery, create_app(manager), "127.0.0.1:0")
             port = int(binds[0].rsplit(":", 1)[1])
+            manager.kernels.public_url = f"http://127.0.0.1:{port}"
             tokens = {}
             for name, admin in [("admin", True), ("olive", False), ("rhea", False),
                                 ("walt", False), ("stan", False), ("extra", False)]:

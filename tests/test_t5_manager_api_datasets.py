@@ -136,3 +136,36 @@ async def test_kernel_with_dataset_gets_a_working_sas(srv) -> None:
         r = await c.post("/v1/kernels", json={"kernel_id": "ks", "agent": "node1",
                                               "datasets": [{"dataset": "imagenet"}]})
         assert r.status_code == 404
+
+
+async def test_agent_renews_the_sas_with_its_kernel_key(srv) -> None:
+    """The renewal URL works without a token, only with its key, only while allowed."""
+    server, store = srv
+    async with server.client("olive") as c:
+        r = await c.post("/v1/kernels", json={"kernel_id": "kr", "agent": "node1",
+                                              "datasets": [{"dataset": "imagenet"}]})
+        assert r.status_code == 201, r.text
+    (item,) = ExportRequest.model_validate(server.agent.requests[-1][2]).vfolders
+    renew_url = item.dataset.sas_url
+    assert renew_url.startswith(f"{server.url}/v1/kernels/kr/datasets/imagenet/sas?key=")
+    async with httpx.AsyncClient() as http:
+        r = await http.get(renew_url)
+        assert r.status_code == 200, r.text
+        fresh = r.json()["sas"]
+        assert "sp=rl" in fresh and datetime.fromisoformat(r.json()["expires_at"]) > \
+            datetime.now(UTC)
+        r = await http.get(f"{store.blob_endpoint}/dsets/imagenet/a.txt?{fresh}")
+        assert r.status_code == 200 and r.content == b"alpha"
+        r = await http.get(renew_url[:-4] + "AAAA")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "kernel-not-found"
+        async with server.client("admin") as admin:
+            assert (await admin.delete("/v1/datasets/imagenet/users/olive")).status_code == 200
+        r = await http.get(renew_url)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "dataset-not-found"
+        async with server.client("admin") as admin:
+            assert (await admin.put("/v1/datasets/imagenet/users/olive")).status_code == 200
+        assert (await http.get(renew_url)).status_code == 200
+        async with server.client("olive") as c:
+            assert (await c.delete("/v1/kernels/kr")).status_code == 204
+        r = await http.get(renew_url)
+        assert r.status_code == 404

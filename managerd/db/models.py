@@ -171,6 +171,8 @@ class KernelMount(Base):
     alias: Mapped[str] = mapped_column(String(64))
     mode: Mapped[str] = mapped_column(String(4))
     target: Mapped[str] = mapped_column(String(1024))
+    #: datasets: SHA-256 of the key in the agent's SAS renewal URL.
+    renew_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class Agent(Base):

@@ -189,10 +189,15 @@ class DatasetService:
         return {"dataset": ds.name, "scope": issued.scope, "sas": issued.sas,
                 "url": issued.url, "expires_at": issued.expires_at.isoformat()}
 
-    def source(self, ds: Dataset) -> DatasetSource:
-        """The export form of a dataset, with a fresh container SAS for the agent."""
+    def source(self, ds: Dataset, sas_url: str | None = None) -> DatasetSource:
+        """The export form of a dataset: a fresh container SAS, and where to renew it."""
         issued = self._sign(ds, self.sas_max_ttl, None)
-        return DatasetSource(url=source_url(ds), sas=issued.sas)
+        return DatasetSource(url=source_url(ds), sas=issued.sas, sas_url=sas_url)
+
+    def renewal(self, ds: Dataset) -> dict[str, Any]:
+        """The answer to an agent's SAS renewal: a container SAS of the default lifetime."""
+        issued = self._sign(ds, None, None)
+        return {"sas": issued.sas, "expires_at": issued.expires_at.isoformat()}
 
     def _sign(self, ds: Dataset, ttl: int | None, blob: str | None) -> sas.IssuedSas:
         ttl = min(self.sas_ttl, self.sas_max_ttl) if ttl is None else ttl

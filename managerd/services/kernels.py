@@ -9,15 +9,23 @@ with the same request returns the same kernel.
 
 Destroy: the kernel is marked ``destroying`` and stays recorded (its
 vfolders stay in use) until the agent confirms the export is gone.
+
+Datasets: the agent gets a SAS and a renewal URL that carries a random key
+of that kernel mount (only its hash is stored); the URL stops working when
+the kernel is destroyed or its owner loses access to the dataset.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
+import secrets
 from typing import Any
+from urllib.parse import quote
 
+import trio
 from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import delete, exists, select, update
 from sqlalchemy.orm import Session
@@ -90,11 +98,14 @@ def kernel_dict(kernel: Kernel, owner: str, mounts: list[KernelMount]) -> dict[s
 
 class KernelService:
     def __init__(self, db: Database, agents: AgentDirectory,
-                 datasets: ds_service.DatasetService, agent_timeout: float = 30.0) -> None:
+                 datasets: ds_service.DatasetService, agent_timeout: float = 30.0,
+                 public_url: str | None = None) -> None:
         self.db = db
         self.agents = agents
         self.datasets = datasets
         self.agent_timeout = agent_timeout
+        #: base URL agents call back on (SAS renewal); None: agents get a SAS only.
+        self.public_url = public_url
 
     async def create(self, who: Principal, request: KernelRequest) -> tuple[dict, bool]:
         """Returns (kernel, created); ``created`` is False for a recognised retry."""
@@ -152,17 +163,20 @@ class KernelService:
                 if vf.id not in chosen and vf.alias not in {e.alias for e in exports}:
                     chosen.add(vf.id)
                     exports.append(_posix(vf, vf.alias, vf.permission, None))
-        datasets: dict[str, int] = {}
+        datasets: dict[str, tuple[int, str | None]] = {}
         for item in request.datasets:
             dataset = ds_service.readable(session, who, item.dataset)
             alias = item.alias or dataset.name
+            key = secrets.token_urlsafe(32)
+            sas_url = (f"{self.public_url}/v1/kernels/{request.kernel_id}/datasets/"
+                       f"{quote(alias, safe='')}/sas?key={key}") if self.public_url else None
             try:
                 exports.append(VfolderExport(alias=alias, kind="blob", mode="ro",
-                                             dataset=self.datasets.source(dataset),
+                                             dataset=self.datasets.source(dataset, sas_url),
                                              target=item.target))
             except ValidationError as exc:
                 raise InvalidArgument(_first_error(exc)) from None
-            datasets[alias] = dataset.id
+            datasets[alias] = (dataset.id, _digest(key) if sas_url else None)
         try:
             export = ExportRequest(uid=user.uid, gid=user.gid, vfolders=exports)
         except ValidationError as exc:
@@ -183,7 +197,8 @@ class KernelService:
                 kernel_id=request.kernel_id, alias=item.alias, mode=item.mode,
                 target=item.container_path,
                 vfolder_id=_uuid(item.vfolder_id) if item.kind == "posix" else None,
-                dataset_id=datasets.get(item.alias) if item.kind == "blob" else None))
+                dataset_id=datasets[item.alias][0] if item.kind == "blob" else None,
+                renew_hash=datasets[item.alias][1] if item.kind == "blob" else None))
         session.add_all(rows)
         return export
 
@@ -213,6 +228,28 @@ class KernelService:
 
         return await self.db.read(work)
 
+    async def renew_sas(self, kernel_id: str, alias: str, key: str) -> dict[str, Any]:
+        """A fresh SAS for the agent serving dataset ``alias`` of ``kernel_id``."""
+
+        def work(session: Session) -> Any:
+            row = session.execute(
+                select(KernelMount, Kernel).join(Kernel, Kernel.id == KernelMount.kernel_id)
+                .where(KernelMount.kernel_id == kernel_id, KernelMount.alias == alias,
+                       KernelMount.dataset_id.is_not(None))).first()
+            if row is None or row[0].renew_hash is None \
+                    or not hmac.compare_digest(row[0].renew_hash, _digest(key)) \
+                    or row[1].status not in ("creating", "running"):
+                raise KernelNotFound("no such kernel dataset, or a wrong renewal key")
+            owner = session.get(User, row[1].owner_id)
+            assert owner is not None
+            who = Principal(owner.id, owner.name, owner.is_admin, owner.uid, owner.gid)
+            dataset = session.get(ds_service.Dataset, row[0].dataset_id)
+            assert dataset is not None
+            return ds_service.readable(session, who, dataset.name)
+
+        dataset = await self.db.read(work)
+        return await trio.to_thread.run_sync(self.datasets.renewal, dataset)
+
     async def recover(self) -> None:
         """At start: a kernel left ``creating`` by a crash is undone if its agent agrees."""
         stale = await self.db.read(lambda s: [
@@ -226,6 +263,10 @@ class KernelService:
                             exc.message)
                 continue
             await self.db.run(_forget, kernel_id)
+
+
+def _digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def _uuid(value: str | None):

@@ -24,6 +24,8 @@ from managerd.errors import ApiError, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+#: how long a read of the volume config is reused (a create needs it every time).
+CONFIG_CACHE_SECONDS = 5.0
 
 
 class VolumeUnavailable(Unavailable):
@@ -39,6 +41,7 @@ class VolumePool:
         self._locks: dict[str, trio.Lock] = {}
         self.timeout = config.storage_timeout
         self._limiter: trio.CapacityLimiter | None = None
+        self._cache: tuple[float, list[Any]] | None = None
 
     @property
     def limiter(self) -> trio.CapacityLimiter:
@@ -61,6 +64,10 @@ class VolumePool:
     # -- config --------------------------------------------------------------
 
     async def _volumes(self) -> list[Any]:
+        """The ``requested`` volumes; the config is re-read at most every few seconds."""
+        now = trio.current_time()
+        if self._cache is not None and now - self._cache[0] < CONFIG_CACHE_SECONDS:
+            return self._cache[1]
         store = await self._get_store()
         try:
             volumes = await self.storage(store.list, what="reading the volume config")
@@ -68,7 +75,9 @@ class VolumePool:
             raise
         except Exception as exc:  # noqa: BLE001 - a broken store is an operator error
             raise VolumeUnavailable(f"cannot read the volume config: {exc}") from None
-        return [v for v in volumes if v.mount.at == "requested"]
+        requested = [v for v in volumes if v.mount.at == "requested"]
+        self._cache = (now, requested)
+        return requested
 
     async def requested(self) -> list[str]:
         return [v.name for v in await self._volumes()]

@@ -16,6 +16,8 @@ certificates required; see :attr:`EtcdServer.tls_files`), and
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import shutil
 import ssl
 import subprocess
@@ -143,21 +145,46 @@ class EtcdServer:
 
 
 def make_certificates(directory: Path) -> dict[str, str]:
-    """A CA, a server certificate for 127.0.0.1 and a client certificate (openssl)."""
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, in PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
     directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
 
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+    def write_key(name: str, key: ec.EllipticCurvePrivateKey) -> None:
+        (directory / f"{name}.key").write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
 
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
-            "-keyout", "ca.key", "-out", "ca.crt")
-    (directory / "san.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n"
-                                      "extendedKeyUsage=serverAuth,clientAuth\n")
+    def certificate(name: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name,
+                    signer: ec.EllipticCurvePrivateKey, ca: bool) -> x509.Certificate:
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+                   .issuer_name(issuer).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=2))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+                critical=False).add_extension(x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+                    critical=False)
+        cert = builder.sign(signer, hashes.SHA256())
+        (directory / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        write_key(name, key)
+        return cert
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test-ca")])
+    certificate("test-ca", ca_key, ca_name, ca_key, ca=True)
+    (directory / "test-ca.crt").rename(directory / "ca.crt")
     for name in ("server", "client"):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
-                "-keyout", f"{name}.key", "-out", f"{name}.csr")
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-                "-CAcreateserial", "-days", "2", "-extfile", "san.cnf", "-out", f"{name}.crt")
+        certificate(name, ec.generate_private_key(ec.SECP256R1()), ca_name, ca_key, ca=False)
     return {"ca": str(directory / "ca.crt"), "cert": str(directory / "client.crt"),
             "key": str(directory / "client.key")}
 

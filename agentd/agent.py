@@ -44,7 +44,10 @@ class Agent:
     def __init__(self, config: Config, store: VolumeStore | None = None) -> None:
         self.config = config
         self.started_at = time.time()
-        self.store = store or open_store(etcd=config.etcd, config_file=config.volumes_file)
+        # with etcd, the last good volume config is kept for starting during an outage
+        self.store = store or open_store(
+            etcd=config.etcd, config_file=config.volumes_file,
+            cache_file=config.state_dir / "volumes-cache.yaml" if config.etcd else None)
         self.catalog = VolumeCatalog(self.store)
         self.spec = FuseHostSpec(
             mountpoint=config.mountpoint, socket_path=config.fusehost_socket,

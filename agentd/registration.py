@@ -34,15 +34,35 @@ class Registration:
                                            if self.config.manager_listen else None),
                            "started": time.time()})
 
-    def _register(self) -> None:
+    def _connect(self):
+        """A client of the first member that answers (TLS/auth as for the volume store)."""
         import etcd3
 
-        from azfs.volumes.etcd_store import parse_endpoint
+        from azfs.volumes.etcd_store import EtcdAuth, parse_endpoints
 
+        kwargs = EtcdAuth.from_env().client_kwargs()
+        last: Exception | None = None
+        for host, port in parse_endpoints(self.config.etcd or ""):
+            client = etcd3.client(host=host, port=port, timeout=5, **kwargs)
+            if not client.uses_secure_channel:
+                client.call_credentials = None
+            try:
+                client.status()
+                return client
+            except Exception as exc:  # noqa: BLE001 - try the next member
+                last = exc
+                client.close()
+        raise last or RuntimeError("no etcd member answered")
+
+    def _register(self) -> None:
         if self._client is None:
-            host, port = parse_endpoint(self.config.etcd or "")
-            self._client = etcd3.client(host=host, port=port, timeout=5)
-        self._lease = self._client.lease(self.config.registration_ttl)
+            self._client = self._connect()
+        try:
+            self._lease = self._client.lease(self.config.registration_ttl)
+        except Exception:
+            self._client.close()
+            self._client = None
+            raise
         self._client.put(self.key, self._value(), lease=self._lease)
 
     def _refresh(self) -> None:

@@ -2,7 +2,8 @@
 
 The agent registers itself under ``/azfs/agents/<id>`` with a lease, finds
 volumes added to etcd after it started, and withdraws its registration on
-SIGTERM.
+SIGTERM.  When etcd is down at start, the agent uses the last good config it
+kept and still restores its exports.
 """
 
 from __future__ import annotations
@@ -47,8 +48,23 @@ async def test_agent_with_etcd_store_registers_and_exports(tmp_path: Path,
             assert (await http.delete("/v1/kernels/k1")).status_code == 204
         assert harness.volume_mounts() == ["datasets"]
 
+        async with harness.client() as http:
+            assert (await http.put("/v1/kernels/k2", json=body(
+                posix("one", path="vf-1")))).status_code == 200
         assert harness.stop() == 0
         assert client.get("/azfs/agents/test-node")[0] is None
+
+        # etcd is down: the agent starts from its cached config and restores k2
+        etcd_server.stop()
+        harness.start()
+        async with harness.client() as http:
+            kernels = (await http.get("/v1/kernels")).json()["kernels"]
+            assert [k["kernel_id"] for k in kernels] == ["k2"]
+            assert (harness.fuse_path("k2", "one")).is_dir()
+            assert (await http.delete("/v1/kernels/k2")).status_code == 204
+        assert harness.volume_mounts() == ["datasets"]
+        cache = harness.state_dir / "volumes-cache.yaml"
+        assert cache.stat().st_mode & 0o077 == 0
     finally:
         client.close()
         store.close()

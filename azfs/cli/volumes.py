@@ -30,6 +30,15 @@ from azfs.volumes.model import (
 )
 from azfs.volumes.store import ENV_ETCD, ENV_VOLUMES_FILE, VolumeStore, open_store
 
+DESCRIPTION = """\
+Manage the remote volume config.  The store is etcd (--etcd HOST:PORT[,...] or
+$AZFS_ETCD; TLS and login from $AZFS_ETCD_CA, $AZFS_ETCD_CERT, $AZFS_ETCD_KEY,
+$AZFS_ETCD_USER, $AZFS_ETCD_PASSWORD_FILE) or a YAML file (--config-file or
+$AZFS_VOLUMES_FILE; default /etc/azfs/volumes.yaml).
+
+import validates the whole file before writing anything and writes in one
+atomic step.  Passwords are printed as *** unless --show-secrets is given."""
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     store_flags = argparse.ArgumentParser(add_help=False)
@@ -39,7 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                          help="print passwords instead of ***")
 
     p = sub.add_parser("volumes", help="manage the remote volume config (etcd or YAML file)",
-                       description=__doc__.split("\n\n")[1])
+                       description=DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _store_arguments(p, None)
     vsub = p.add_subparsers(dest="volumes_command", metavar="ACTION", required=True)
 

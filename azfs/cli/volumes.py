@@ -20,6 +20,7 @@ import yaml
 
 from azfs.errors import UserError
 from azfs.volumes.model import (
+    MAX_CONFIG_BYTES,
     Volume,
     VolumeConfigError,
     dump_volume,
@@ -98,7 +99,8 @@ def _store(args: argparse.Namespace) -> VolumeStore:
 
 def cmd_import(args: argparse.Namespace) -> int:
     if args.file == "-":
-        volumes = load_yaml_text(sys.stdin.buffer.read(), "<stdin>")
+        # one byte over the limit is enough for load_yaml_text to refuse it
+        volumes = load_yaml_text(sys.stdin.buffer.read(MAX_CONFIG_BYTES + 1), "<stdin>")
     else:
         volumes = load_yaml_file(args.file)
     with _store(args) as store:

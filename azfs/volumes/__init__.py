@@ -21,11 +21,15 @@ Modules and the names other packages rely on:
   ``open_store(etcd=None, config_file=None)`` which falls back to
   ``$AZFS_ETCD`` / ``$AZFS_VOLUMES_FILE`` / ``/etc/azfs/volumes.yaml``.
 * :mod:`azfs.volumes.etcd_store` / :mod:`azfs.volumes.yaml_store` — the two
-  stores (etcd for a cluster; a YAML file as the single-node default).
+  stores (etcd for a cluster; a YAML file as the single-node default).  The
+  etcd store takes several members (``h1:2379,h2:2379``), TLS and a login
+  (``EtcdAuth``, from ``$AZFS_ETCD_*`` by default) and an optional
+  ``cache_file`` that serves reads during an etcd outage.
 * :mod:`azfs.volumes.hostmount` — ``HostMounter(state_dir, uid, gid)``: async
   refcounted ``acquire``/``release`` of host mounts at
   ``state_dir/volumes/<name>``, ``mount_startup``, ``mounts()``, ``path_for``,
-  ``release_all``; plus ``is_stale(path)`` and ``lazy_unmount(path)``.
+  ``release_all``; plus ``is_stale(path)``, ``lazy_unmount(path)`` and
+  ``unmount(path)``.  ``plan_mount`` is the pure "what would mount(8) run".
 * :mod:`azfs.volumes.mountinfo` — what is mounted, read from
   ``/proc/self/mountinfo`` (never remembered blindly).
 

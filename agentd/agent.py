@@ -119,7 +119,8 @@ class Agent:
         except (FuseHostUnavailable, FuseHostError) as exc:
             fusehost = {"ok": False, "error": str(exc)}
         state = await trio.to_thread.run_sync(mount_state, self.config.mountpoint)
-        ok = fusehost["ok"] and state == "healthy" and not self.service.startup_failures
+        ok = fusehost["ok"] and state == "healthy" and not self.service.startup_failures \
+            and not self.service.unrestored
         return {
             "status": "ok" if ok else "degraded",
             "agent_id": self.config.agent_id,
@@ -129,6 +130,7 @@ class Agent:
             "kernels": len(self.journal.kernels),
             "volumes": self.service.volume_refcounts(),
             "startup_failures": self.service.startup_failures,
+            "unrestored_views": self.service.unrestored,
         }
 
     async def shutdown(self, unmount: bool) -> None:

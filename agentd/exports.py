@@ -164,6 +164,8 @@ class ExportService:
         self._acquired: dict[str, Volume] = {}
         self._locks: dict[str, trio.Lock] = {}
         self.gate = _Gate()
+        #: views of recorded kernels the last reconcile could not attach
+        self.unrestored: dict[str, str] = {}
 
     # ---- startup volumes --------------------------------------------------------
     async def mount_startup(self) -> None:
@@ -345,6 +347,9 @@ class ExportService:
                                   "/".join(view["path"]), exc)
                 for name in record["volumes"]:
                     await self._release(name)
+            prefix = f"{KERNELS}/{kernel_id}/"
+            self.unrestored = {p: e for p, e in self.unrestored.items()
+                               if not p.startswith(prefix)}
             log.info("unexported kernel %s", kernel_id)
             return True
 
@@ -370,6 +375,7 @@ class ExportService:
                       for v in r["views"]}
             present = {tuple(v["path"]): v["digest"] for v in await self.client.list()}
             detached = attached = failed = 0
+            unrestored: dict[str, str] = {}
             for path, dig in present.items():
                 if path[0] == KERNELS and (path not in wanted or wanted[path]["digest"] != dig):
                     await self.client.detach(list(path))
@@ -383,7 +389,9 @@ class ExportService:
                     attached += 1
                 except FuseHostError as exc:
                     failed += 1
+                    unrestored["/".join(path)] = str(exc)
                     log.error("cannot restore view %s: %s", "/".join(path), exc)
+            self.unrestored = unrestored
             if attached or detached or failed:
                 log.info("reconciled the namespace: %d attached, %d detached, %d failed",
                          attached, detached, failed)

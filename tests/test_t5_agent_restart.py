@@ -179,3 +179,55 @@ def _alive(pid: int) -> bool:
         return False
 
 
+
+
+async def test_leftovers_of_an_interrupted_export_are_cleaned_at_start(
+        agent: AgentHarness) -> None:
+    """An agent killed between attaching a view (or mounting a volume) and recording
+    the export leaves both behind; the next agent removes what the journal lacks."""
+    import subprocess
+
+    await export_three(agent)
+    before = await state(agent)
+    agent.kill()
+    vf = agent.vfolder("vol2", "vf-orphan")
+    fusehost = FuseHostClient(agent.state_dir / "run" / "fusehost.sock")
+    await fusehost.attach(["kernels", "k-orphan", "x"], {"label": "orphan"},
+                          {"kind": "posix", "volume_root": str(agent.sources["vol2"]),
+                           "path": "vf-orphan"}, "orphan-digest")
+    await fusehost.aclose()
+    assert agent.fuse_path("k-orphan", "x").is_dir()
+    stray = agent.state_dir / "volumes" / "vol-stray"
+    stray.mkdir()
+    subprocess.run(["mount", "--bind", str(vf), str(stray)], check=True)
+
+    agent.start()
+    assert await state(agent) == before
+    assert not (agent.mountpoint / "kernels" / "k-orphan").exists()
+    assert "vol-stray" not in agent.volume_mounts()
+    assert not stray.exists()
+    views = await FuseHostClient(agent.state_dir / "run" / "fusehost.sock").list()
+    assert {tuple(v["path"]) for v in views} == {
+        ("kernels", "k1", "a"), ("kernels", "k2", "a"), ("kernels", "k3", "a"),
+        ("kernels", "k3", "b")}
+
+
+async def test_a_view_that_cannot_be_restored_makes_the_agent_degraded(
+        agent: AgentHarness) -> None:
+    import shutil
+
+    await export_three(agent)
+    agent.kill()
+    agent.kill_fusehost()
+    shutil.rmtree(agent.sources["vol2"] / "vf-b")  # removed behind the agent's back
+    agent.start()
+    async with agent.client() as http:
+        health = await http.get("/v1/health")
+        assert health.status_code == 503
+        assert health.json()["status"] == "degraded"
+        assert list(health.json()["unrestored_views"]) == ["kernels/k3/b"]
+        assert (agent.fuse_path("k1", "a")).is_dir()  # the others are back
+        assert (await http.delete("/v1/kernels/k3")).status_code == 204
+        health = await http.get("/v1/health")
+        assert health.status_code == 200, health.text
+    assert agent.volume_mounts() == ["datasets", "vol1"]

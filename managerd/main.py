@@ -72,6 +72,7 @@ async def serve(config: ManagerConfig, task_status=trio.TASK_STATUS_IGNORED) -> 
     hc.bind = [f"[{host}]:{config.listen_port}" if ":" in host else
                f"{host}:{config.listen_port}"]
     hc.accesslog = None
+    hc.errorlog = logging.getLogger("hypercorn.error")  # our handler only, not a second one
     hc.graceful_timeout = SHUTDOWN_GRACE
 
     async def shutdown_trigger() -> None:

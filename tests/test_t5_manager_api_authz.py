@@ -1,7 +1,7 @@
 """Authorization matrix: owner, shared ro, shared rw, stranger, admin × every endpoint.
 
-Real HTTP against the manager served by hypercorn (SQLite database, ``bind``
-host volumes of temp dirs).  The node agent is stood in for by a small app on
+Real HTTP against the manager served by hypercorn (SQLite or PostgreSQL,
+``bind`` host volumes of temp dirs).  The node agent is stood in for by a small app on
 a real unix socket that answers per ``azfs.export`` (see
 ``test_t5_manager_api``).  Every cell is checked and all mismatches are
 reported at once as a table.
@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tests.test_t5_manager_api import Server, sqlite_server, tmp_dir  # noqa: F401
+from tests.support.postgres import postgres  # noqa: F401
+from tests.test_t5_manager_api import Server, server, sqlite_server, tmp_dir  # noqa: F401
 
 ROLES = {"owner": "olive", "ro": "rhea", "rw": "walt", "stranger": "stan", "admin": "admin"}
 _n = itertools.count()
@@ -152,8 +153,9 @@ async def test_every_endpoint_is_in_the_matrix(sqlite_server: Server) -> None:  
     assert not missing, f"routes without authorization cases: {sorted(missing)}"
 
 
-async def test_authorization_matrix(sqlite_server: Server) -> None:  # noqa: F811
-    srv = sqlite_server
+async def test_authorization_matrix(server: Server) -> None:  # noqa: F811
+    """On SQLite and on PostgreSQL."""
+    srv = server
     shared = await _shared_vfolder(srv, "proj")
     async with srv.client("admin") as c:
         for name, users in (("priv", ["olive", "rhea", "walt"]), ("gone", [])):

@@ -182,6 +182,8 @@ class Config:
         if self.manager_listen and self.manager_secret_file is None:
             raise UserError("config: manager.listen needs manager.secret_file (TCP clients "
                             "must authenticate)")
+        if (self.cache_dir is None) != (self.cache_bytes <= 0):
+            raise UserError("config: [cache] needs both dir and a positive size")
         if self.max_body_bytes < 1024:
             raise UserError("config: max_body_bytes must be at least 1024")
         if self.registration_ttl < 5:

@@ -194,6 +194,12 @@ async def ensure_fusehost(spec: FuseHostSpec) -> tuple[FuseHostClient, bool]:
     if health is not None and state == "healthy":
         log.info("reusing the running fusehost (pid %s) with %s views",
                  health.get("pid"), health.get("views"))
+        want = (str(spec.cache_dir) if spec.cache_dir and spec.cache_bytes else None,
+                spec.cache_bytes if spec.cache_dir else 0)
+        have = (health.get("cache_dir"), health.get("cache_bytes") or 0)
+        if have[0] != want[0] or (want[0] and have[1] != want[1]):
+            log.warning("the running fusehost has another block cache config (%s, %s bytes); "
+                        "the new one applies when the fusehost restarts", *have)
         return FuseHostClient(spec.socket_path), False
     pid = health.get("pid") if health else read_pid(spec.pid_file)
     if pid is not None and is_fusehost(int(pid)):

@@ -190,7 +190,9 @@ class FuseHost:
     def health(self) -> dict:
         return {"pid": os.getpid(), "mountpoint": str(self.mountpoint),
                 "views": len(self._attached), "backends": len(self._backends),
-                "started": self.started}
+                "started": self.started,
+                "cache_dir": str(self.cache_dir) if self.cache_dir else None,
+                "cache_bytes": self.cache_bytes}
 
     # ---- backends --------------------------------------------------------------------
     def _path_lock(self, path: tuple[str, ...]) -> trio.Lock:

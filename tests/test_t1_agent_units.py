@@ -63,6 +63,7 @@ secret_file = "{secret}"
     ('[manager]\nlisten = "0.0.0.0:1"', "secret_file"),
     ('fuse_mountpoint = "/var/lib/azfs/agent/volumes/x"', "volumes/"),
     ("agent_id = [", "agent.toml"),
+    ('[cache]\ndir = "/var/cache/azfs"', "both dir and a positive size"),
 ])
 def test_config_errors_are_one_clear_line(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(UserError) as info:

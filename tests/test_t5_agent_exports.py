@@ -200,6 +200,11 @@ async def test_failed_dataset_rolls_back_attached_views(agent: AgentHarness,
 
 
 async def test_blob_dataset_export(agent: AgentHarness, azurite) -> None:
+    # the cache is the fusehost's: a new cache config applies to a new fusehost
+    agent.stop()
+    agent.kill_fusehost()
+    agent.write_config(cache={"dir": str(agent.root / "cache"), "size": "64M"})
+    agent.start()
     azurite.upload("dsx", {"train/a.bin": b"a" * 1000, "readme": b"hello"})
     sas = azurite.container_sas("dsx")
     async with agent.client() as http:
@@ -218,6 +223,8 @@ async def test_blob_dataset_export(agent: AgentHarness, azurite) -> None:
         assert sas not in listed.text and "sig=" not in listed.text
         metrics = (await http.get("/metrics")).text
         assert 'azfs_vfolder_read_bytes_total{vfolder="dataset-x"} 1000.0' in metrics
+        assert "azfs_blob_cache_misses_total" in metrics
+        assert "azfs_blob_cache_hits_total" in metrics
         assert (await http.delete("/v1/kernels/kb")).status_code == 204
     assert not (agent.mountpoint / "kernels" / "kb").exists()
     journal = (agent.state_dir / "journal.json")

@@ -34,7 +34,7 @@ from agentd.fuseclient import (
     stop_fusehost,
 )
 from agentd.journal import Journal
-from azfs.volumes.hostmount import HostMounter
+from azfs.volumes.hostmount import HostMounter, MountError
 from azfs.volumes.store import VolumeStore, open_store
 
 log = logging.getLogger("agentd")
@@ -138,7 +138,10 @@ class Agent:
         if unmount:
             log.info("unmounting the FUSE filesystem and the host volumes")
             await stop_fusehost(self.spec, self.client)
-            await self.mounter.release_all()
+            try:
+                await self.mounter.release_all()
+            except MountError as exc:
+                log.error("%s", exc)
         with contextlib.suppress(Exception):
             if self._watch is not None:
                 self._watch.cancel()

@@ -77,12 +77,28 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(logging.DEBUG if config.debug else logging.INFO)
     try:
         trio.run(run, config)
-    except (UserError, AzfsError) as exc:
-        log.error("%s", redact(str(exc)))
-        return 1
     except KeyboardInterrupt:
         return 130
+    except BaseException as exc:  # noqa: BLE001 - the edge: one line, no traceback
+        error = _single(exc)
+        if isinstance(error, KeyboardInterrupt):
+            return 130
+        if not isinstance(error, Exception):
+            raise
+        if isinstance(error, UserError | AzfsError):
+            log.error("%s", redact(str(error)))
+        else:
+            log.error("agent failed: %s", redact(str(error)) or type(error).__name__,
+                      exc_info=config.debug)
+        return 1
     return 0
+
+
+def _single(exc: BaseException) -> BaseException:
+    """The one error inside (nested) exception groups of one error."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 @contextlib.contextmanager

@@ -316,8 +316,11 @@ def create_app(manager: Manager) -> FastAPI:
         return await m.kernels.info(who, kernel_id)
 
     @app.delete("/v1/kernels/{kernel_id}", status_code=204, tags=["kernels"])
-    async def destroy_kernel(who: Who, kernel_id: KernelId) -> Response:
-        await m.kernels.destroy(who, kernel_id)
+    async def destroy_kernel(who: Who, kernel_id: KernelId,
+                             force: Annotated[bool, Query(
+                                 description="admins: forget it even if the agent is "
+                                             "unreachable")] = False) -> Response:
+        await m.kernels.destroy(who, kernel_id, force)
         return Response(status_code=204)
 
     @app.get("/v1/kernels/{kernel_id}/datasets/{alias}/sas", tags=["kernels"],

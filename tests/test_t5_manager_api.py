@@ -458,3 +458,31 @@ async def test_kernel_modes_targets_and_agent_failure(sqlite_server: Server) -> 
     async with srv.client("admin") as c:
         assert (await c.get("/v1/kernels/k5")).json()["owner"] == "rhea"
         assert (await c.delete("/v1/kernels/k5")).status_code == 204
+
+
+async def test_dead_agent_blocks_destroy_until_admin_forces(sqlite_server: Server) -> None:
+    srv = sqlite_server
+    async with srv.client("admin") as admin:
+        r = await admin.put("/v1/agents/node9", json={"socket": str(srv.agent.socket), "ttl": 0})
+        assert r.status_code == 200
+        async with srv.client("olive") as c:
+            await c.post("/v1/vfolders", json={"alias": "w"})
+            r = await c.post("/v1/kernels", json={"kernel_id": "k9", "agent": "node9",
+                                                  "vfolders": [{"vfolder": "w"}]})
+            assert r.status_code == 201, r.text
+            # the node dies: its socket is gone
+            await admin.put("/v1/agents/node9", json={"socket": "/nonexistent/agent.sock"})
+            r = await c.delete("/v1/kernels/k9")
+            assert r.status_code == 502 and r.json()["error"]["code"] == "agent-unreachable"
+            assert (await c.get("/v1/vfolders/w")).json()["status"] == "mounted"
+            r = await c.delete("/v1/kernels/k9", params={"force": True})
+            assert r.status_code == 403
+            r = await admin.delete("/v1/kernels/k9", params={"force": True})
+            assert r.status_code == 204
+            assert (await c.get("/v1/vfolders/w")).json()["status"] == "ready"
+            # creating on an unreachable agent records nothing
+            r = await c.post("/v1/kernels", json={"kernel_id": "k10", "agent": "node9",
+                                                  "vfolders": [{"vfolder": "w"}]})
+            assert r.status_code == 502 and r.json()["error"]["code"] == "agent-unreachable"
+            assert (await c.get("/v1/kernels")).json() == []
+            assert (await c.get("/v1/vfolders/w")).json()["status"] == "ready"

@@ -31,7 +31,7 @@ from sqlalchemy import delete, exists, select, update
 from sqlalchemy.orm import Session
 
 from azfs.export import ExportRequest, VfolderExport, resolve_target, validate_kernel_id
-from managerd.agent_client import AgentClient
+from managerd.agent_client import AgentClient, AgentUnreachable
 from managerd.auth import Principal
 from managerd.db.models import (
     EXPORTABLE,
@@ -119,11 +119,21 @@ class KernelService:
         if isinstance(prepared, dict):
             return prepared, False
         export: ExportRequest = prepared
+        client = AgentClient(address, self.agent_timeout)
         try:
-            answer = await AgentClient(address, self.agent_timeout).export(
-                request.kernel_id, export)
-        except ApiError:
-            await self.db.run(_forget, request.kernel_id)
+            answer = await client.export(request.kernel_id, export)
+        except BaseException as exc:
+            # Undo, even when the request itself is being cancelled.  Unless the agent
+            # answered with a refusal, it may have applied the export: ask it to drop it.
+            with trio.CancelScope(shield=True):
+                if not isinstance(exc, ApiError) or isinstance(exc, AgentUnreachable):
+                    with trio.move_on_after(self.agent_timeout):
+                        try:
+                            await client.unexport(request.kernel_id)
+                        except ApiError as undo:
+                            log.warning("kernel %s: export may be left on agent %s: %s",
+                                        request.kernel_id, request.agent, undo.message)
+                await self.db.run(_forget, request.kernel_id)
             raise
         mounts = [m.model_dump(mode="json") for m in answer.mounts]
         return await self.db.run(_running, request.kernel_id, mounts, who.name), True
@@ -202,12 +212,25 @@ class KernelService:
         session.add_all(rows)
         return export
 
-    async def destroy(self, who: Principal, kernel_id: str) -> None:
+    async def destroy(self, who: Principal, kernel_id: str, force: bool = False) -> None:
+        """Asks the agent to drop the export, then forgets the kernel.
+
+        ``force`` (admins): forget it even if the agent cannot be reached — for a
+        node that is gone for good; its vfolders become free again.
+        """
+        if force and not who.is_admin:
+            raise Forbidden("only admins may force-destroy a kernel")
         agent = await self.db.run(_begin_destroy, who, kernel_id)
         if agent is None:
             return
-        address = await self.agents.resolve(agent)
-        await AgentClient(address, self.agent_timeout).unexport(kernel_id)
+        try:
+            address = await self.agents.resolve(agent)
+            await AgentClient(address, self.agent_timeout).unexport(kernel_id)
+        except ApiError as exc:
+            if not force:
+                raise
+            log.warning("kernel %s forgotten without its agent %s: %s", kernel_id, agent,
+                        exc.message)
         await self.db.run(_forget, kernel_id)
 
     async def info(self, who: Principal, kernel_id: str) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import trio
 from sqlalchemy import exists, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -159,10 +160,11 @@ class VfolderService:
             return await self.db.run(_insert, who, vfid, alias, volume_name, usage_mode,
                                      permission, self.default_quota)
         except BaseException:
-            try:
-                await self.volumes.remove_dir(directory)
-            except ApiError as exc:
-                log.error("vfolder directory %s left behind: %s", directory, exc.message)
+            with trio.CancelScope(shield=True):  # also when the request is cancelled
+                try:
+                    await self.volumes.remove_dir(directory)
+                except ApiError as exc:
+                    log.error("vfolder directory %s left behind: %s", directory, exc.message)
             raise
 
     # -- reads -----------------------------------------------------------------

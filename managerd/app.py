@@ -134,10 +134,13 @@ class KernelBody(_Body):
     vfolders: list[VfolderItem] = Field(default_factory=list, max_length=64)
     datasets: list[DatasetItem] = Field(default_factory=list, max_length=64)
     dotfolders: bool = Field(default=True, description="also export the owner's dot-folders")
+    owner: Text | None = Field(default=None, min_length=1, max_length=64,
+                               description="admins: the user the kernel runs for")
 
     def to_request(self) -> KernelRequest:
         return KernelRequest(
             kernel_id=self.kernel_id, agent=self.agent, dotfolders=self.dotfolders,
+            owner=self.owner,
             vfolders=[VfolderRequest(**v.model_dump()) for v in self.vfolders],
             datasets=[DatasetRequest(**d.model_dump()) for d in self.datasets])
 

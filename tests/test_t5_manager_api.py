@@ -486,3 +486,30 @@ async def test_dead_agent_blocks_destroy_until_admin_forces(sqlite_server: Serve
             assert r.status_code == 502 and r.json()["error"]["code"] == "agent-unreachable"
             assert (await c.get("/v1/kernels")).json() == []
             assert (await c.get("/v1/vfolders/w")).json()["status"] == "ready"
+
+
+async def test_admin_creates_a_kernel_for_a_user(sqlite_server: Server) -> None:
+    """A scheduler with an admin token starts kernels as their users: their checks, uid/gid."""
+    srv = sqlite_server
+    srv.manager.db.call(lambda s: create_user(s, "uma", uid=4242, gid=4343))
+    async with srv.client("admin") as admin:
+        r = await admin.post("/v1/users/uma/tokens", json={})
+        uma = r.json()["token"]
+        async with httpx.AsyncClient(base_url=srv.url, timeout=30,
+                                     headers={"Authorization": f"Bearer {uma}"}) as c:
+            vf = (await c.post("/v1/vfolders", json={"alias": "home"})).json()
+        r = await admin.post("/v1/kernels", json={
+            "kernel_id": "sched1", "agent": "node1", "owner": "uma",
+            "vfolders": [{"vfolder": "home"}]})
+        assert r.status_code == 201, r.text
+        assert r.json()["owner"] == "uma"
+        sent = ExportRequest.model_validate(srv.agent.requests[-1][2])
+        assert (sent.uid, sent.gid) == (4242, 4343)
+        assert sent.vfolders[0].vfolder_id == vf["id"]
+        r = await admin.post("/v1/kernels", json={"kernel_id": "sched2", "agent": "node1",
+                                                  "owner": "nobody"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "user-not-found"
+    async with srv.client("olive") as c:
+        r = await c.post("/v1/kernels", json={"kernel_id": "sched3", "agent": "node1",
+                                              "owner": "uma"})
+        assert r.status_code == 403

@@ -78,6 +78,8 @@ class KernelRequest(BaseModel):
     datasets: list[DatasetRequest] = Field(default_factory=list, max_length=64)
     #: also export the owner's dot-folders (aliases starting with '.')
     dotfolders: bool = True
+    #: the user the kernel runs for (admins, e.g. a scheduler); default: the caller
+    owner: str | None = None
 
 
 def request_hash(who: Principal, request: KernelRequest) -> str:
@@ -113,6 +115,10 @@ class KernelService:
             validate_kernel_id(request.kernel_id)
         except ValueError as exc:
             raise InvalidArgument(str(exc)) from None
+        if request.owner is not None and request.owner != who.name:
+            if not who.is_admin:
+                raise Forbidden("only admins create kernels for other users")
+            who = await self.db.read(_principal_of, request.owner)
         address = await self.agents.resolve(request.agent)
         digest = request_hash(who, request)
         prepared = await self.db.run(self._prepare, who, request, digest)
@@ -286,6 +292,13 @@ class KernelService:
                             exc.message)
                 continue
             await self.db.run(_forget, kernel_id)
+
+
+def _principal_of(session: Session, name: str) -> Principal:
+    user = session.scalars(select(User).where(User.name == name)).first()
+    if user is None:
+        raise NotFound(f"no user named {name!r}", code="user-not-found")
+    return Principal(user.id, user.name, user.is_admin, user.uid, user.gid)
 
 
 def _digest(key: str) -> str:

@@ -44,6 +44,8 @@ def _create(args: argparse.Namespace) -> int:
             "vfolders": [parse_vfolder(v) for v in args.vfolder],
             "datasets": [parse_dataset(d) for d in args.dataset],
             "dotfolders": not args.no_dotfolders}
+    if args.owner:
+        body["owner"] = args.owner
     data = ManagerClient.from_args(args).call("POST", "/v1/kernels", body)
     if args.json:
         emit(args, data, COLUMNS)
@@ -68,7 +70,8 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _rm(args: argparse.Namespace) -> int:
-    ManagerClient.from_args(args).call("DELETE", f"/v1/kernels/{ref_path(args.kernel_id)}")
+    ManagerClient.from_args(args).call("DELETE", f"/v1/kernels/{ref_path(args.kernel_id)}",
+                                       params={"force": True} if args.force else None)
     if args.json:
         print(json.dumps({"kernel_id": args.kernel_id, "destroyed": True}))
     else:
@@ -89,6 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-d", "--dataset", action="append", default=[], metavar="NAME[:TARGET]")
     p.add_argument("--no-dotfolders", action="store_true",
                    help="do not add your dot-folders automatically")
+    p.add_argument("--owner", help="admins: the user the kernel runs for")
     p.set_defaults(func=_create)
 
     p = sub.add_parser("ls", help="list your kernels")
@@ -101,6 +105,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("rm", help="drop a kernel's exports (destroying twice is fine)")
     p.add_argument("kernel_id")
+    p.add_argument("--force", action="store_true",
+                   help="admins: forget the kernel even if its agent is unreachable")
     p.set_defaults(func=_rm)
 
     for action in sub.choices.values():

@@ -534,3 +534,60 @@ def test_more_inodes_than_descriptors(mounted):
     assert len(os.listdir(m.mnt)) == 1000
     for i in range(0, 1000, 7):
         assert os.stat(m.mnt / f"f{i:04d}").st_size == 0
+
+
+def test_utimens_omit_and_now(mounted):
+    """touch -a / -m change one time and leave the other (UTIME_OMIT)."""
+    m = mounted()
+    p = m.mnt / "f"
+    p.touch()
+    os.utime(p, ns=(10**18, 2 * 10**18))
+    subprocess.run(["touch", "-m", "-d", "@1500000000", str(p)], check=True)
+    st = os.stat(m.source / "f")
+    assert (st.st_atime_ns, st.st_mtime_ns) == (10**18, 1_500_000_000 * 10**9)
+    subprocess.run(["touch", "-a", str(p)], check=True)  # atime = now
+    st = os.stat(m.source / "f")
+    assert st.st_mtime_ns == 1_500_000_000 * 10**9
+    assert abs(st.st_atime_ns - time.time_ns()) < 60 * 10**9
+
+
+def test_shared_mmap_writes_reach_the_source(mounted):
+    import mmap
+
+    m = mounted()
+    p = m.mnt / "f"
+    p.write_bytes(b"\0" * 8192)
+    with open(p, "r+b") as f, mmap.mmap(f.fileno(), 8192) as mm:
+        mm[100:105] = b"hello"
+        mm.flush()
+    assert (m.source / "f").read_bytes()[100:105] == b"hello"
+    assert p.read_bytes()[100:105] == b"hello"
+
+
+def test_parallel_writers_and_readers(mounted):
+    """Many threads at once: every file ends up with exactly what its writer wrote."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    m = mounted()
+
+    def worker(n: int) -> None:
+        rng = random.Random(n)
+        d = m.mnt / f"w{n}"
+        d.mkdir()
+        for i in range(40):
+            data = rng.randbytes(rng.choice([0, 1, 4095, 4096, 70_000, 300_000]))
+            (d / f"f{i}").write_bytes(data)
+            assert (d / f"f{i}").read_bytes() == data
+            if i % 3 == 0:
+                os.rename(d / f"f{i}", d / f"r{i}")
+            os.listdir(m.mnt)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(worker, range(8)))
+    for n in range(8):
+        rng = random.Random(n)
+        for i in range(40):
+            data = rng.randbytes(rng.choice([0, 1, 4095, 4096, 70_000, 300_000]))
+            name = f"r{i}" if i % 3 == 0 else f"f{i}"
+            assert (m.source / f"w{n}" / name).read_bytes() == data

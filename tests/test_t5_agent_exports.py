@@ -363,6 +363,12 @@ async def test_operator_cli(agent: AgentHarness) -> None:
                for line in volumes.stdout.splitlines())
     as_json = json.loads(azfs("--json", "volumes").stdout)
     assert {v["name"] for v in as_json["volumes"]} == {"vol1", "vol2", "datasets"}
+    bad = azfs("unexport", "bad$id")
+    assert bad.returncode == 1 and "kernel id" in bad.stderr
+    done = azfs("unexport", "kc")
+    assert done.returncode == 0, done.stderr
+    assert "no kernels" in azfs("kernels").stdout
+    assert agent.volume_mounts() == ["datasets"]
     gone = subprocess.run([sys.executable, "-m", "azfs.cli.main", "agent", "--socket",
                            str(agent.root / "nope.sock"), "status"], capture_output=True,
                           text=True, cwd=REPO, timeout=60)

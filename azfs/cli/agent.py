@@ -34,22 +34,28 @@ def register(sub: argparse._SubParsersAction) -> None:
         .set_defaults(func=cmd_kernels)
     what.add_parser("volumes", help="host volumes with their refcounts") \
         .set_defaults(func=cmd_volumes)
+    unexport = what.add_parser("unexport", help="remove a kernel's exports on this node "
+                               "(normally the manager does this)")
+    unexport.add_argument("kernel_id", metavar="KERNEL_ID")
+    unexport.set_defaults(func=cmd_unexport)
 
 
 def _socket(args: argparse.Namespace) -> Path:
     return args.socket or Path(os.environ.get(ENV_SOCKET) or DEFAULT_SOCKET)
 
 
-def get(args: argparse.Namespace, path: str) -> tuple[int, Any]:
+def get(args: argparse.Namespace, path: str, method: str = "GET") -> tuple[int, Any]:
     sock = _socket(args)
     if not sock.exists():
         raise UserError(f"no agent socket at {sock} (is azfs-agentd running? --socket?)")
     try:
         with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)),
                           base_url="http://agent", timeout=TIMEOUT) as client:
-            response = client.get(path)
+            response = client.request(method, path)
     except httpx.HTTPError as exc:
         raise UserError(f"cannot reach the agent at {sock}: {exc}") from None
+    if response.status_code == 204:
+        return 204, None
     try:
         body = response.json()
     except ValueError:
@@ -109,4 +115,13 @@ def cmd_volumes(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_unexport(args: argparse.Namespace) -> int:
+    get(args, f"/v1/kernels/{args.kernel_id}", method="DELETE")
+    if args.json:
+        print(json.dumps({"kernel_id": args.kernel_id, "unexported": True}))
+    else:
+        print(f"kernel {args.kernel_id}: no exports left on this node")
     return 0

@@ -112,3 +112,17 @@ def test_concurrent_puts_never_exceed_the_bound(root):
     files = [f for f in (root / "blocks-v1").rglob("*") if f.is_file()]
     assert len(files) == s.entries
     cache.close()
+
+
+def test_large_entries_of_any_length_round_trip(root):
+    """Large blocks are written with O_DIRECT (aligned head, buffered tail)."""
+    cache = BlockCache(root, 8 * 1024 * KiB)
+    for size in (256 * KiB, 300 * KiB + 123, 1024 * KiB + 1):
+        data = os.urandom(size)
+        cache.put(f"k{size}", data)
+        assert cache.get(f"k{size}", 0, size, size) == data
+        assert cache.get(f"k{size}", size - 10, 100, size) == data[-10:]
+    cache.close()
+    again = BlockCache(root, 8 * 1024 * KiB)
+    assert again.stats().entries == 3
+    again.close()

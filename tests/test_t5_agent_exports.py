@@ -403,3 +403,25 @@ async def test_tcp_listener_requires_the_bearer_token(tmp_path: Path) -> None:
         assert "s3cret" not in harness.log.read_text()
     finally:
         harness.cleanup()
+
+
+async def test_quota_of_the_export_is_enforced(agent: AgentHarness) -> None:
+    agent.vfolder("vol1", "vf-q")
+    async with agent.client() as http:
+        r = await http.put("/v1/kernels/kq", json=body(
+            posix("q", path="vf-q", quota_bytes=64 * 1024, quota_files=3)))
+        assert r.status_code == 200, r.text
+    root = agent.fuse_path("kq", "q")
+    (root / "small").write_bytes(b"s" * 1000)
+    with pytest.raises(OSError) as info:
+        with open(root / "big", "wb") as f:
+            f.write(b"b" * (128 * 1024))
+    assert info.value.errno == errno.EDQUOT
+    for name in ("f2", "f3", "f4"):
+        try:
+            (root / name).write_bytes(b"")
+        except OSError as exc:
+            assert exc.errno == errno.EDQUOT
+            break
+    else:
+        raise AssertionError("the file quota was not enforced")

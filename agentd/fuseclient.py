@@ -248,7 +248,7 @@ def start_fusehost(spec: FuseHostSpec) -> int:
     with open(spec.log_file, "ab") as out:
         proc = subprocess.Popen(spec.argv(), stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True, env=env,
-                                close_fds=True)
+                                close_fds=True, cwd="/")  # pin no mount as its cwd
     spec.pid_file.write_text(f"{proc.pid}\n")
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:

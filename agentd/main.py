@@ -160,6 +160,8 @@ def _hypercorn_config(bind: str):
     hc.graceful_timeout = GRACE_SECONDS
     hc.accesslog = None
     hc.errorlog = logging.getLogger("agentd.http")
+    if not hc.errorlog.isEnabledFor(logging.DEBUG):
+        hc.errorlog.setLevel(logging.WARNING)  # "Running on ..." names the temporary socket
     hc.keep_alive_timeout = 30
     return hc
 

@@ -17,8 +17,9 @@ An export of kernel K:
    FUSE view would put a usage ledger into the volume and scan it.
 
 Any failure undoes steps 2-4 in reverse, so nothing half-done remains.  The
-same request again answers the recorded mounts (idempotent); another
-request for a recorded K is a conflict.  Unexport removes K from the
+same request again answers the recorded mounts (idempotent), after
+re-attaching any of K's views that went missing; another request for a
+recorded K is a conflict.  Unexport removes K from the
 journal first, then its views, then releases its volumes.
 
 The journal is the truth: :meth:`ExportService.restore_volumes` rebuilds
@@ -192,6 +193,10 @@ class ExportService:
             record = self.journal.kernels.get(kernel_id)
             if record is not None:
                 if record["request"] == body:
+                    # make it so: views lost since (a failed restore) are attached again
+                    for view in record["views"]:
+                        await self._attach(view)
+                        self.unrestored.pop("/".join(view["path"]), None)
                     return ExportResponse.model_validate(record["response"])
                 raise Conflict(f"kernel {kernel_id} is already exported with another request; "
                                "unexport it first", code="kernel-conflict")

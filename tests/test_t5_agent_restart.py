@@ -227,6 +227,13 @@ async def test_a_view_that_cannot_be_restored_makes_the_agent_degraded(
         assert health.json()["status"] == "degraded"
         assert list(health.json()["unrestored_views"]) == ["kernels/k3/b"]
         assert (agent.fuse_path("k1", "a")).is_dir()  # the others are back
+        # the same export again, once the directory is back, restores the view
+        (agent.sources["vol2"] / "vf-b").mkdir()
+        again = await http.put("/v1/kernels/k3", json=body(
+            posix("a", path="vf-a"), posix("b", volume="vol2", path="vf-b")))
+        assert again.status_code == 200, again.text
+        assert (agent.fuse_path("k3", "b")).is_dir()
+        assert (await http.get("/v1/health")).status_code == 200
         assert (await http.delete("/v1/kernels/k3")).status_code == 204
         health = await http.get("/v1/health")
         assert health.status_code == 200, health.text

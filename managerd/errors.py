@@ -72,6 +72,7 @@ CODES = {
     "user-exists": "a user of that name exists (409)",
     "dataset-exists": "a dataset of that name exists (409)",
     "dataset-in-use": "a running kernel reads the dataset (409)",
+    "conflict": "a concurrent request changed the same record; retry (409)",
     "kernel-exists": "a kernel of that id exists with a different request (409)",
     "reserved-name": "the alias would shadow a file of the container's home (422)",
     "no-volume": "no `requested` host volume is configured or reachable (503)",

@@ -14,13 +14,12 @@ import trio
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect, select, text
-from sqlalchemy.exc import IntegrityError
 
 from managerd import auth
 from managerd.db import migrate
 from managerd.db.models import DELETE_COMPLETE, Base, Token, User, Vfolder
 from managerd.db.session import Database
-from managerd.errors import Unauthenticated
+from managerd.errors import Conflict, Unauthenticated
 from managerd.services.users import create_user
 from tests.support.postgres import postgres  # noqa: F401
 
@@ -72,8 +71,9 @@ def test_one_live_alias_per_owner(db: Database) -> None:
     owner = db.call(lambda s: s.scalar(select(User.id).where(User.name == "olive")))
     first = _vfolder(owner, "data")
     db.call(lambda s: s.add(first))
-    with pytest.raises(IntegrityError):
+    with pytest.raises(Conflict) as err:  # an unhandled unique violation: a lost race
         db.call(lambda s: s.add(_vfolder(owner, "data")))
+    assert err.value.code == "conflict" and err.value.status == 409
     db.call(lambda s: s.execute(text("UPDATE vfolders SET status = :st WHERE alias = 'data'"),
                                 {"st": DELETE_COMPLETE}))
     db.call(lambda s: s.add(_vfolder(owner, "data")))  # purged ones free the alias

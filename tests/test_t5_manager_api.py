@@ -513,3 +513,47 @@ async def test_admin_creates_a_kernel_for_a_user(sqlite_server: Server) -> None:
         r = await c.post("/v1/kernels", json={"kernel_id": "sched3", "agent": "node1",
                                               "owner": "uma"})
         assert r.status_code == 403
+
+
+async def test_concurrent_kernels_shares_and_retries(server: Server) -> None:
+    """Kernels locking the same vfolders in any order, racing shares, racing retries."""
+    srv = server
+    results: dict[str, list[int]] = {"kernels": [], "destroy": [], "share": [], "retry": []}
+
+    async def call(kind: str, c: httpx.AsyncClient, method: str, path: str,
+                   body: Any = None) -> None:
+        r = await c.request(method, path, json=body)
+        results[kind].append(r.status_code)
+        if r.status_code == 409:
+            assert r.json()["error"]["code"] in ("conflict", "kernel-exists"), r.text
+
+    async with srv.client("olive") as c:
+        for alias in ("a", "b", "c"):
+            await c.post("/v1/vfolders", json={"alias": alias})
+        orders = [["a", "b", "c"], ["c", "b", "a"], ["b", "c", "a"], ["a", "c", "b"]]
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                nursery.start_soon(call, "kernels", c, "POST", "/v1/kernels", {
+                    "kernel_id": f"kc{i}", "agent": "node1", "dotfolders": False,
+                    "vfolders": [{"vfolder": a} for a in orders[i % 4]]})
+            for _ in range(10):
+                nursery.start_soon(call, "share", c, "PUT", "/v1/vfolders/a/shares/rhea",
+                                   {"permission": "rw"})
+        assert results["kernels"] == [201] * 20
+        assert set(results["share"]) <= {200, 409} and 200 in results["share"]
+        info = (await c.get("/v1/vfolders/a")).json()
+        assert info["status"] == "mounted"
+        assert info["shared_with"] == [{"user": "rhea", "permission": "rw"}]
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                nursery.start_soon(call, "destroy", c, "DELETE", f"/v1/kernels/kc{i}")
+            for _ in range(8):
+                nursery.start_soon(call, "retry", c, "POST", "/v1/kernels", {
+                    "kernel_id": "same", "agent": "node1", "dotfolders": False,
+                    "vfolders": [{"vfolder": "c", "mode": "ro"}]})
+        assert results["destroy"] == [204] * 20
+        assert 201 in results["retry"] and set(results["retry"]) <= {200, 201, 409}
+        assert results["retry"].count(201) == 1
+        assert [r[1] for r in srv.agent.requests if r[0] == "PUT"].count("same") == 1
+        statuses = {v["alias"]: v["status"] for v in (await c.get("/v1/vfolders")).json()}
+        assert statuses == {"a": "ready", "b": "ready", "c": "mounted"}

@@ -20,10 +20,16 @@ from typing import Any, TypeVar
 import trio
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import sessionmaker
+
+from managerd.errors import Conflict
 
 T = TypeVar("T")
 _local = threading.local()
+ATTEMPTS = 3
+#: PostgreSQL SQLSTATEs worth a retry: serialization_failure, deadlock_detected.
+_RETRY_SQLSTATES = {"40001", "40P01"}
 
 
 class Database:
@@ -42,11 +48,26 @@ class Database:
         return self._limiter
 
     def call(self, fn: Callable[..., T], *args: Any, write: bool = True) -> T:
-        """Runs ``fn(session, *args)`` in one transaction (commit, or rollback on error)."""
+        """Runs ``fn(session, *args)`` in one transaction (commit, or rollback on error).
+
+        A deadlock or serialization failure (PostgreSQL) or a busy database
+        (SQLite) rolls back and runs ``fn`` again, up to :data:`ATTEMPTS` times;
+        a unique-constraint violation that ``fn`` did not handle itself means a
+        concurrent request won a race and becomes a ``conflict``.
+        """
         _local.write = write
         try:
-            with self._sessions() as session, session.begin():
-                return fn(session, *args)
+            for attempt in range(1, ATTEMPTS + 1):
+                try:
+                    with self._sessions() as session, session.begin():
+                        return fn(session, *args)
+                except OperationalError as exc:
+                    if attempt == ATTEMPTS or not _transient(exc):
+                        raise
+                except IntegrityError:
+                    raise Conflict("a concurrent request changed the same record; retry",
+                                   code="conflict") from None
+            raise AssertionError("unreachable")
         finally:
             _local.write = True
 
@@ -85,5 +106,9 @@ def _engine(url: str, threads: int, is_sqlite: bool) -> Engine:
     return engine
 
 
-def session_factory(db: Database) -> sessionmaker[Session]:
-    return db._sessions
+def _transient(exc: OperationalError) -> bool:
+    sqlstate = getattr(exc.orig, "sqlstate", None)
+    if sqlstate in _RETRY_SQLSTATES:
+        return True
+    text = str(exc.orig).lower()
+    return "database is locked" in text or "database is busy" in text

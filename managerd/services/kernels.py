@@ -28,6 +28,7 @@ from urllib.parse import quote
 import trio
 from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import delete, exists, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from azfs.export import ExportRequest, VfolderExport, resolve_target, validate_kernel_id
@@ -148,9 +149,12 @@ class KernelService:
                  digest: str) -> ExportRequest | dict:
         existing = session.get(Kernel, request.kernel_id)
         if existing is not None:
-            if existing.owner_id == who.id and existing.request_hash == digest \
-                    and existing.status == "running":
+            same = existing.owner_id == who.id and existing.request_hash == digest
+            if same and existing.status == "running":
                 return _describe(session, existing)
+            if same:
+                raise Conflict(f"kernel {request.kernel_id!r} is {existing.status}; "
+                               "retry later", code="kernel-exists")
             raise Conflict(f"kernel {request.kernel_id!r} exists "
                            f"({existing.status}) with a different request",
                            code="kernel-exists")
@@ -199,16 +203,22 @@ class KernelService:
             raise InvalidArgument(_first_error(exc)) from None
         session.add(Kernel(id=request.kernel_id, owner_id=who.id, agent=request.agent,
                            status="creating", request_hash=digest, mounts_json="[]"))
-        session.flush()
+        try:
+            session.flush()
+        except IntegrityError:
+            raise Conflict(f"kernel {request.kernel_id!r} is being created by another "
+                           "request", code="kernel-exists") from None
+        # lock the vfolder rows in one global order, so two kernels never deadlock
+        posix = sorted(_uuid(v.vfolder_id) for v in export.vfolders if v.kind == "posix")
+        for vfid in posix:
+            result = session.execute(
+                update(Vfolder).where(Vfolder.id == vfid, Vfolder.status.in_(EXPORTABLE))
+                .values(status=MOUNTED))
+            if result.rowcount != 1:
+                alias = next(v.alias for v in export.vfolders if v.vfolder_id == str(vfid))
+                raise Conflict(f"vfolder {alias!r} is not ready to be exported",
+                               code="vfolder-bad-state")
         for item in export.vfolders:
-            if item.kind == "posix":
-                result = session.execute(
-                    update(Vfolder).where(Vfolder.id == _uuid(item.vfolder_id),
-                                          Vfolder.status.in_(EXPORTABLE))
-                    .values(status=MOUNTED))
-                if result.rowcount != 1:
-                    raise Conflict(f"vfolder {item.alias!r} is not ready to be exported",
-                                   code="vfolder-bad-state")
             rows.append(KernelMount(
                 kernel_id=request.kernel_id, alias=item.alias, mode=item.mode,
                 target=item.container_path,

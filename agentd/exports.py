@@ -181,7 +181,10 @@ class ExportService:
     async def _kernel(self, kernel_id: str) -> AsyncIterator[None]:
         lock = self._locks.setdefault(kernel_id, trio.Lock())
         try:
-            async with self.gate.shared(), lock:
+            # the kernel's lock first: from setdefault on, this task is its holder or a
+            # waiter (no checkpoint in between), so the pruning below never drops a lock
+            # that another task is about to use
+            async with lock, self.gate.shared():
                 yield
         finally:
             if not lock.locked() and not lock.statistics().tasks_waiting:

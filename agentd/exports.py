@@ -99,17 +99,19 @@ class VolumeCatalog:
 
 
 class _Gate:
-    """Shared for exports, exclusive for reconciling the namespace."""
+    """Shared for exports, exclusive for reconciling the namespace (which goes first
+    once it waits, so a stream of exports cannot starve it)."""
 
     def __init__(self) -> None:
         self._readers = 0
         self._writer = False
+        self._writers_waiting = 0
         self._cond = trio.Condition()
 
     @contextlib.asynccontextmanager
     async def shared(self) -> AsyncIterator[None]:
         async with self._cond:
-            while self._writer:
+            while self._writer or self._writers_waiting:
                 await self._cond.wait()
             self._readers += 1
         try:
@@ -123,8 +125,13 @@ class _Gate:
     @contextlib.asynccontextmanager
     async def exclusive(self) -> AsyncIterator[None]:
         async with self._cond:
-            while self._writer or self._readers:
-                await self._cond.wait()
+            self._writers_waiting += 1
+            try:
+                while self._writer or self._readers:
+                    await self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+                self._cond.notify_all()  # readers held back by this waiter (if cancelled)
             self._writer = True
         try:
             yield

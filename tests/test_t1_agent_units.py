@@ -147,3 +147,76 @@ def test_unreadable_journal_is_a_clear_error(tmp_path: Path) -> None:
     path.write_text("{broken")
     with pytest.raises(UserError, match="move it away"):
         Journal.load(path)
+
+
+# ---- the reconcile gate ----------------------------------------------------------------------
+
+
+async def test_gate_readers_share_and_a_waiting_writer_goes_first() -> None:
+    import trio
+
+    from agentd.exports import _Gate
+
+    gate = _Gate()
+    events: list[str] = []
+    release_first = trio.Event()
+
+    async def reader(name: str, hold: trio.Event | None = None) -> None:
+        async with gate.shared():
+            events.append(f"{name} in")
+            if hold is not None:
+                await hold.wait()
+            events.append(f"{name} out")
+
+    async def writer() -> None:
+        async with gate.exclusive():
+            events.append("writer")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader, "r1", release_first)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(reader, "r2")       # shares with r1
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(writer)             # waits for r1
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(reader, "r3")       # waits behind the writer
+        await trio.testing.wait_all_tasks_blocked()
+        assert events == ["r1 in", "r2 in", "r2 out"]
+        release_first.set()
+    assert events == ["r1 in", "r2 in", "r2 out", "r1 out", "writer", "r3 in", "r3 out"]
+
+
+async def test_gate_cancelled_writer_releases_waiting_readers() -> None:
+    import trio
+
+    from agentd.exports import _Gate
+
+    gate = _Gate()
+    hold = trio.Event()
+    done: list[str] = []
+
+    async def long_reader() -> None:
+        async with gate.shared():
+            await hold.wait()
+
+    async def reader() -> None:
+        async with gate.shared():
+            done.append("r2")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(long_reader)
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.move_on_after(0.05):
+            async with trio.open_nursery() as inner:
+                inner.start_soon(_exclusive, gate)
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(reader)
+                await trio.sleep(1)
+        await trio.testing.wait_all_tasks_blocked()
+        assert done == ["r2"]
+        hold.set()
+
+
+async def _exclusive(gate) -> None:
+    async with gate.exclusive():
+        pass

@@ -23,6 +23,7 @@ Layering: defaults → the TOML file → command-line flags.  Example::
     [manager]                                 # optional: the manager on another host
     listen = "0.0.0.0:7520"
     secret_file = "/etc/azfs/agent.secret"    # bearer token, required with listen
+    advertise = "http://node-17.cluster:7520" # what the etcd registration tells managers
 
 Unknown keys are errors (a typo must not silently fall back to a default).
 """
@@ -61,6 +62,8 @@ class Config:
     cache_bytes: int = 0
     manager_listen: str | None = None
     manager_secret_file: Path | None = None
+    #: the URL a manager on another host uses (registered in etcd); default from listen
+    manager_advertise: str | None = None
     unmount_on_exit: bool = False
     bind_startup_volumes: bool = True
     max_body_bytes: int = DEFAULT_MAX_BODY
@@ -101,6 +104,18 @@ class Config:
         except KeyError:
             raise UserError(f"socket_group {self.socket_group!r}: no such group") from None
 
+    @property
+    def manager_url(self) -> str | None:
+        """The URL registered for remote managers (None: reach the agent by its socket)."""
+        if self.manager_advertise:
+            return self.manager_advertise
+        if not self.manager_listen:
+            return None
+        host = self.manager_listen.rsplit(":", 1)[0].strip("[]")
+        if host in ("0.0.0.0", "::", ""):
+            return f"http://{socket.gethostname()}:{self.manager_listen.rsplit(':', 1)[1]}"
+        return f"http://{self.manager_listen}"
+
     def manager_secret(self) -> Secret | None:
         if self.manager_secret_file is None:
             return None
@@ -134,7 +149,7 @@ class Config:
         store = _table(data.pop("store", {}), f"{where}: [store]", {"etcd", "volumes_file"})
         cache = _table(data.pop("cache", {}), f"{where}: [cache]", {"dir", "size"})
         manager = _table(data.pop("manager", {}), f"{where}: [manager]",
-                         {"listen", "secret_file"})
+                         {"listen", "secret_file", "advertise"})
         simple = {"agent_id": str, "state_dir": Path, "fuse_mountpoint": Path, "socket": Path,
                   "socket_mode": _mode, "socket_group": str, "unmount_on_exit": bool,
                   "bind_startup_volumes": bool, "max_body_bytes": _size, "volume_uid": int,
@@ -157,6 +172,9 @@ class Config:
         if "listen" in manager:
             values["manager_listen"] = _convert(str, manager["listen"],
                                                 f"{where}: manager.listen")
+        if "advertise" in manager:
+            values["manager_advertise"] = _convert(str, manager["advertise"],
+                                                   f"{where}: manager.advertise")
         if "secret_file" in manager:
             values["manager_secret_file"] = _convert(Path, manager["secret_file"],
                                                      f"{where}: manager.secret_file")
@@ -184,6 +202,9 @@ class Config:
                             "must authenticate)")
         if (self.cache_dir is None) != (self.cache_bytes <= 0):
             raise UserError("config: [cache] needs both dir and a positive size")
+        if self.manager_advertise and not self.manager_advertise.startswith(
+                ("http://", "https://")):
+            raise UserError("config: manager.advertise must be an http(s):// URL")
         if self.max_body_bytes < 1024:
             raise UserError("config: max_body_bytes must be at least 1024")
         if self.registration_ttl < 5:

@@ -1,9 +1,10 @@
 """The agent's registration in etcd: a key under a lease, so a dead node disappears.
 
-``/azfs/agents/<agent_id>`` holds ``{"agent_id", "socket", "manager_url",
-"started"}`` under a lease of ``registration_ttl`` seconds refreshed at a
-third of it; if etcd is unreachable the agent keeps serving and retries.
-Single-node installs (no etcd configured) register nothing.
+``/azfs/agents/<agent_id>`` holds ``{"agent_id", "socket", "url", "started"}``
+(``url`` only when the agent listens on TCP for managers on other hosts),
+under a lease of ``registration_ttl`` seconds refreshed at a third of it; if
+etcd is unreachable the agent keeps serving and retries.  Single-node
+installs (no etcd configured) register nothing.
 """
 
 from __future__ import annotations
@@ -29,10 +30,9 @@ class Registration:
         self._lease = None
 
     def _value(self) -> str:
+        # the manager reaches the agent at "url" when there is one, else at "socket"
         return json.dumps({"agent_id": self.config.agent_id, "socket": str(self.config.socket),
-                           "manager_url": (f"http://{self.config.manager_listen}"
-                                           if self.config.manager_listen else None),
-                           "started": time.time()})
+                           "url": self.config.manager_url, "started": time.time()})
 
     def _connect(self):
         """A client of the first member that answers (TLS/auth as for the volume store)."""

@@ -220,3 +220,19 @@ async def test_gate_cancelled_writer_releases_waiting_readers() -> None:
 async def _exclusive(gate) -> None:
     async with gate.exclusive():
         pass
+
+
+def test_manager_url_registered_for_remote_managers(tmp_path: Path) -> None:
+    import socket
+
+    secret = tmp_path / "secret"
+    secret.write_text("0123456789abcdef-secret\n")
+    base = {"manager_secret_file": secret}
+    assert Config().manager_url is None
+    assert Config(manager_listen="10.0.0.5:7520", **base).manager_url == "http://10.0.0.5:7520"
+    assert Config(manager_listen="0.0.0.0:7520", **base).manager_url == \
+        f"http://{socket.gethostname()}:7520"
+    assert Config(manager_listen="0.0.0.0:7520", manager_advertise="https://n1:443",
+                  **base).manager_url == "https://n1:443"
+    with pytest.raises(UserError, match="advertise"):
+        Config(manager_advertise="n1:7520").validated()

@@ -33,7 +33,9 @@ async def test_agent_with_etcd_store_registers_and_exports(tmp_path: Path,
 
         value, meta = client.get("/azfs/agents/test-node")
         assert value is not None and meta.lease_id
-        assert json.loads(value)["socket"] == str(harness.socket)
+        registered = json.loads(value)
+        assert registered["socket"] == str(harness.socket)
+        assert registered["url"] is None  # no TCP listener: managers use the socket
 
         harness.vfolder("vol1", "vf-1")
         late = harness.root / "src-late"

@@ -150,10 +150,18 @@ class FuseHost:
                     return {"path": list(key_path), "removed": False}
                 self.ops.detach(key_path)
                 await self._drop_user(entry.shared, key_path)
+                self._forget_label(entry.view.label)
                 log.info("detached %s", "/".join(key_path))
                 return {"path": list(key_path), "removed": True}
         finally:
             self._prune_lock(key_path)
+
+    def _forget_label(self, label: str) -> None:
+        """Drops the byte counters of a vfolder no view shows any more (bounded metrics)."""
+        if any(a.view.label == label for a in self._attached.values()):
+            return
+        self.ops.stats.bytes_read.pop(label, None)
+        self.ops.stats.bytes_written.pop(label, None)
 
     def _prune_lock(self, path: tuple[str, ...]) -> None:
         lock = self._path_locks.get(path)

@@ -8,21 +8,31 @@ the volume.  Invariants:
 * ``bytes`` is the sum of apparent sizes of regular files, each inode counted
   once whatever its number of hard links; ``files`` counts inodes of every
   type (files, directories, symlinks, fifos) except the vfolder root.
-* While a filesystem serves the vfolder the ledger on disk says
-  ``clean: false`` and is rewritten at most every :data:`FLUSH_INTERVAL`
-  seconds when it changed; a clean unmount writes ``clean: true``.  A ledger
-  found unclean (a crash) or missing is rebuilt with one walk of the tree.
-* Quota checks reserve the growth *before* the data is written, so a refused
-  write has written nothing.
+* Several daemons may serve one vfolder at once (kernels on several nodes
+  share a folder).  Each keeps its own unflushed *delta* and merges it into
+  the shared record under an exclusive ``flock`` at most every
+  :data:`FLUSH_INTERVAL` seconds; each registers as a *holder* with a
+  heartbeat.  The record is ``clean`` when it has no holders.
+* A holder that died without unregistering (its pid is gone on this host, or
+  its heartbeat is older than :data:`STALE_AFTER` elsewhere) may have lost
+  changes: the next daemon to load the ledger rebuilds it with one walk.
+* Quota checks see the shared total as last merged plus this daemon's delta,
+  and happen *before* the data is written, so a refused write wrote nothing.
+* A read-only user of the ledger (an inspection mount) never writes it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import logging
 import os
+import socket
 import stat
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,8 +42,14 @@ log = logging.getLogger(__name__)
 
 META_DIR = ".azfs-meta"
 LEDGER_NAME = "usage.json"
+LOCK_NAME = "lock"
 FLUSH_INTERVAL = 1.0
-LEDGER_VERSION = 1
+HEARTBEAT_INTERVAL = 5.0
+#: a holder on another host whose heartbeat is older than this is taken as dead
+STALE_AFTER = 60.0
+LOCK_TIMEOUT = 10.0
+LEDGER_VERSION = 2
+_HOST = socket.gethostname()
 
 
 @dataclass(slots=True)
@@ -48,33 +64,71 @@ class Quota:
             raise ValueError("quotas must be >= 0 (0 means unlimited)")
 
 
-class UsageLedger:
-    """Counters of one vfolder with quota enforcement and crash-safe persistence."""
+def _holder_alive(holder: str, heartbeat: float, now: float) -> bool:
+    host, _, rest = holder.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host == _HOST and pid_text.isdigit():
+        try:
+            with open(f"/proc/{pid_text}/stat") as f:
+                return f.read().rsplit(") ", 1)[1][:1] not in ("Z", "X")
+        except (OSError, IndexError):
+            return False
+    return now - heartbeat < STALE_AFTER
 
-    def __init__(self, root_fd: int, quota: Quota | None = None) -> None:
+
+class UsageLedger:
+    """Counters of one vfolder with quota enforcement and crash-safe, shared persistence."""
+
+    def __init__(self, root_fd: int, quota: Quota | None = None,
+                 read_only: bool = False) -> None:
         self._root_fd = root_fd
         self.quota = quota or Quota()
-        self.bytes = 0
-        self.files = 0
-        self._dirty = False
+        self.read_only = read_only
+        self.holder = f"{_HOST}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        #: shared totals as last merged, and this daemon's changes since
+        self._base_bytes = 0
+        self._base_files = 0
+        self._delta_bytes = 0
+        self._delta_files = 0
         self._last_flush = 0.0
+        self._registered = False
+
+    @property
+    def bytes(self) -> int:
+        return max(0, self._base_bytes + self._delta_bytes)
+
+    @property
+    def files(self) -> int:
+        return max(0, self._base_files + self._delta_files)
 
     # ---- loading -----------------------------------------------------------
     def load(self) -> bool:
-        """Loads the ledger, rescanning when it is missing or unclean.
-
-        Returns True when a rescan was needed.  Marks the ledger unclean on
-        disk, since from now on it may run ahead of what is persisted.
-        """
-        record = read_ledger_at(self._root_fd)
-        rescanned = record is None or not record.get("clean", False)
-        if rescanned:
-            self.bytes, self.files = scan_usage(self._root_fd)
-            log.info("usage rebuilt by a scan: %d bytes, %d files", self.bytes, self.files)
-        else:
-            self.bytes, self.files = int(record["bytes"]), int(record["files"])
-        self._write(clean=False)
-        return rescanned
+        """Loads the ledger and registers as a holder; True when it had to be rebuilt."""
+        if self.read_only:
+            record = read_ledger_at(self._root_fd)
+            if record is None:
+                self._base_bytes, self._base_files = scan_usage(self._root_fd)
+                return True
+            self._base_bytes, self._base_files = int(record["bytes"]), int(record["files"])
+            return False
+        with self._locked():
+            record = read_ledger_at(self._root_fd)
+            now = time.time()
+            holders = dict(record.get("holders", {})) if record else {}
+            dead = [h for h, beat in holders.items() if not _holder_alive(h, beat, now)]
+            for h in dead:
+                del holders[h]
+            rebuilt = record is None or bool(dead) or (not holders and not record.get("clean"))
+            if rebuilt:
+                b, f = scan_usage(self._root_fd)
+                log.info("usage rebuilt by a scan: %d bytes, %d files", b, f)
+            else:
+                b, f = int(record["bytes"]), int(record["files"])
+            holders[self.holder] = now
+            self._store(b, f, holders)
+            self._registered = True
+            self._last_flush = time.monotonic()
+        return rebuilt
 
     # ---- quota and accounting ----------------------------------------------
     def check_bytes(self, growth: int) -> None:
@@ -88,31 +142,76 @@ class UsageLedger:
                 f"file quota {self.quota.files} would be exceeded ({self.files} used)")
 
     def add(self, bytes_delta: int = 0, files_delta: int = 0) -> None:
-        if bytes_delta or files_delta:
-            self.bytes = max(0, self.bytes + bytes_delta)
-            self.files = max(0, self.files + files_delta)
-            self._dirty = True
+        # never let our view of the total go below zero (a drifted record)
+        self._delta_bytes += max(bytes_delta, -self.bytes)
+        self._delta_files += max(files_delta, -self.files)
 
     # ---- persistence -------------------------------------------------------
     def flush_if_due(self) -> None:
+        if not self._registered:
+            return
         now = time.monotonic()
-        if self._dirty and now - self._last_flush >= FLUSH_INTERVAL:
-            self._write(clean=False)
+        changed = self._delta_bytes or self._delta_files
+        if (changed and now - self._last_flush >= FLUSH_INTERVAL) or \
+                now - self._last_flush >= HEARTBEAT_INTERVAL:
+            self._merge(unregister=False)
 
     def close(self) -> None:
-        """Persists the counters as clean (only after the last write is done)."""
-        self._write(clean=True)
+        """Merges the last changes and unregisters (after the last write is done)."""
+        if self._registered:
+            self._merge(unregister=True)
+            self._registered = False
 
-    def _write(self, clean: bool) -> None:
-        record = {"version": LEDGER_VERSION, "bytes": self.bytes, "files": self.files,
-                  "clean": clean, "updated": time.time()}
+    def _merge(self, unregister: bool) -> None:
         try:
-            _write_ledger_at(self._root_fd, record)
+            with self._locked():
+                record = read_ledger_at(self._root_fd) or {}
+                holders = dict(record.get("holders", {}))
+                b = max(0, int(record.get("bytes", self._base_bytes)) + self._delta_bytes)
+                f = max(0, int(record.get("files", self._base_files)) + self._delta_files)
+                if unregister:
+                    holders.pop(self.holder, None)
+                else:
+                    holders[self.holder] = time.time()
+                self._store(b, f, holders)
         except OSError as exc:
             log.warning("cannot persist usage ledger: %s", exc)
             return
-        self._dirty = False
+        self._base_bytes, self._base_files = b, f
+        self._delta_bytes = self._delta_files = 0
         self._last_flush = time.monotonic()
+
+    def _store(self, b: int, f: int, holders: dict[str, float]) -> None:
+        _write_ledger_at(self._root_fd, {
+            "version": LEDGER_VERSION, "bytes": b, "files": f, "clean": not holders,
+            "holders": holders, "updated": time.time()})
+        self._base_bytes, self._base_files = b, f
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """An exclusive flock on the ledger's lock file (shared by every daemon)."""
+        meta = _meta_fd(self._root_fd, create=True)
+        try:
+            fd = os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600, dir_fd=meta)
+        finally:
+            os.close(meta)
+        try:
+            deadline = time.monotonic() + LOCK_TIMEOUT
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as exc:
+                    if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                        break  # a volume without locks: last writer wins
+                    if exc.errno not in (errno.EAGAIN, errno.EACCES) or \
+                            time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.01)
+            yield
+        finally:
+            os.close(fd)
 
 
 def _meta_fd(root_fd: int, create: bool) -> int | None:
@@ -140,6 +239,8 @@ def read_ledger_at(root_fd: int) -> dict | None:
         if not isinstance(record, dict) or record.get("version") != LEDGER_VERSION:
             return None
         int(record["bytes"]), int(record["files"])
+        if not isinstance(record.get("holders", {}), dict):
+            return None
         return record
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -220,6 +321,6 @@ def init_ledger(vfolder_dir: str | Path) -> None:
     try:
         b, f = scan_usage(fd)
         _write_ledger_at(fd, {"version": LEDGER_VERSION, "bytes": b, "files": f,
-                              "clean": True, "updated": time.time()})
+                              "clean": True, "holders": {}, "updated": time.time()})
     finally:
         os.close(fd)

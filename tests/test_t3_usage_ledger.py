@@ -12,6 +12,7 @@ import pytest
 from azfs import usage
 from azfs.errors import QuotaExceeded
 from azfs.usage import (
+    LEDGER_VERSION,
     META_DIR,
     Quota,
     UsageLedger,
@@ -90,8 +91,9 @@ def test_clean_ledger_is_trusted_without_a_scan(root, root_fd):
     None,  # unclean: a crash
     "not json",
     json.dumps({"version": 999, "bytes": 1, "files": 1, "clean": True}),
-    json.dumps({"version": 1, "bytes": "many", "files": 1, "clean": True}),
-    json.dumps({"version": 1, "files": 1, "clean": True}),
+    json.dumps({"version": LEDGER_VERSION, "bytes": "many", "files": 1, "clean": True}),
+    json.dumps({"version": LEDGER_VERSION, "files": 1, "clean": True}),
+    json.dumps({"version": LEDGER_VERSION, "bytes": 1, "files": 1, "holders": [1]}),
     json.dumps([1, 2, 3]),
 ])
 def test_unclean_or_damaged_ledger_is_rebuilt(root, root_fd, content, monkeypatch):
@@ -102,7 +104,15 @@ def test_unclean_or_damaged_ledger_is_rebuilt(root, root_fd, content, monkeypatc
     monkeypatch.setattr(usage, "FLUSH_INTERVAL", 0.0)
     ledger.flush_if_due()
     assert json.loads(ledger_file(root).read_text())["bytes"] == 5010
-    if content is not None:
+    if content is None:
+        # the holder's process died without unregistering: a pid that cannot exist
+        record = json.loads(ledger_file(root).read_text())
+        pid_max = int(open("/proc/sys/kernel/pid_max").read())
+        (holder,) = record["holders"]
+        host = holder.split(":")[0]
+        record["holders"] = {f"{host}:{pid_max + 1}:dead": record["holders"][holder]}
+        ledger_file(root).write_text(json.dumps(record))
+    else:
         ledger_file(root).write_text(content)
     again = UsageLedger(root_fd)
     assert again.load() is True
@@ -192,3 +202,31 @@ def test_init_ledger_scans(root):
     init_ledger(root)
     assert read_usage(root) == (42, 2, True)
     assert oct((root / META_DIR).stat().st_mode & 0o777) == "0o700"
+
+
+def test_two_holders_merge_their_changes(root, root_fd, monkeypatch):
+    """Two daemons serving one vfolder (kernels on two nodes) both count."""
+    monkeypatch.setattr(usage, "FLUSH_INTERVAL", 0.0)
+    (root / "f").write_bytes(b"x" * 10)
+    first, second = UsageLedger(root_fd), UsageLedger(root_fd)
+    assert first.load() is True
+    assert second.load() is False  # the first is alive: its record is trusted
+    first.add(bytes_delta=100, files_delta=1)
+    second.add(bytes_delta=1000, files_delta=2)
+    first.flush_if_due()
+    second.flush_if_due()
+    assert (second.bytes, second.files) == (1110, 4)  # sees the other's merged change
+    assert read_usage(root) == (1110, 4, False)
+    first.close()
+    assert read_usage(root)[2] is False  # the second still holds it
+    second.close()
+    assert read_usage(root) == (1110, 4, True)
+
+
+def test_read_only_ledger_never_writes(root, root_fd):
+    (root / "f").write_bytes(b"x" * 10)
+    ledger = UsageLedger(root_fd, read_only=True)
+    assert ledger.load() is True
+    assert (ledger.bytes, ledger.files) == (10, 1)
+    ledger.close()
+    assert not (root / META_DIR).exists()

@@ -107,15 +107,12 @@ def test_bad_options_are_refused(tmp_path, dirs, options, words):
     assert os.listdir(src) == []  # not even a ledger
 
 
-@pytest.mark.xfail(strict=True, reason="argparse errors print the usage block before the "
-                   "error line: several lines on stderr instead of one")
 def test_bad_options_give_one_line(tmp_path, dirs):
     src, mnt = dirs
     res = mount_cmd("--quota-bytes", "10X", str(src), str(mnt), log=tmp_path / "log")
     assert_one_line(res)
 
 
-@pytest.mark.xfail(strict=True, reason="a negative --cache-timeout is accepted and mounted")
 def test_negative_cache_timeout_is_refused(tmp_path, dirs, mounted):
     src, mnt = dirs
     try:

@@ -444,8 +444,6 @@ def test_many_files_stat_and_forget(mounted, count):
     assert len(os.listdir(m.mnt)) == count // 2
 
 
-@pytest.mark.xfail(strict=True, reason="readdir at offset 0 serves the opendir snapshot: "
-                   "rewinddir() does not refresh the listing as POSIX requires")
 def test_rewinddir_sees_the_current_directory(mounted):
     m = mounted()
     fd = os.open(m.mnt, os.O_RDONLY | os.O_DIRECTORY)

@@ -145,8 +145,6 @@ def test_usage_quota_survives_remount(mounted):
         os.close(fd)
 
 
-@pytest.mark.xfail(strict=True, reason="PosixBackend.write/_truncate_fd account growth of a "
-                   "file whose last link is gone (st_nlink == 0): the ledger drifts upwards")
 def test_usage_of_files_removed_while_open(mounted):
     """Data written to a file after its last name went is not counted once it is closed."""
     m = mounted()
@@ -162,8 +160,6 @@ def test_usage_of_files_removed_while_open(mounted):
     assert (usage(m)["bytes"], usage(m)["files"]) == true_usage(m.source) == (0, 0)
 
 
-@pytest.mark.xfail(strict=True, reason="a --ro mount loads the ledger, marks it in use and at "
-                   "unmount writes its own stale counters as clean over the rw mount's")
 def test_read_only_inspection_mount_leaves_the_ledger_alone(mounted):
     rw = mounted()
     (rw.mnt / "before").write_bytes(b"b" * 100)
@@ -176,8 +172,6 @@ def test_read_only_inspection_mount_leaves_the_ledger_alone(mounted):
     assert (got["bytes"], got["files"]) == true_usage(rw.source) == (1100, 2)
 
 
-@pytest.mark.xfail(strict=True, reason="two daemons serving one source keep separate counters; "
-                   "the last to unmount overwrites the ledger (no lock, no refusal)")
 def test_second_rw_mount_of_a_source_is_refused_or_counted(mounted):
     first = mounted()
     (first.mnt / "one").write_bytes(b"1" * 100)

@@ -13,7 +13,8 @@ from azfs.backends.base import Backend
 from azfs.usage import Quota
 
 
-def open_backend(source: str, *, quota: Quota | None = None, sas_file: Path | None = None,
+def open_backend(source: str, *, quota: Quota | None = None, read_only: bool = False,
+                 sas_file: Path | None = None,
                  cache_dir: Path | None = None, cache_bytes: int | None = None,
                  **extra: Any) -> Backend:
     if source.startswith(("http://", "https://")):
@@ -26,4 +27,4 @@ def open_backend(source: str, *, quota: Quota | None = None, sas_file: Path | No
         return BlobBackend.from_url(source, sas_file=sas_file, cache=cache, **extra)
     from azfs.backends.posix import PosixBackend
 
-    return PosixBackend(source, quota=quota)
+    return PosixBackend(source, quota=quota, read_only=read_only)

@@ -102,8 +102,11 @@ def check_name(name: str) -> None:
 class PosixBackend(Backend):
     """A directory tree with quota and incremental usage accounting."""
 
-    def __init__(self, source: str | os.PathLike[str], quota: Quota | None = None) -> None:
+    def __init__(self, source: str | os.PathLike[str], quota: Quota | None = None,
+                 read_only: bool = False) -> None:
         self.source = Path(source)
+        #: an inspection backend: refuses writes and never writes the usage ledger
+        self.read_only = read_only
         try:
             fd = os.open(self.source, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         except NotADirectoryError as exc:
@@ -111,7 +114,7 @@ class PosixBackend(Backend):
         except OSError as exc:
             raise InvalidArgument(f"source {self.source}: {exc.strerror}") from exc
         self._root = PosixNode(fd, os.fstat(fd).st_mode)
-        self.ledger = UsageLedger(fd, quota)
+        self.ledger = UsageLedger(fd, quota, read_only=read_only)
 
     # ---- lifecycle -----------------------------------------------------------
     async def start(self) -> None:
@@ -237,9 +240,13 @@ class PosixBackend(Backend):
         return os.pread(fh.fd, size, offset)
 
     async def write(self, fh: PosixHandle, offset: int, data: bytes) -> int:
-        size = os.fstat(fh.fd).st_size
+        st = os.fstat(fh.fd)
+        size = st.st_size
         end = (size if fh.append else offset) + len(data)
         growth = end - size
+        if st.st_nlink == 0:
+            # the last name is gone: its bytes left the ledger at unlink
+            return os.pwrite(fh.fd, data, offset)
         self.ledger.check_bytes(growth)
         written = os.pwrite(fh.fd, data, offset)
         if growth > 0:
@@ -259,7 +266,11 @@ class PosixBackend(Backend):
         os.close(fh.fd)
 
     def _truncate_fd(self, fd: int, length: int) -> None:
-        old = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        old = st.st_size
+        if st.st_nlink == 0:
+            os.ftruncate(fd, length)
+            return
         self.ledger.check_bytes(length - old)
         os.ftruncate(fd, length)
         self.ledger.add(bytes_delta=length - old)

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import sys
+from typing import NoReturn
 
 from azfs import __version__
 from azfs.errors import AzfsError, UserError
@@ -26,12 +27,20 @@ COMMANDS = (
 )
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line on stderr (exit 2), like every other azfs error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="azfs", description="azfs: virtual folders and datasets for compute clusters")
     parser.add_argument("--version", action="version", version=f"azfs {__version__}")
     parser.add_argument("--debug", action="store_true", help="verbose logs and tracebacks")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                parser_class=_Parser)
     for name in COMMANDS:
         importlib.import_module(name).register(sub)
     return parser

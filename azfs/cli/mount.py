@@ -44,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="byte quota (suffixes K, M, G, T; 0 = none)")
     p.add_argument("--quota-files", type=_count, default=0, metavar="N",
                    help="file count quota (0 = none)")
-    p.add_argument("--cache-timeout", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--cache-timeout", type=_seconds, default=None, metavar="SECONDS",
                    help="kernel entry/attribute cache timeout")
     p.add_argument("--sas-file", type=Path, help="blob sources: file holding the SAS, re-read "
                    "when the SAS nears expiry")
@@ -74,6 +74,16 @@ def _id(text: str) -> int:
     value = int(text)
     if not 0 <= value < 2**32 - 1:
         raise argparse.ArgumentTypeError("must be between 0 and 4294967294")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= value <= 3600:
+        raise argparse.ArgumentTypeError("must be between 0 and 3600 seconds")
     return value
 
 
@@ -165,6 +175,7 @@ def _run_foreground(args: argparse.Namespace, mountpoint: Path) -> int:
     raise_fd_limit()
     try:
         backend = open_backend(args.source, quota=Quota(args.quota_bytes, args.quota_files),
+                               read_only=args.ro,
                                sas_file=args.sas_file, cache_dir=args.cache_dir,
                                cache_bytes=args.cache_bytes)
     except AzfsError as exc:

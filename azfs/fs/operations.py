@@ -53,13 +53,15 @@ class _OpenFile:
 
 
 class _OpenDir:
-    __slots__ = ("inode", "listing", "virtual")
+    __slots__ = ("inode", "listing", "virtual", "read")
 
     def __init__(self, inode: Inode, listing: DirListing | None,
                  virtual: list[tuple[str, int]] | None) -> None:
         self.inode = inode
         self.listing = listing
         self.virtual = virtual
+        #: a listing was served already: offset 0 again means rewinddir()
+        self.read = False
 
 
 class AzfsOperations(pyfuse3.Operations):
@@ -320,6 +322,9 @@ class AzfsOperations(pyfuse3.Operations):
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         """Positions: 0 is '.', 1 is '..', 2+i the i-th entry of the opendir snapshot."""
         d = self._dirs[fh]
+        if start_id == 0 and d.read:
+            await self._refresh(d)
+        d.read = True
         pos = start_id
         while pos < 2:
             ino = d.inode.ino if pos == 0 else d.inode.parent if d.inode.is_virtual else None
@@ -358,6 +363,17 @@ class AzfsOperations(pyfuse3.Operations):
                 self.table.forget(inode.ino, 0)
                 return
             inode.lookups += 1
+
+    async def _refresh(self, d: _OpenDir) -> None:
+        """A new snapshot for rewinddir(), which must see the directory as it is now."""
+        if d.virtual is not None:
+            d.virtual = sorted((d.inode.children or {}).items())
+            return
+        assert d.inode.view is not None and d.listing is not None
+        backend = d.inode.view.backend
+        old = d.listing
+        d.listing = await backend.opendir(d.inode.node)
+        await backend.releasedir(old)
 
     @op
     async def releasedir(self, fh: int) -> None:

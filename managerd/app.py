@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from azfs import __version__
 from managerd import auth
+from managerd import schemas as S
 from managerd.auth import Principal
 from managerd.errors import ApiError, Forbidden, Unauthenticated
 from managerd.services.kernels import DatasetRequest, KernelRequest, VfolderRequest
@@ -53,7 +54,7 @@ class _Body(BaseModel):
 
 
 class UserCreate(_Body):
-    name: Text = Field(min_length=1, max_length=64)
+    name: Text = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     admin: bool = False
     uid: int = Field(default=1000, ge=0, le=2**32 - 2)
     gid: int = Field(default=1000, ge=0, le=2**32 - 2)
@@ -94,9 +95,10 @@ class ShareSet(_Body):
 
 
 class DatasetCreate(_Body):
-    name: Text = Field(min_length=1, max_length=64)
-    account_url: Text = Field(min_length=1, max_length=255)
-    container: Text = Field(min_length=3, max_length=63)
+    name: Text = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    account_url: Text = Field(min_length=1, max_length=255, pattern=r"^https?://",
+                              description="blob endpoint, e.g. https://ACCOUNT.blob.core.windows.net")
+    container: Text = Field(min_length=3, max_length=63, pattern=r"^[a-z0-9][a-z0-9-]*[a-z0-9]$")
     prefix: Text = Field(default="", max_length=1024)
     visibility: Literal["shared", "private"] = "private"
     users: list[Annotated[Text, Field(max_length=64)]] = Field(default_factory=list,
@@ -110,8 +112,8 @@ class SasRequest(_Body):
 
 
 class AgentRegister(_Body):
-    socket: Text | None = Field(default=None, max_length=1024)
-    url: Text | None = Field(default=None, max_length=1024)
+    socket: Text | None = Field(default=None, max_length=1024, pattern=r"^/")
+    url: Text | None = Field(default=None, max_length=1024, pattern=r"^https?://")
     ttl: int = Field(default=60, ge=0, le=86400, description="seconds; 0: no expiry")
 
 
@@ -129,8 +131,8 @@ class DatasetItem(_Body):
 
 
 class KernelBody(_Body):
-    kernel_id: Text = Field(min_length=1, max_length=128)
-    agent: Text = Field(min_length=1, max_length=64)
+    kernel_id: Text = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    agent: Text = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     vfolders: list[VfolderItem] = Field(default_factory=list, max_length=64)
     datasets: list[DatasetItem] = Field(default_factory=list, max_length=64)
     dotfolders: bool = Field(default=True, description="also export the owner's dot-folders")
@@ -145,17 +147,8 @@ class KernelBody(_Body):
             datasets=[DatasetRequest(**d.model_dump()) for d in self.datasets])
 
 
-class ErrorDetail(BaseModel):
-    code: str
-    message: str
-
-
-class ErrorBody(BaseModel):
-    error: ErrorDetail
-
-
 ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorBody} for status in (401, 403, 404, 409, 422, 502, 503)}
+    status: {"model": S.ErrorBody} for status in (401, 403, 404, 409, 422, 502, 503)}
 
 _bearer = HTTPBearer(auto_error=False, description="API token")
 
@@ -179,33 +172,40 @@ def create_app(manager: Manager) -> FastAPI:
     Who = Annotated[Principal, Depends(principal)]
     m = manager
 
-    @app.get("/v1/health", tags=["meta"])
+    @app.get("/v1/health", tags=["meta"],
+             response_model=S.Health, response_model_exclude_unset=True)
     async def health() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
 
     # -- users -----------------------------------------------------------------
 
-    @app.get("/v1/users/me", tags=["users"])
+    @app.get("/v1/users/me", tags=["users"],
+             response_model=S.UserOut, response_model_exclude_unset=True)
     async def whoami(who: Who) -> dict:
         return await m.users.get(who, who.name)
 
-    @app.post("/v1/users", status_code=201, tags=["users"])
+    @app.post("/v1/users", status_code=201, tags=["users"],
+             response_model=S.UserWithToken, response_model_exclude_unset=True)
     async def create_user(who: Who, body: UserCreate) -> dict:
         return await m.users.create(who, body.name, body.admin, body.uid, body.gid)
 
-    @app.get("/v1/users", tags=["users"])
+    @app.get("/v1/users", tags=["users"],
+             response_model=list[S.UserOut], response_model_exclude_unset=True)
     async def list_users(who: Who) -> list[dict]:
         return await m.users.list(who)
 
-    @app.get("/v1/users/{name}", tags=["users"])
+    @app.get("/v1/users/{name}", tags=["users"],
+             response_model=S.UserOut, response_model_exclude_unset=True)
     async def get_user(who: Who, name: Name) -> dict:
         return await m.users.get(who, name)
 
-    @app.patch("/v1/users/{name}", tags=["users"])
+    @app.patch("/v1/users/{name}", tags=["users"],
+             response_model=S.UserOut, response_model_exclude_unset=True)
     async def update_user(who: Who, name: Name, body: UserUpdate) -> dict:
         return await m.users.update(who, name, admin=body.admin, uid=body.uid, gid=body.gid)
 
-    @app.post("/v1/users/{name}/tokens", status_code=201, tags=["users"])
+    @app.post("/v1/users/{name}/tokens", status_code=201, tags=["users"],
+             response_model=S.TokenOut, response_model_exclude_unset=True)
     async def issue_token(who: Who, name: Name, body: TokenCreate) -> dict:
         return await m.users.issue_token(who, name, body.label)
 
@@ -216,34 +216,41 @@ def create_app(manager: Manager) -> FastAPI:
 
     # -- vfolders --------------------------------------------------------------
 
-    @app.post("/v1/vfolders", status_code=201, tags=["vfolders"])
+    @app.post("/v1/vfolders", status_code=201, tags=["vfolders"],
+             response_model=S.VfolderOut, response_model_exclude_unset=True)
     async def create_vfolder(who: Who, body: VfolderCreate) -> dict:
         return await m.vfolders.create(who, body.alias, volume=body.volume,
                                        usage_mode=body.usage_mode, permission=body.permission,
                                        dotfolder=body.dotfolder)
 
-    @app.get("/v1/vfolders", tags=["vfolders"])
+    @app.get("/v1/vfolders", tags=["vfolders"],
+             response_model=list[S.VfolderOut], response_model_exclude_unset=True)
     async def list_vfolders(who: Who, all: Annotated[bool, Query()] = False,
                             trash: Annotated[bool, Query()] = False) -> list[dict]:
         return await m.vfolders.list(who, everyone=all, trash=trash)
 
-    @app.get("/v1/vfolders/{ref}", tags=["vfolders"])
+    @app.get("/v1/vfolders/{ref}", tags=["vfolders"],
+             response_model=S.VfolderInfo, response_model_exclude_unset=True)
     async def vfolder_info(who: Who, ref: Ref) -> dict:
         return await m.vfolders.info(who, ref)
 
-    @app.get("/v1/vfolders/{ref}/usage", tags=["vfolders"])
+    @app.get("/v1/vfolders/{ref}/usage", tags=["vfolders"],
+             response_model=S.UsageOut, response_model_exclude_unset=True)
     async def vfolder_usage(who: Who, ref: Ref) -> dict:
         return await m.vfolders.usage(who, ref)
 
-    @app.patch("/v1/vfolders/{ref}", tags=["vfolders"])
+    @app.patch("/v1/vfolders/{ref}", tags=["vfolders"],
+             response_model=S.VfolderOut, response_model_exclude_unset=True)
     async def rename_vfolder(who: Who, ref: Ref, body: VfolderRename) -> dict:
         return await m.vfolders.rename(who, ref, body.alias, body.dotfolder)
 
-    @app.put("/v1/vfolders/{ref}/quota", tags=["vfolders"])
+    @app.put("/v1/vfolders/{ref}/quota", tags=["vfolders"],
+             response_model=S.VfolderOut, response_model_exclude_unset=True)
     async def set_quota(who: Who, ref: Ref, body: QuotaSet) -> dict:
         return await m.vfolders.set_quota(who, ref, body.quota_bytes, body.quota_files)
 
-    @app.put("/v1/vfolders/{ref}/shares/{user}", tags=["vfolders"])
+    @app.put("/v1/vfolders/{ref}/shares/{user}", tags=["vfolders"],
+             response_model=S.VfolderOut, response_model_exclude_unset=True)
     async def share_vfolder(who: Who, ref: Ref, user: Name, body: ShareSet) -> dict:
         return await m.vfolders.share(who, ref, user, body.permission)
 
@@ -258,7 +265,8 @@ def create_app(manager: Manager) -> FastAPI:
         await m.vfolders.trash(who, ref)
         return Response(status_code=204)
 
-    @app.post("/v1/vfolders/{ref}/restore", tags=["vfolders"])
+    @app.post("/v1/vfolders/{ref}/restore", tags=["vfolders"],
+             response_model=S.VfolderOut, response_model_exclude_unset=True)
     async def restore_vfolder(who: Who, ref: Ref) -> dict:
         return await m.vfolders.restore(who, ref)
 
@@ -270,16 +278,19 @@ def create_app(manager: Manager) -> FastAPI:
 
     # -- datasets --------------------------------------------------------------
 
-    @app.post("/v1/datasets", status_code=201, tags=["datasets"])
+    @app.post("/v1/datasets", status_code=201, tags=["datasets"],
+             response_model=S.DatasetOut, response_model_exclude_unset=True)
     async def register_dataset(who: Who, body: DatasetCreate) -> dict:
         return await m.datasets.register(who, body.name, body.account_url, body.container,
                                          body.prefix, body.visibility, body.users)
 
-    @app.get("/v1/datasets", tags=["datasets"])
+    @app.get("/v1/datasets", tags=["datasets"],
+             response_model=list[S.DatasetOut], response_model_exclude_unset=True)
     async def list_datasets(who: Who) -> list[dict]:
         return await m.datasets.list(who)
 
-    @app.get("/v1/datasets/{name}", tags=["datasets"])
+    @app.get("/v1/datasets/{name}", tags=["datasets"],
+             response_model=S.DatasetOut, response_model_exclude_unset=True)
     async def dataset_info(who: Who, name: Name) -> dict:
         return await m.datasets.info(who, name)
 
@@ -288,16 +299,19 @@ def create_app(manager: Manager) -> FastAPI:
         await m.datasets.remove(who, name)
         return Response(status_code=204)
 
-    @app.put("/v1/datasets/{name}/users/{user}", tags=["datasets"])
+    @app.put("/v1/datasets/{name}/users/{user}", tags=["datasets"],
+             response_model=S.DatasetOut, response_model_exclude_unset=True)
     async def grant_dataset(who: Who, name: Name, user: Name) -> dict:
         return await m.datasets.set_access(who, name, [user], grant=True)
 
-    @app.delete("/v1/datasets/{name}/users/{user}", tags=["datasets"])
+    @app.delete("/v1/datasets/{name}/users/{user}", tags=["datasets"],
+             response_model=S.DatasetOut, response_model_exclude_unset=True)
     async def revoke_dataset(who: Who, name: Name, user: Name) -> dict:
         return await m.datasets.set_access(who, name, [user], grant=False)
 
     @app.post("/v1/datasets/{name}/sas", tags=["datasets"],
-              summary="Issue a short-lived read-only SAS")
+              summary="Issue a short-lived read-only SAS",
+             response_model=S.SasOut, response_model_exclude_unset=True)
     async def dataset_sas(who: Who, name: Name, body: SasRequest | None = None) -> dict:
         body = body or SasRequest()
         return await m.datasets.issue_sas(who, name, body.ttl, body.blob)
@@ -305,16 +319,19 @@ def create_app(manager: Manager) -> FastAPI:
     # -- kernels ---------------------------------------------------------------
 
     @app.post("/v1/kernels", status_code=201, tags=["kernels"],
-              responses={200: {"description": "a retried create of the same kernel"}})
+              responses={200: {"description": "a retried create of the same kernel"}},
+             response_model=S.KernelOut, response_model_exclude_unset=True)
     async def create_kernel(who: Who, body: KernelBody) -> Any:
         kernel, created = await m.kernels.create(who, body.to_request())
         return JSONResponse(kernel, status_code=201 if created else 200)
 
-    @app.get("/v1/kernels", tags=["kernels"])
+    @app.get("/v1/kernels", tags=["kernels"],
+             response_model=list[S.KernelOut], response_model_exclude_unset=True)
     async def list_kernels(who: Who, all: Annotated[bool, Query()] = False) -> list[dict]:
         return await m.kernels.list(who, everyone=all)
 
-    @app.get("/v1/kernels/{kernel_id}", tags=["kernels"])
+    @app.get("/v1/kernels/{kernel_id}", tags=["kernels"],
+             response_model=S.KernelOut, response_model_exclude_unset=True)
     async def kernel_info(who: Who, kernel_id: KernelId) -> dict:
         return await m.kernels.info(who, kernel_id)
 
@@ -329,7 +346,8 @@ def create_app(manager: Manager) -> FastAPI:
     @app.get("/v1/kernels/{kernel_id}/datasets/{alias}/sas", tags=["kernels"],
              summary="SAS renewal for the agent serving a kernel's dataset",
              description="Authenticated by the key in the URL the agent was given "
-                         "(no bearer token); answers a fresh read-only SAS.")
+                         "(no bearer token); answers a fresh read-only SAS.",
+             response_model=S.RenewedSas, response_model_exclude_unset=True)
     async def renew_kernel_sas(kernel_id: KernelId, alias: Ref,
                                key: Annotated[str, Query(min_length=1, max_length=128,
                                                          pattern=r"^[A-Za-z0-9_-]+$")]) -> dict:
@@ -337,11 +355,13 @@ def create_app(manager: Manager) -> FastAPI:
 
     # -- agents and volumes (admin) ----------------------------------------------
 
-    @app.put("/v1/agents/{name}", tags=["agents"])
+    @app.put("/v1/agents/{name}", tags=["agents"],
+             response_model=S.AgentOut, response_model_exclude_unset=True)
     async def register_agent(who: Who, name: Name, body: AgentRegister) -> dict:
         return await m.agents.register(who, name, body.socket, body.url, body.ttl)
 
-    @app.get("/v1/agents", tags=["agents"])
+    @app.get("/v1/agents", tags=["agents"],
+             response_model=list[S.AgentOut], response_model_exclude_unset=True)
     async def list_agents(who: Who) -> list[dict]:
         return await m.agents.list(who)
 
@@ -350,7 +370,8 @@ def create_app(manager: Manager) -> FastAPI:
         await m.agents.remove(who, name)
         return Response(status_code=204)
 
-    @app.get("/v1/volumes", tags=["volumes"])
+    @app.get("/v1/volumes", tags=["volumes"],
+             response_model=list[S.VolumeOut], response_model_exclude_unset=True)
     async def list_volumes(who: Who) -> list[dict]:
         if not who.is_admin:
             raise Forbidden("only admins list host volumes")

@@ -375,6 +375,11 @@ def _forget(session: Session, kernel_id: str) -> None:
     """Drops a kernel's records and frees its vfolders that no other kernel uses."""
     vfids = list(session.scalars(select(KernelMount.vfolder_id).where(
         KernelMount.kernel_id == kernel_id, KernelMount.vfolder_id.is_not(None))))
+    if vfids:
+        # Lock the vfolder rows (in one global order) before looking at other kernels'
+        # mounts: two kernels forgotten at once must not both see the other's mount.
+        session.execute(select(Vfolder.id).where(Vfolder.id.in_(vfids))
+                        .order_by(Vfolder.id).with_for_update()).all()
     session.execute(delete(KernelMount).where(KernelMount.kernel_id == kernel_id))
     session.execute(delete(Kernel).where(Kernel.id == kernel_id))
     if vfids:

@@ -37,7 +37,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -215,14 +215,25 @@ class ExportService:
             attached: list[list[str]] = []
             try:
                 roots: dict[str, Path] = {}
-                for volume in volumes:
+
+                async def acquire(volume: Volume) -> None:
                     roots[volume.name] = await self._acquire(volume)
                     acquired.append(volume)
-                views = [await self._plan_view(kernel_id, request, vf, roots)
-                         for vf in request.vfolders]
-                for view in views:
+
+                await _each(acquire, volumes)
+                views: list[dict[str, Any]] = [{} for _ in request.vfolders]
+
+                async def plan(i: int) -> None:
+                    views[i] = await self._plan_view(kernel_id, request,
+                                                     request.vfolders[i], roots)
+
+                await _each(plan, range(len(views)))
+
+                async def attach(view: dict[str, Any]) -> None:
                     await self._attach(view)
                     attached.append(view["path"])
+
+                await _each(attach, views)
                 response = ExportResponse(kernel_id=kernel_id,
                                           mounts=self._mounts(kernel_id, request))
                 await self.journal.put(kernel_id, {
@@ -453,6 +464,28 @@ class ExportService:
 
     def volume_refcounts(self) -> dict[str, int]:
         return {name: refs for name, (_, refs) in self.mounter.mounts().items()}
+
+
+async def _each(fn: Callable[[Any], Awaitable[None]], items: Iterable[Any]) -> None:
+    """Runs ``fn`` on every item concurrently, each to its end (none is cancelled half-way,
+    so what succeeded is known for the rollback), then raises the first item's error."""
+    items = list(items)
+    if len(items) == 1:
+        await fn(items[0])
+        return
+    errors: dict[int, Exception] = {}
+
+    async def one(i: int) -> None:
+        try:
+            await fn(items[i])
+        except Exception as exc:  # noqa: BLE001 - collected, re-raised below
+            errors[i] = exc
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(items)):
+            nursery.start_soon(one, i)
+    if errors:
+        raise errors[min(errors)]
 
 
 def _overlap(a: str, b: str) -> bool:

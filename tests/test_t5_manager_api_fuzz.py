@@ -3,9 +3,10 @@
 The daemon runs as a subprocess (SQLite, a ``bind`` host volume); the
 schemathesis CLI generates valid and invalid requests for every operation
 (bounded: a few examples per operation, fixed seed) as an admin, so that
-admin-only paths are reached too, and fails on any server error or any answer that does not match its schema.  Token
-revocation is left out: schemathesis reuses names from earlier answers and
-would revoke its own token, leaving the rest of the run at 401.
+admin-only paths are reached too, and fails on any server error or any
+answer that does not match its published schema.  Token revocation is left
+out: schemathesis reuses names from earlier answers and would revoke its own
+token, leaving the rest of the run at 401.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def test_fuzz_from_openapi_no_server_errors(daemon: Daemon) -> None:  # noqa: F8
             assert c.post("/v1/vfolders", json={"alias": "seed"}).status_code == 201
         result = subprocess.run(
             [str(BIN / "schemathesis"), "run", f"{d.url}/openapi.json",
-             "--checks", "not_a_server_error,response_schema_conformance", "--max-examples", "6", "--seed", "1234",
+             "--checks", "not_a_server_error,response_schema_conformance",
+             "--max-examples", "6", "--seed", "1234",
              "--phases", "examples,coverage,fuzzing", "--workers", "2", "--no-color",
              "--exclude-operation-id", "revoke_tokens_v1_users__name__tokens_delete",
              "--request-timeout", "20", "--generation-database", "none",

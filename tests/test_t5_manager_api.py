@@ -259,6 +259,23 @@ async def test_usage_comes_from_the_ledger(sqlite_server: Server) -> None:
         assert info["usage"] is None and info["usage_error"]["code"] == "usage-unavailable"
 
 
+async def test_usage_of_data_written_through_azfs(sqlite_server: Server, mounted) -> None:
+    """Files written through a real azfs mount of the vfolder show up in info and usage."""
+    srv = sqlite_server
+    async with srv.client("olive") as c:
+        vf = (await c.post("/v1/vfolders", json={"alias": "written"})).json()
+        mount = mounted(source=srv.volumes[vf["volume"]] / vf["path"])
+        (mount.mnt / "a.bin").write_bytes(b"x" * 12345)
+        (mount.mnt / "d").mkdir()
+        (mount.mnt / "d" / "b.txt").write_bytes(b"y" * 100)
+        assert mount.umount().returncode == 0  # a clean unmount writes the final ledger
+        r = await c.get(f"/v1/vfolders/{vf['id']}/usage")
+        assert r.status_code == 200, r.text
+        assert r.json() == {"id": vf["id"], "bytes": 12445, "files": 3}
+        assert (await c.get("/v1/vfolders/written")).json()["usage"] == {"bytes": 12445,
+                                                                         "files": 3}
+
+
 async def test_volume_choice_most_free_and_named(sqlite_server: Server) -> None:
     srv = sqlite_server
     async with srv.client("admin") as c:

@@ -271,10 +271,13 @@ def create_app(manager: Manager) -> FastAPI:
         return await m.vfolders.restore(who, ref)
 
     @app.post("/v1/vfolders/{ref}/purge", status_code=204, tags=["vfolders"],
-              summary="Remove a trashed vfolder and its data for good")
+              summary="Remove a trashed vfolder and its data for good",
+              responses={202: {"description": "still removing (slow storage); the "
+                                              "vfolder is delete-ongoing until done"}})
     async def purge_vfolder(who: Who, ref: Ref) -> Response:
-        await m.vfolders.purge(who, ref)
-        return Response(status_code=204)
+        if await m.vfolders.purge(who, ref):
+            return Response(status_code=204)
+        return JSONResponse({"status": "delete-ongoing"}, status_code=202)
 
     # -- datasets --------------------------------------------------------------
 

@@ -32,6 +32,10 @@ class VolumeUnavailable(Unavailable):
     code = "volume-unavailable"
 
 
+class StorageTimeout(VolumeUnavailable):
+    """The call did not return in time; its thread was left to finish on its own."""
+
+
 class VolumePool:
     def __init__(self, config: ManagerConfig, store: Any = None, mounter: Any = None) -> None:
         self._config = config
@@ -56,7 +60,7 @@ class VolumePool:
                 return await trio.to_thread.run_sync(
                     lambda: fn(*args), limiter=self.limiter, abandon_on_cancel=True)
         except trio.TooSlowError:
-            raise VolumeUnavailable(f"{what}: no answer from storage in {self.timeout:g}s") \
+            raise StorageTimeout(f"{what}: no answer from storage in {self.timeout:g}s") \
                 from None
         except OSError as exc:
             raise VolumeUnavailable(f"{what}: {exc.strerror or exc}") from None
@@ -174,7 +178,7 @@ class VolumePool:
         await self.storage(_mkdir_with_ledger, directory, what="creating the vfolder directory")
 
     async def remove_dir(self, directory: Path) -> None:
-        await self.storage(_rmtree, directory, what="removing the vfolder directory")
+        await self.storage(remove_tree, directory, what="removing the vfolder directory")
 
 
 def _mkdir_with_ledger(directory: Path) -> None:
@@ -188,7 +192,7 @@ def _mkdir_with_ledger(directory: Path) -> None:
         raise
 
 
-def _rmtree(directory: Path) -> None:
+def remove_tree(directory: Path) -> None:
     try:
         shutil.rmtree(directory)
     except FileNotFoundError:

@@ -574,3 +574,45 @@ async def test_concurrent_kernels_shares_and_retries(server: Server) -> None:
         assert [r[1] for r in srv.agent.requests if r[0] == "PUT"].count("same") == 1
         statuses = {v["alias"]: v["status"] for v in (await c.get("/v1/vfolders")).json()}
         assert statuses == {"a": "ready", "b": "ready", "c": "mounted"}
+
+
+async def test_slow_purge_finishes_in_the_background(sqlite_server: Server) -> None:
+    """Storage slower than the timeout: 202, ``delete-ongoing``, then done by itself.
+
+    Slow storage cannot be produced here on demand, so the directory removal
+    waits for an event set by the test (a stand-in for a slow SMB server);
+    everything else is real.
+    """
+    import threading
+
+    from managerd.services import vfolders as service
+
+    srv = sqlite_server
+    release = threading.Event()
+    real_remove = service.remove_tree
+
+    def slow_remove(directory: Path) -> None:
+        release.wait(30)
+        real_remove(directory)
+
+    service.remove_tree = slow_remove
+    srv.manager.volumes.timeout = 0.2
+    try:
+        async with srv.client("olive") as c:
+            vf = (await c.post("/v1/vfolders", json={"alias": "big"})).json()
+            directory = srv.volumes[vf["volume"]] / vf["path"]
+            assert (await c.delete("/v1/vfolders/big")).status_code == 204
+            r = await c.post(f"/v1/vfolders/{vf['id']}/purge")
+            assert r.status_code == 202 and r.json() == {"status": "delete-ongoing"}
+            trash = (await c.get("/v1/vfolders", params={"trash": True})).json()
+            assert [v["status"] for v in trash] == ["delete-ongoing"]
+            assert directory.exists()
+            release.set()
+            with trio.fail_after(30):
+                while (await c.get(f"/v1/vfolders/{vf['id']}")).status_code != 404:
+                    await trio.sleep(0.05)
+            assert not directory.exists()
+            assert (await c.post("/v1/vfolders", json={"alias": "big"})).status_code == 201
+    finally:
+        release.set()
+        service.remove_tree = real_remove

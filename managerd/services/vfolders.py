@@ -43,7 +43,7 @@ from managerd.db.session import Database
 from managerd.errors import ApiError, Conflict, Forbidden, InvalidArgument, NotFound
 from managerd.services.names import parse_id, validate_alias
 from managerd.usage import read_usage
-from managerd.volumes import VolumePool
+from managerd.volumes import StorageTimeout, VolumePool, remove_tree
 
 log = logging.getLogger(__name__)
 
@@ -227,20 +227,40 @@ class VfolderService:
     async def restore(self, who: Principal, ref: str) -> dict[str, Any]:
         return await self.db.run(_restore, who, ref)
 
-    async def purge(self, who: Principal, ref: str) -> None:
-        """Removes a trashed vfolder's directory; the row stays as ``delete-complete``."""
+    async def purge(self, who: Principal, ref: str) -> bool:
+        """Removes a trashed vfolder's directory; the row stays as ``delete-complete``.
+
+        Returns False when the removal outlasts the storage timeout (a large
+        tree, slow storage): it goes on in its thread, which records the
+        outcome itself (``delete-complete`` or ``error``); meanwhile the
+        vfolder is ``delete-ongoing``.
+        """
         target = await self.db.run(_begin_purge, who, ref)
         if target is None:
-            return
+            return True
         vfid, volume, path = target
         try:
             directory = await self.volumes.vfolder_dir(volume, path)
-            await self.volumes.remove_dir(directory)
         except ApiError as exc:
             await self.db.run(_set_status, vfid, DELETE_ONGOING, ERROR,
                               f"purge failed: {exc.message}")
             raise
-        await self.db.run(_set_status, vfid, DELETE_ONGOING, DELETE_COMPLETE, "")
+
+        def remove() -> None:  # runs in a worker thread, possibly beyond the request
+            try:
+                remove_tree(directory)
+            except OSError as exc:
+                self.db.call(_set_status, vfid, DELETE_ONGOING, ERROR,
+                             f"purge failed: {exc.strerror or exc}")
+                raise
+            self.db.call(_set_status, vfid, DELETE_ONGOING, DELETE_COMPLETE, "")
+
+        try:
+            await self.volumes.storage(remove, what="removing the vfolder directory")
+        except StorageTimeout:
+            log.warning("purge of vfolder %s continues in the background", vfid)
+            return False
+        return True
 
 
 # -- units of work (run in a worker thread, one transaction each) ---------------

@@ -519,8 +519,6 @@ def test_o_direct_is_served(mounted):
     assert (m.source / "f").read_bytes() == b"unaligned bytes"
 
 
-@pytest.mark.xfail(strict=True, reason="the posix backend keeps one O_PATH descriptor per "
-                   "inode the kernel remembers: past RLIMIT_NOFILE, lookups fail with EMFILE")
 def test_more_inodes_than_descriptors(mounted):
     # without CAP_SYS_RESOURCE the daemon cannot raise its limit back up
     m = mounted(prefix=["setpriv", "--bounding-set", "-sys_resource",

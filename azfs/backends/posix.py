@@ -33,16 +33,15 @@ from azfs.backends.base import (
     DirEntry,
     DirListing,
     FileHandle,
-    Node,
     StatFs,
     Usage,
 )
+from azfs.backends.posix_nodes import NodeNames, PosixNode, node_fd, open_at, pool, release
 from azfs.errors import BackendUnavailable, InvalidArgument, NotSupported
 from azfs.usage import META_DIR, Quota, UsageLedger
 
 log = logging.getLogger(__name__)
 
-_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 #: O_DIRECT is served through the page cache: our buffers are not aligned for it
 _OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | os.O_DIRECT
 RENAME_NOREPLACE = 1
@@ -61,14 +60,6 @@ _statfs_limiter = trio.CapacityLimiter(4)
 
 def _proc(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
-
-
-class PosixNode(Node):
-    __slots__ = ("fd", "mode")
-
-    def __init__(self, fd: int, mode: int) -> None:
-        self.fd = fd
-        self.mode = mode
 
 
 class PosixHandle(FileHandle):
@@ -113,7 +104,9 @@ class PosixBackend(Backend):
             raise InvalidArgument(f"source {self.source}: not a directory") from exc
         except OSError as exc:
             raise InvalidArgument(f"source {self.source}: {exc.strerror}") from exc
-        self._root = PosixNode(fd, os.fstat(fd).st_mode)
+        st = os.fstat(fd)
+        self._root = PosixNode(fd, st.st_mode, (st.st_dev, st.st_ino), None, None)
+        self._names = NodeNames()
         self.ledger = UsageLedger(fd, quota, read_only=read_only)
 
     # ---- lifecycle -----------------------------------------------------------
@@ -138,33 +131,39 @@ class PosixBackend(Backend):
             raise OSError(errno.EPERM, "reserved name")
 
     def _node_at(self, parent: PosixNode, name: str) -> tuple[PosixNode, Attributes]:
-        fd = os.open(name, _PATH_FLAGS, dir_fd=parent.fd)
+        fd = open_at(name, node_fd(parent))
         try:
             st = os.fstat(fd)
         except OSError:
             os.close(fd)
             raise
-        return PosixNode(fd, st.st_mode), _attrs(st)
+        node = PosixNode(fd, st.st_mode, (st.st_dev, st.st_ino), parent, name)
+        pool.admit(node)
+        self._names.add(node)
+        return node, _attrs(st)
 
     # ---- tree ----------------------------------------------------------------
     def root(self) -> PosixNode:
         return self._root
 
     async def lookup(self, parent: PosixNode, name: str) -> tuple[PosixNode, Attributes]:
+        pool.begin()
         check_name(name)
         if self._reserved(parent, name):
             raise OSError(errno.ENOENT, "no such file")
         return self._node_at(parent, name)
 
     async def getattr(self, node: PosixNode) -> Attributes:
-        return _attrs(os.fstat(node.fd))
+        pool.begin()
+        return _attrs(os.fstat(node_fd(node)))
 
     def forget(self, node: PosixNode) -> None:
         if node is not self._root:
-            os.close(node.fd)
+            release(node)
 
     async def opendir(self, node: PosixNode) -> DirListing:
-        dfd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=node.fd)
+        pool.begin()
+        dfd = open_at(".", node_fd(node), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         entries: list[DirEntry] = []
         try:
             with os.scandir(dfd) as it:
@@ -185,7 +184,8 @@ class PosixBackend(Backend):
         return DirListing(entries)
 
     async def readlink(self, node: PosixNode) -> bytes:
-        return os.readlink(b"", dir_fd=node.fd)
+        pool.begin()
+        return os.readlink(b"", dir_fd=node_fd(node))
 
     async def statfs(self) -> StatFs:
         def call() -> os.statvfs_result:
@@ -217,12 +217,13 @@ class PosixBackend(Backend):
 
     # ---- files ---------------------------------------------------------------
     async def open(self, node: PosixNode, flags: int) -> PosixHandle:
+        pool.begin()
         if not stat.S_ISREG(node.mode):
             # the kernel opens only regular files here; anything else is refused
             # rather than opened through /proc (a fifo would block the loop).
             raise OSError(errno.EINVAL if not stat.S_ISDIR(node.mode) else errno.EISDIR,
                           "not a regular file")
-        fd = os.open(_proc(node.fd), (flags & ~_OPEN_STRIP) | os.O_CLOEXEC)
+        fd = open_at(_proc(node_fd(node)), -1, (flags & ~_OPEN_STRIP) | os.O_CLOEXEC)
         fh = PosixHandle(fd, node, bool(flags & os.O_APPEND))
         if flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
             self._truncate_fd(fd, 0)
@@ -277,7 +278,8 @@ class PosixBackend(Backend):
 
     async def setattr(self, node: PosixNode, changes: AttrChanges,
                       fh: PosixHandle | None) -> Attributes:
-        path = _proc(node.fd)
+        pool.begin()
+        path = _proc(node_fd(node))
         is_link = stat.S_ISLNK(node.mode)
         if changes.size is not None:
             if not stat.S_ISREG(node.mode):
@@ -286,7 +288,7 @@ class PosixBackend(Backend):
             if fh is not None:
                 self._truncate_fd(fh.fd, changes.size)
             else:
-                fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+                fd = open_at(path, -1, os.O_WRONLY | os.O_CLOEXEC)
                 try:
                     self._truncate_fd(fd, changes.size)
                 finally:
@@ -300,53 +302,58 @@ class PosixBackend(Backend):
                      -1 if changes.gid is None else changes.gid)
         if (changes.atime_ns is not None or changes.mtime_ns is not None
                 or changes.atime_now or changes.mtime_now):
-            st = os.fstat(node.fd)
+            st = os.fstat(node_fd(node))
             now = time.time_ns()
             atime = now if changes.atime_now else (
                 changes.atime_ns if changes.atime_ns is not None else st.st_atime_ns)
             mtime = now if changes.mtime_now else (
                 changes.mtime_ns if changes.mtime_ns is not None else st.st_mtime_ns)
             os.utime(path, ns=(atime, mtime))
-        return _attrs(os.fstat(node.fd))
+        return _attrs(os.fstat(node_fd(node)))
 
     async def create(self, parent: PosixNode, name: str, mode: int,
                      flags: int) -> tuple[PosixNode, Attributes, PosixHandle]:
+        pool.begin()
         self._check(parent, name)
         open_flags = (flags & ~_OPEN_STRIP) | os.O_CLOEXEC | os.O_NOFOLLOW
         created = True
         self.ledger.check_files(1)
+        parent_fd = node_fd(parent)
         try:
-            fd = os.open(name, open_flags | os.O_CREAT | os.O_EXCL, stat.S_IMODE(mode),
-                         dir_fd=parent.fd)
+            fd = open_at(name, parent_fd, open_flags | os.O_CREAT | os.O_EXCL, stat.S_IMODE(mode))
         except FileExistsError:
             if flags & os.O_EXCL:
                 raise
-            fd = os.open(name, open_flags, dir_fd=parent.fd)
+            fd = open_at(name, parent_fd, open_flags)
             created = False
         try:
-            node_fd = os.open(_proc(fd), os.O_PATH | os.O_CLOEXEC)
-            st = os.fstat(node_fd)
+            path_fd = open_at(_proc(fd), -1, os.O_PATH | os.O_CLOEXEC)
+            st = os.fstat(path_fd)
         except OSError:
             os.close(fd)
             raise
-        node = PosixNode(node_fd, st.st_mode)
+        node = PosixNode(path_fd, st.st_mode, (st.st_dev, st.st_ino), parent, name)
+        pool.admit(node)
+        self._names.add(node)
         if created:
             self.ledger.add(files_delta=1)
         fh = PosixHandle(fd, node, bool(flags & os.O_APPEND))
         if not created and flags & os.O_TRUNC:
             self._truncate_fd(fd, 0)
-            st = os.fstat(node_fd)
+            st = os.fstat(path_fd)
         return node, _attrs(st), fh
 
     async def mkdir(self, parent: PosixNode, name: str, mode: int) -> tuple[PosixNode, Attributes]:
+        pool.begin()
         self._check(parent, name)
         self.ledger.check_files(1)
-        os.mkdir(name, stat.S_IMODE(mode), dir_fd=parent.fd)
+        os.mkdir(name, stat.S_IMODE(mode), dir_fd=node_fd(parent))
         self.ledger.add(files_delta=1)
         return self._node_at(parent, name)
 
     async def mknod(self, parent: PosixNode, name: str, mode: int,
                     rdev: int) -> tuple[PosixNode, Attributes]:
+        pool.begin()
         self._check(parent, name)
         if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
             # device nodes would hand a container raw access to the host
@@ -354,24 +361,27 @@ class PosixBackend(Backend):
         if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISREG(mode)):
             raise OSError(errno.EINVAL, "unsupported file type")
         self.ledger.check_files(1)
-        os.mknod(name, mode, 0, dir_fd=parent.fd)
+        os.mknod(name, mode, 0, dir_fd=node_fd(parent))
         self.ledger.add(files_delta=1)
         return self._node_at(parent, name)
 
     async def symlink(self, parent: PosixNode, name: str,
                       target: bytes) -> tuple[PosixNode, Attributes]:
+        pool.begin()
         self._check(parent, name)
         self.ledger.check_files(1)
-        os.symlink(target, name, dir_fd=parent.fd)
+        os.symlink(target, name, dir_fd=node_fd(parent))
         self.ledger.add(files_delta=1)
         return self._node_at(parent, name)
 
     async def link(self, node: PosixNode, new_parent: PosixNode,
                    new_name: str) -> tuple[PosixNode, Attributes]:
+        pool.begin()
         self._check(new_parent, new_name)
         if stat.S_ISDIR(node.mode):
             raise OSError(errno.EPERM, "hard links to directories are not allowed")
-        os.link(_proc(node.fd), new_name, dst_dir_fd=new_parent.fd, follow_symlinks=True)
+        os.link(_proc(node_fd(node)), new_name, dst_dir_fd=node_fd(new_parent),
+                follow_symlinks=True)
         return self._node_at(new_parent, new_name)
 
     def _forget_removed(self, st: os.stat_result) -> None:
@@ -381,21 +391,26 @@ class PosixBackend(Backend):
                             files_delta=-1)
 
     async def unlink(self, parent: PosixNode, name: str) -> None:
+        pool.begin()
         self._check(parent, name)
-        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
+        st = os.stat(name, dir_fd=node_fd(parent), follow_symlinks=False)
         if stat.S_ISDIR(st.st_mode):
             raise OSError(errno.EISDIR, "is a directory")
-        os.unlink(name, dir_fd=parent.fd)
+        os.unlink(name, dir_fd=node_fd(parent))
+        self._names.removed(parent, name)
         self._forget_removed(st)
 
     async def rmdir(self, parent: PosixNode, name: str) -> None:
+        pool.begin()
         self._check(parent, name)
-        st = os.stat(name, dir_fd=parent.fd, follow_symlinks=False)
-        os.rmdir(name, dir_fd=parent.fd)
+        st = os.stat(name, dir_fd=node_fd(parent), follow_symlinks=False)
+        os.rmdir(name, dir_fd=node_fd(parent))
+        self._names.removed(parent, name)
         self._forget_removed(st)
 
     async def rename(self, old_parent: PosixNode, old_name: str, new_parent: PosixNode,
                      new_name: str, flags: int) -> None:
+        pool.begin()
         self._check(old_parent, old_name)
         self._check(new_parent, new_name)
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
@@ -403,21 +418,25 @@ class PosixBackend(Backend):
         replaced = None
         if not flags & RENAME_EXCHANGE:
             try:
-                replaced = os.stat(new_name, dir_fd=new_parent.fd, follow_symlinks=False)
+                replaced = os.stat(new_name, dir_fd=node_fd(new_parent), follow_symlinks=False)
             except FileNotFoundError:
                 replaced = None
         if flags:
             if _renameat2 is None:
                 raise NotSupported("renameat2 is not available")
-            rc = _renameat2(old_parent.fd, old_name.encode("utf-8", "surrogateescape"),
-                            new_parent.fd, new_name.encode("utf-8", "surrogateescape"), flags)
+            rc = _renameat2(node_fd(old_parent), old_name.encode("utf-8", "surrogateescape"),
+                            node_fd(new_parent), new_name.encode("utf-8", "surrogateescape"),
+                            flags)
             if rc != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, os.strerror(err))
         else:
-            os.rename(old_name, new_name, src_dir_fd=old_parent.fd, dst_dir_fd=new_parent.fd)
+            os.rename(old_name, new_name, src_dir_fd=node_fd(old_parent),
+                      dst_dir_fd=node_fd(new_parent))
+        self._names.moved(old_parent, old_name, new_parent, new_name,
+                          exchange=bool(flags & RENAME_EXCHANGE))
         if replaced is not None:
-            src = os.stat(new_name, dir_fd=new_parent.fd, follow_symlinks=False)
+            src = os.stat(new_name, dir_fd=node_fd(new_parent), follow_symlinks=False)
             if (src.st_dev, src.st_ino) != (replaced.st_dev, replaced.st_ino):
                 self._forget_removed(replaced)
 
@@ -427,24 +446,28 @@ class PosixBackend(Backend):
         return name.startswith(XATTR_PREFIX)
 
     async def getxattr(self, node: PosixNode, name: str) -> bytes:
+        pool.begin()
         if not self._xattr_allowed(name):
             raise OSError(errno.ENODATA, "no such attribute")
-        return os.getxattr(_proc(node.fd), name)
+        return os.getxattr(_proc(node_fd(node)), name)
 
     async def listxattr(self, node: PosixNode) -> list[str]:
+        pool.begin()
         if stat.S_ISLNK(node.mode):
             return []
-        return [n for n in os.listxattr(_proc(node.fd)) if self._xattr_allowed(n)]
+        return [n for n in os.listxattr(_proc(node_fd(node))) if self._xattr_allowed(n)]
 
     async def setxattr(self, node: PosixNode, name: str, value: bytes) -> None:
+        pool.begin()
         if not self._xattr_allowed(name):
             raise OSError(errno.EOPNOTSUPP, "only user.* attributes are supported")
-        os.setxattr(_proc(node.fd), name, value)
+        os.setxattr(_proc(node_fd(node)), name, value)
 
     async def removexattr(self, node: PosixNode, name: str) -> None:
+        pool.begin()
         if not self._xattr_allowed(name):
             raise OSError(errno.EOPNOTSUPP, "only user.* attributes are supported")
-        os.removexattr(_proc(node.fd), name)
+        os.removexattr(_proc(node_fd(node)), name)
 
 
 # (is_dir, is_file, is_symlink) → type bits; 0 = ask stat (fifo, socket, device)

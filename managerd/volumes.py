@@ -21,6 +21,7 @@ import trio
 
 from managerd.config import ManagerConfig
 from managerd.errors import ApiError, NotFound, Unavailable
+from managerd.usage import init_usage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -185,7 +186,6 @@ def _mkdir_with_ledger(directory: Path) -> None:
     """Creates the vfolder directory with a clean usage ledger (0 bytes, 0 files)."""
     os.mkdir(directory, 0o755)
     try:
-        from managerd.usage import init_usage
         init_usage(directory)
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)

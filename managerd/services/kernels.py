@@ -22,6 +22,7 @@ import hmac
 import json
 import logging
 import secrets
+import uuid
 from typing import Any
 from urllib.parse import quote
 
@@ -315,8 +316,7 @@ def _digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def _uuid(value: str | None):
-    import uuid
+def _uuid(value: str | None) -> uuid.UUID:
     return uuid.UUID(str(value))
 
 

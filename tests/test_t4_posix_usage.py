@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
+import subprocess
 from pathlib import Path
 
-import pytest
-
-from tests.support.fuse import azfs
+from tests.support.fuse import alive, azfs, azfs_argv, is_mounted, wait_for
 
 K = 1024
 
@@ -194,3 +194,27 @@ def test_usage_of_a_directory_never_served(tmp_path):
     res = azfs("usage", str(tmp_path / "missing"))
     assert res.returncode != 0
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_crash_of_an_unreaped_daemon_is_detected(mounted, tmp_path):
+    """A daemon killed but not yet reaped by its parent (a zombie) holds nothing."""
+    src, mnt = tmp_path / "zsrc", tmp_path / "zmnt"
+    src.mkdir()
+    mnt.mkdir()
+    env = dict(os.environ, AZFS_RUN_DIR=str(tmp_path / "zrun"))
+    proc = subprocess.Popen(azfs_argv() + ["mount", "--foreground", str(src), str(mnt)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        wait_for(lambda: is_mounted(mnt) or proc.poll() is not None, what="mount")
+        (mnt / "f").write_bytes(b"x" * 5000)  # not yet merged into the ledger
+        os.kill(proc.pid, signal.SIGKILL)
+        wait_for(lambda: not alive(proc.pid), what="daemon death")  # a zombie: not reaped
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+        m = mounted(source=src, mnt=mnt)
+        m.umount()
+        assert (usage(m)["bytes"], usage(m)["files"]) == true_usage(src) == (5000, 1)
+    finally:
+        if is_mounted(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+        proc.kill()
+        proc.wait()

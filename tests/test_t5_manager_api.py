@@ -616,3 +616,43 @@ async def test_slow_purge_finishes_in_the_background(sqlite_server: Server) -> N
     finally:
         release.set()
         service.remove_tree = real_remove
+
+
+async def test_agent_over_tcp_with_shared_secret(sqlite_server: Server) -> None:
+    """A remote agent: TCP, and every call carries the manager's shared secret."""
+    srv = sqlite_server
+    remote = FakeAgent(srv.agent.socket)  # same contract, served on TCP below
+    inner = remote.app()
+    seen: list[str] = []
+
+    async def guarded(scope, receive, send) -> None:
+        if scope["type"] == "http":
+            auth = dict(scope["headers"]).get(b"authorization", b"").decode()
+            seen.append(auth)
+            if auth != "Bearer s3cret-agent":
+                await JSONResponse({"error": {"code": "unauthenticated",
+                                              "message": "bad secret"}}, 401)(scope, receive, send)
+                return
+        await inner(scope, receive, send)
+
+    srv.manager.agents.secret = Secret("s3cret-agent")
+    async with trio.open_nursery() as nursery:
+        stop, binds = await _serve(nursery, guarded, "127.0.0.1:0")
+        url = binds[0]
+        async with srv.client("admin") as admin:
+            r = await admin.put("/v1/agents/remote1", json={"url": url, "ttl": 60})
+            assert r.status_code == 200
+        async with srv.client("olive") as c:
+            await c.post("/v1/vfolders", json={"alias": "r"})
+            r = await c.post("/v1/kernels", json={"kernel_id": "kt", "agent": "remote1",
+                                                  "vfolders": [{"vfolder": "r"}]})
+            assert r.status_code == 201, r.text
+            assert (await c.delete("/v1/kernels/kt")).status_code == 204
+            assert [m for m, *_ in remote.requests] == ["PUT", "DELETE"]
+            srv.manager.agents.secret = Secret("wrong")
+            r = await c.post("/v1/kernels", json={"kernel_id": "kt2", "agent": "remote1",
+                                                  "vfolders": [{"vfolder": "r"}]})
+            assert r.status_code == 502 and r.json()["error"]["code"] == "agent-error"
+            assert "wrong" not in r.text
+        stop.set()
+    assert seen[:2] == ["Bearer s3cret-agent"] * 2

@@ -6,6 +6,10 @@ Every error leaves as ``{"error": {"code", "message"}}`` with a stable code
 its traceback and answered ``internal-error`` without details.  String input
 is checked for control characters and invalid Unicode before it can reach
 the database.
+
+(No ``from __future__ import annotations`` here: FastAPI reads the route
+annotations at runtime, including the ``Who`` dependency defined inside
+:func:`create_app`.)
 """
 
 import logging

@@ -48,16 +48,6 @@ def issue_token(session: Session, user_id: int, label: str = "") -> str:
     return token
 
 
-def parse_authorization(header: str | None) -> str:
-    if not header:
-        raise Unauthenticated("missing 'Authorization: Bearer <token>' header")
-    scheme, _, token = header.partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token or len(token) > 256:
-        raise Unauthenticated("malformed Authorization header (expected 'Bearer <token>')")
-    return token
-
-
 def lookup(session: Session, token: str) -> Principal:
     digest = hash_token(token)
     row = session.execute(

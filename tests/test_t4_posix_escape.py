@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -276,3 +277,54 @@ def test_xattrs_of_a_symlink_are_its_own(mounted, layout):
     got = errno_of(lambda: os.getxattr(m.mnt / "abs", "user.secret", follow_symlinks=False))
     assert got == errno.ENODATA
     assert os.listxattr(m.mnt / "abs", follow_symlinks=False) == []
+
+
+#: a daemon that may hold only a few dozen node descriptors (evicted ones are reopened)
+TIGHT_DESCRIPTORS = ["setpriv", "--bounding-set", "-sys_resource",
+                     "prlimit", "--nofile=300:300", "--"]
+
+
+def test_evicted_directories_are_never_reopened_through_a_swapped_in_link(mounted, layout):
+    """With descriptors evicted, a held directory is reopened by name: the link swapped
+    in its place must give ESTALE (or the original directory), never the outside."""
+    src, outside = layout["src"], layout["outside"]
+    m = mounted(source=src, mnt=layout["mnt"], prefix=TIGHT_DESCRIPTORS)
+    (m.mnt / "d" / "e").mkdir(parents=True)
+    held_e = os.open(m.mnt / "d" / "e", os.O_RDONLY | os.O_DIRECTORY)
+    before = snapshot(outside)
+    try:
+        (src / "many").mkdir()
+        for i in range(400):
+            (src / "many" / f"f{i}").touch()
+        for name in os.listdir(m.mnt / "many"):  # pushes d and e out of the pool
+            os.stat(m.mnt / "many" / name)
+        os.rename(src / "d", src / "moved")
+        os.symlink("../outside", src / "d")
+        for attempt in (
+            lambda: os.close(os.open("new", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=held_e)),
+            lambda: os.mkdir("sub", dir_fd=held_e),
+            lambda: os.listdir(held_e),
+            lambda: os.open("victim", os.O_RDONLY, dir_fd=held_e),
+        ):
+            err = errno_of(attempt)
+            assert err in (0, errno.ESTALE, errno.ENOENT), os.strerror(err)
+    finally:
+        os.close(held_e)
+    assert snapshot(outside) == before
+    assert not (outside / "new").exists() and not (outside / "sub").exists()
+
+
+def test_many_files_with_a_tight_descriptor_budget(mounted):
+    m = mounted(prefix=TIGHT_DESCRIPTORS)
+    for d in range(5):
+        (m.mnt / f"d{d}").mkdir()
+        for i in range(100):
+            (m.mnt / f"d{d}" / f"f{i}").write_text(f"{d}/{i}")
+    os.rename(m.mnt / "d0", m.mnt / "d4" / "moved")
+    os.rename(m.mnt / "d1" / "f5", m.mnt / "d2" / "g5")
+    out = subprocess.run(["ls", "-lR", str(m.mnt)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[:300]
+    for i in range(100):
+        assert (m.mnt / "d4" / "moved" / f"f{i}").read_text() == f"0/{i}"
+    assert (m.mnt / "d2" / "g5").read_text() == "1/5"
+    assert (m.source / "d2" / "g5").read_text() == "1/5"

@@ -14,6 +14,7 @@ import os
 import stat
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -163,8 +164,15 @@ def tree(root: Path) -> dict[str, tuple]:
     return out
 
 
-def test_random_operations_match_a_plain_directory(mounted, tmp_path):
-    m = mounted()
+#: a daemon that may hold only a few dozen node descriptors: most nodes get evicted and
+#: reopened by name, which must never change what the operations see
+TIGHT_DESCRIPTORS = ["setpriv", "--bounding-set", "-sys_resource",
+                     "prlimit", "--nofile=300:300", "--"]
+
+
+@pytest.mark.parametrize("prefix", [[], TIGHT_DESCRIPTORS], ids=["default", "tight-fds"])
+def test_random_operations_match_a_plain_directory(mounted, tmp_path, prefix):
+    m = mounted(prefix=prefix)
     plain = tmp_path / "plain"
     plain.mkdir()
     counter = itertools.count()

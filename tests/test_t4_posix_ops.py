@@ -587,3 +587,40 @@ def test_parallel_writers_and_readers(mounted):
             data = rng.randbytes(rng.choice([0, 1, 4095, 4096, 70_000, 300_000]))
             name = f"r{i}" if i % 3 == 0 else f"f{i}"
             assert (m.source / f"w{n}" / name).read_bytes() == data
+
+
+#: a daemon that may hold only a few dozen node descriptors (evicted ones are reopened)
+TIGHT_DESCRIPTORS = ["setpriv", "--bounding-set", "-sys_resource",
+                     "prlimit", "--nofile=300:300", "--"]
+
+
+def _evict_descriptors(m) -> None:
+    (m.source / "many").mkdir(exist_ok=True)
+    for i in range(400):
+        (m.source / "many" / f"f{i}").touch()
+    for name in os.listdir(m.mnt / "many"):
+        os.stat(m.mnt / "many" / name)
+
+
+@pytest.mark.xfail(strict=True, reason="a node whose descriptor was evicted keeps its old "
+                   "name; a lookup of the new name finds the same key and InodeTable.add_node "
+                   "keeps the stale node, so the file stays unreachable")
+@pytest.mark.parametrize("change", ["rename", "unlink-other-link"])
+def test_evicted_node_follows_changes_made_in_the_source(mounted, change):
+    """Another node (or the host) renames a file this daemon knows but holds no
+    descriptor for: after the cache timeout the file is reachable by its new name."""
+    m = mounted("--cache-timeout", "0.2", prefix=TIGHT_DESCRIPTORS)
+    (m.mnt / "a").write_text("data")
+    if change == "unlink-other-link":
+        os.link(m.mnt / "a", m.mnt / "b")
+    pin = os.open(m.mnt / "a", os.O_RDONLY)  # the kernel keeps the inode
+    try:
+        _evict_descriptors(m)
+        if change == "rename":
+            os.rename(m.source / "a", m.source / "b")
+        else:
+            os.unlink(m.source / "a")
+        time.sleep(0.5)
+        assert (m.mnt / "b").read_text() == "data"
+    finally:
+        os.close(pin)

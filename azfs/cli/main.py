@@ -24,6 +24,7 @@ COMMANDS = (
     "azfs.cli.volumes",
     "azfs.cli.agent",
     "azfs.cli.folder", "azfs.cli.kernel",
+    "azfs.cli.up",
 )
 
 

@@ -1,0 +1,202 @@
+"""``azfs demo``: the main job of azfs, shown on a running single-node deployment.
+
+As a newcomer would do it, with the CLI against the manager's REST API:
+make a user and a vfolder, start a kernel (a real runc container of a
+busybox rootfs, uid 1000) that writes into ``/home/work/<alias>``, start a
+second kernel that reads what the first wrote and reads the blob dataset,
+show the vfolder's usage, destroy both kernels.  Every step is printed with
+the command that does it.  Kernel ids are new on each run, and whatever the
+demo started is removed even when a step fails, so it can run again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from azfs.cli.folder import ManagerClient, emit
+from azfs.cli.kernel import MOUNT_COLUMNS, parse_dataset, parse_vfolder
+from azfs.errors import UserError
+from azfs.node.deploy import _cli, admin_client
+from azfs.node.layout import SAMPLE_DATASET, Layout, read_secret, write_file
+
+Say = Callable[[str], None]
+USER = "demo"
+ALIAS = "data"
+WRITE_SCRIPT = (
+    "id; echo \"hello from kernel $(hostname)\" > /home/work/{alias}/hello.txt && "
+    "dd if=/dev/zero of=/home/work/{alias}/zeros.bin bs=64k count=64 2>/dev/null && "
+    "ls -l /home/work/{alias}")
+READ_SCRIPT = (
+    "cat /home/work/{alias}/hello.txt && ls -R /home/work/{dataset} && "
+    "head -n 3 /home/work/{dataset}/train/part-0000.csv && "
+    "wc -l /home/work/{dataset}/train/part-0001.csv && "
+    "echo nope > /home/work/{dataset}/x 2>/dev/null || echo 'the dataset is read-only'")
+
+
+class Demo:
+    """One run of the demo against the node in ``layout``."""
+
+    def __init__(self, layout: Layout, say: Say = print) -> None:
+        settings = layout.load_settings()
+        if settings is None or not layout.admin_token.exists():
+            raise UserError(f"no azfs node in {layout.root}: run 'azfs up' first")
+        self.layout = layout
+        self.settings = settings
+        self.say = say
+        self.url = settings.manager_url
+        self.token_file = layout.user_token(USER)
+        self.kernels: list[str] = []
+        self.containers: list = []
+
+    # ---- steps ----------------------------------------------------------------------
+    def run(self) -> dict:
+        """Runs every step; returns what the kernels printed and the usage seen."""
+        self.step("1. a user and a vfolder (REST through the CLI)")
+        self.ensure_user()
+        self.ensure_vfolder()
+        rootfs = self.rootfs()
+        result: dict = {}
+        try:
+            self.step("2. a kernel that writes into /home/work/" + ALIAS)
+            writer = self.start_kernel("writer", rootfs, [f"{ALIAS}:rw"], [])
+            result["writer"] = self.sh(writer, WRITE_SCRIPT.format(alias=ALIAS))
+            self.step("3. a second kernel that reads it, and reads the dataset")
+            reader = self.start_kernel("reader", rootfs, [f"{ALIAS}:ro"], [SAMPLE_DATASET])
+            result["reader"] = self.sh(reader, READ_SCRIPT.format(alias=ALIAS,
+                                                                  dataset=SAMPLE_DATASET))
+            self.step("4. the vfolder's usage (from the filesystem's ledger, no scan)")
+            result["usage"] = self.wait_usage(64 * 65536)
+            self.azfs("folder", "info", ALIAS)
+        finally:
+            self.step("5. destroy both kernels")
+            self.destroy_all()
+        return result
+
+    def step(self, title: str) -> None:
+        self.say(f"\n== {title}")
+
+    def azfs(self, *argv: str) -> None:
+        """Runs an ``azfs`` command as the demo user, showing it first."""
+        self.say("$ azfs " + shlex.join(argv))
+        sys.stdout.flush()
+        code = _cli([*argv, "--url", self.url, "--token-file", str(self.token_file)])
+        if code != 0:
+            raise UserError(f"'azfs {' '.join(argv)}' failed")
+
+    def client(self) -> ManagerClient:
+        return ManagerClient(self.url, read_secret(self.token_file))
+
+    def ensure_user(self) -> None:
+        admin = admin_client(self.layout, self.settings)
+        users = {u["name"] for u in admin.call("GET", "/v1/users")}
+        if USER not in users:
+            self.say(f"POST /v1/users {{\"name\": \"{USER}\"}}   (as the admin)")
+            token = admin.call("POST", "/v1/users", {"name": USER})["token"]
+            write_file(self.token_file, token + "\n", 0o600)
+        elif not self.token_file.exists():
+            token = admin.call("POST", f"/v1/users/{USER}/tokens", {"label": "demo"})["token"]
+            write_file(self.token_file, token + "\n", 0o600)
+        self.say(f"user '{USER}' (uid 1000); its token is in {self.token_file}")
+
+    def ensure_vfolder(self) -> None:
+        existing = {v["alias"] for v in self.client().call("GET", "/v1/vfolders")}
+        if ALIAS in existing:
+            self.say(f"vfolder '{ALIAS}' exists already (from an earlier run)")
+            self.azfs("folder", "ls")
+        else:
+            self.azfs("folder", "create", ALIAS)
+
+    def rootfs(self) -> Path:
+        from azfs.containers.rootfs import build_busybox_rootfs
+
+        if not self.layout.rootfs.exists():
+            self.say(f"(building a busybox root filesystem for the kernels in "
+                     f"{self.layout.rootfs})")
+            build_busybox_rootfs(self.layout.rootfs)
+        return self.layout.rootfs
+
+    def start_kernel(self, role: str, rootfs: Path, vfolders: list[str],
+                     datasets: list[str]):
+        from azfs.containers.runc import KernelContainer, Runc
+        from azfs.export import ExportResponse
+
+        kernel_id = f"demo-{role}-{uuid.uuid4().hex[:8]}"
+        argv = ["kernel", "create", kernel_id, "--agent", self.settings.agent_id]
+        for v in vfolders:
+            argv += ["-v", v]
+        for d in datasets:
+            argv += ["-d", d]
+        self.say("$ azfs " + shlex.join(argv))
+        body = {"kernel_id": kernel_id, "agent": self.settings.agent_id,
+                "vfolders": [parse_vfolder(v) for v in vfolders],
+                "datasets": [parse_dataset(d) for d in datasets], "dotfolders": True}
+        answer = self.client().call("POST", "/v1/kernels", body)
+        self.kernels.append(kernel_id)
+        sys.stdout.flush()
+        emit(_Args(), answer["mounts"], MOUNT_COLUMNS, title=f"kernel {kernel_id}")
+        export = ExportResponse.model_validate({"kernel_id": kernel_id,
+                                                "mounts": answer["mounts"]})
+        workdir = self.layout.demo / "kernels" / kernel_id
+        self.say(f"runc: starting container {kernel_id} (busybox, uid 1000) with these binds")
+        container = KernelContainer(rootfs, export, ["sleep", "3600"],
+                                    bundle_dir=workdir / "bundle", scratch_dir=workdir / "home",
+                                    runc=Runc(self.layout.runc_root))
+        self.containers.append(container)
+        return container
+
+    def sh(self, container, script: str) -> str:
+        self.say(f"[{container.id}]$ {script}")
+        result = container.sh(script)
+        for line in result.stdout.splitlines():
+            self.say(f"  {line}")
+        if result.exit_code != 0:
+            raise UserError(f"the kernel's command failed ({result.exit_code}): "
+                            f"{result.stderr.strip()}")
+        return result.stdout
+
+    def wait_usage(self, at_least: int, timeout: float = 15.0) -> dict:
+        """The usage as the manager reports it, once it shows the kernel's writes."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(UserError):
+                usage = self.client().call("GET", f"/v1/vfolders/{ALIAS}/usage")
+                if usage["bytes"] >= at_least or time.monotonic() > deadline:
+                    return usage
+            if time.monotonic() > deadline:
+                raise UserError(f"the usage of '{ALIAS}' is unavailable")
+            time.sleep(0.3)
+
+    def destroy_all(self) -> None:
+        errors = []
+        for container in self.containers:
+            try:
+                container.stop()
+                self.say(f"runc: container {container.id} removed")
+            except Exception as exc:  # noqa: BLE001 - report all, keep going
+                errors.append(str(exc))
+        for kernel_id in self.kernels:
+            try:
+                self.azfs("kernel", "rm", kernel_id)
+            except UserError as exc:
+                errors.append(str(exc))
+        self.containers.clear()
+        self.kernels.clear()
+        if errors:
+            raise UserError("cleaning up the demo: " + "; ".join(errors))
+
+
+class _Args:
+    json = False
+
+
+def run_demo(layout: Layout, say: Say = print) -> dict:
+    return Demo(layout, say).run()
+
+
+__all__ = ["Demo", "run_demo"]

@@ -1,0 +1,467 @@
+"""``azfs up`` / ``azfs down`` / ``azfs status``: one node's services under one state dir.
+
+``up`` starts, in order, etcd (only with ``--etcd local``), Azurite (the
+storage account, with a small sample dataset uploaded by the dataset
+tools), managerd (SQLite; its first admin's token goes to a 0600 file) and
+agentd (which starts the FUSE process).  Each one is waited for until it
+answers; a service already running and answering is left alone, so ``up``
+may be run any number of times.  If a service does not come up, ``up``
+stops what *this* run started and fails with the end of that service's log.
+
+``down`` stops whatever runs from the state dir -- found by pid file and,
+for processes whose pid file was lost (an ``up`` killed midway), by their
+command line naming the state dir -- then unmounts everything below the
+state dir.  It works after a failed or interrupted ``up`` and when nothing
+runs at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+from azfs.errors import UserError
+from azfs.node import procs
+from azfs.node.configs import write_configs
+from azfs.node.layout import (
+    SAMPLE_DATASET,
+    STORAGE_ACCOUNT,
+    Layout,
+    Settings,
+    read_secret,
+    write_file,
+)
+from azfs.node.procs import Service, ServiceFailed
+from azfs.secret import Secret
+
+Say = Callable[[str], None]
+#: the order of ``up``; ``down`` goes the other way
+SERVICES = ("etcd", "azurite", "managerd", "agentd")
+#: what a process of the node looks like, to find those whose pid file was lost
+SIGNATURES = {"etcd": "--data-dir", "azurite": "azurite", "managerd": "managerd.main",
+              "agentd": "agentd.main", "fusehost": "agentd.fusehost"}
+SAMPLE_FILES = {
+    "README.txt": "A small sample dataset, served read-only from blob storage.\n",
+    "train/part-0000.csv": "".join(f"{i},{i * i},{i % 7}\n" for i in range(1000)),
+    "train/part-0001.csv": "".join(f"{i},{i * 3},{i % 5}\n" for i in range(1000, 2000)),
+    "labels.txt": "\n".join(["cat", "dog", "bird", "fish", "horse"]) + "\n",
+}
+
+
+# ---- the services -------------------------------------------------------------------
+def _repo_node_bin() -> Path:
+    return Path(__file__).resolve().parents[2] / ".cache" / "node" / "node_modules" / ".bin"
+
+
+def azurite_binary() -> str:
+    """``azurite-blob``: $AZFS_AZURITE, PATH, the checkout's npm cache, /opt/azfs."""
+    candidates = [os.environ.get("AZFS_AZURITE"), shutil.which("azurite-blob"),
+                  str(_repo_node_bin() / "azurite-blob"),
+                  "/opt/azfs/node/node_modules/.bin/azurite-blob"]
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise UserError("azurite-blob not found: run packaging/setup-env.sh (it installs Azurite "
+                    "from npm) or set AZFS_AZURITE")
+
+
+def _daemon_env() -> dict[str, str]:
+    """The environment for the daemons: ours, minus what would override their configs."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("AZFS_MANAGERD_", "AZURE_STORAGE_", "AZURITE_"))
+            and k not in ("AZFS_TOKEN", "AZFS_ETCD")}
+
+
+def _http_ok(url: str, expect: bytes | None = None) -> bool:
+    try:
+        response = httpx.get(url, timeout=2)
+    except httpx.HTTPError:
+        return False
+    return response.status_code == 200 and (expect is None or expect in response.content)
+
+
+def _port_open(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+        return True
+    return False
+
+
+def _agent_ok(layout: Layout) -> bool:
+    if not layout.agent_socket.exists():
+        return False
+    try:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(layout.agent_socket)),
+                          base_url="http://agent", timeout=5) as client:
+            return client.get("/v1/health").status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _agent_health(layout: Layout) -> str | None:
+    try:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(layout.agent_socket)),
+                          base_url="http://agent", timeout=5) as client:
+            return f"agent health: {client.get('/v1/health').text.strip()}"
+    except httpx.HTTPError:
+        return None
+
+
+def services(layout: Layout, settings: Settings) -> dict[str, Service]:
+    """The node's services (etcd only with ``--etcd local``)."""
+    marker = f"{layout.root}/"
+    env = _daemon_env()
+    found: dict[str, Service] = {}
+    if settings.etcd == "local":
+        client = f"http://127.0.0.1:{settings.etcd_port}"
+        peer = f"http://127.0.0.1:{settings.etcd_peer_port}"
+        found["etcd"] = Service(
+            "etcd", [shutil.which("etcd") or "/usr/bin/etcd", "--name", "azfs-node",
+                     "--data-dir", str(layout.etcd_data), "--listen-client-urls", client,
+                     "--advertise-client-urls", client, "--listen-peer-urls", peer,
+                     "--initial-advertise-peer-urls", peer,
+                     "--initial-cluster", f"azfs-node={peer}", "--log-level", "warn",
+                     "--logger", "zap"],
+            layout.pid_file("etcd"), layout.log("etcd"), marker,
+            ready=lambda: _http_ok(f"{client}/health", b"true"), env=env)
+    azurite_env = dict(env)
+    if layout.storage_key.exists():  # made by `up`; the key is given in the environment only
+        azurite_env["AZURITE_ACCOUNTS"] = \
+            f"{STORAGE_ACCOUNT}:{read_secret(layout.storage_key).reveal()}"
+    found["azurite"] = Service(
+        "azurite", [azurite_binary(), "--blobHost", "127.0.0.1",
+                    "--blobPort", str(settings.azurite_port),
+                    "--location", str(layout.azurite_data), "--skipApiVersionCheck",
+                    "--disableTelemetry"],
+        layout.pid_file("azurite"), layout.log("azurite"), marker,
+        ready=lambda: _port_open(settings.azurite_port), env=azurite_env)
+    found["managerd"] = Service(
+        "managerd", [sys.executable, "-m", "managerd.main", "--config",
+                     str(layout.manager_toml), "serve"],
+        layout.pid_file("managerd"), layout.log("managerd"), marker,
+        ready=lambda: _http_ok(f"{settings.manager_url}/v1/health"), env=env)
+    found["agentd"] = Service(
+        "agentd", [sys.executable, "-m", "agentd.main", "--config", str(layout.agent_toml)],
+        layout.pid_file("agentd"), layout.log("agentd"), marker,
+        ready=lambda: _agent_ok(layout), env=env, diagnose=lambda: _agent_health(layout))
+    return found
+
+
+def _ports(settings: Settings) -> dict[str, list[tuple[int, str]]]:
+    ports = {"azurite": [(settings.azurite_port, "--azurite-port")],
+             "managerd": [(settings.manager_port, "--manager-port")]}
+    if settings.etcd == "local":
+        ports["etcd"] = [(settings.etcd_port, "--etcd-port"),
+                         (settings.etcd_peer_port, "--etcd-port (+1)")]
+    return ports
+
+
+def _check_port_free(port: int, flag: str, service: str) -> None:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            raise ServiceFailed(f"cannot start {service}: port {port} on 127.0.0.1 is in use "
+                                f"by another program (choose another with {flag})") from None
+
+
+# ---- up ---------------------------------------------------------------------------------
+def up(root: Path, say: Say, **flags: object) -> Settings:
+    """Brings the node up (or checks that it is); returns its settings."""
+    if os.geteuid() != 0:
+        raise UserError("azfs up must run as root (it mounts volumes and FUSE)")
+    layout = Layout(root)
+    previous = layout.load_settings()
+    settings = (previous or Settings()).merged(**flags).check()
+    running = {name: svc.pid() for name, svc in _known_services(layout, previous).items()}
+    running = {name: pid for name, pid in running.items() if pid}
+    if previous and running and settings != previous:
+        raise UserError(f"the node in {layout.root} is running with other settings "
+                        f"({', '.join(sorted(running))} up); run 'azfs down' first")
+    layout.make_dirs()
+    layout.save_settings(settings)
+    write_configs(layout, settings)
+    layout.storage_key_secret()
+    table = services(layout, settings)
+    started: list[str] = []
+    try:
+        for name in SERVICES:
+            if name not in table:
+                continue
+            if name == "managerd":
+                _ensure_admin(layout, table[name], say)
+            if _ensure(table[name], _ports(settings).get(name, []), say):
+                started.append(name)
+            if name == "etcd":
+                _import_volumes(layout, settings, say)
+            elif name == "azurite":
+                _upload_sample(layout, settings, say)
+            elif name == "managerd":
+                _register_dataset(layout, settings, say)
+    except BaseException:
+        if started:
+            say(f"cleaning up what this run started: {', '.join(reversed(started))}")
+            for name in reversed(started):
+                _stop(layout, name, table[name], say)
+            if not any(svc.pid() for svc in table.values()):
+                _unmount_all(layout)
+        raise
+    return settings
+
+
+def _known_services(layout: Layout, settings: Settings | None) -> dict[str, Service]:
+    """The services a node with ``settings`` may have running (all, if unknown)."""
+    try:
+        return services(layout, (settings or Settings()).merged(etcd="local"))
+    except UserError:  # no Azurite installed: it cannot be running either
+        return {}
+
+
+def _ensure(service: Service, ports: list[tuple[int, str]], say: Say) -> bool:
+    """Starts ``service`` unless it runs already; True if this call started it."""
+    pid = service.pid()
+    if pid is not None:
+        service.wait_ready(pid)
+        say(f"{service.name}: already running (pid {pid})")
+        return False
+    for port, flag in ports:
+        _check_port_free(port, flag, service.name)
+    say(f"{service.name}: starting (log {service.log})")
+    pid = service.start()
+    say(f"{service.name}: ready (pid {pid})")
+    return True
+
+
+def _ensure_admin(layout: Layout, manager: Service, say: Say) -> None:
+    """The first admin, made once through ``azfs-managerd create-user``; token to a 0600 file."""
+    if layout.admin_token.exists():
+        return
+    done = subprocess.run(
+        [sys.executable, "-m", "managerd.main", "--config", str(layout.manager_toml),
+         "create-user", "admin", "--admin"],
+        capture_output=True, text=True, env=manager.env, cwd="/", timeout=120, check=False)
+    if done.returncode != 0:
+        message = done.stderr.strip().splitlines()[-1:] or ["no message"]
+        if "exists" in message[0]:
+            raise UserError(f"the manager database has an admin but {layout.admin_token} is "
+                            "missing; stop the node and remove its state dir to start over "
+                            "('azfs down --purge')")
+        raise UserError(f"cannot create the admin user: {message[0]}")
+    token = json.loads(done.stdout)["token"]
+    write_file(layout.admin_token, token + "\n", 0o600)
+    say(f"managerd: admin user created; its token is in {layout.admin_token}")
+
+
+def _import_volumes(layout: Layout, settings: Settings, say: Say) -> None:
+    """The YAML volume config imported into etcd with ``azfs volumes import``."""
+    endpoint = settings.etcd_endpoint
+    code = _cli(["volumes", "import", str(layout.volumes_yaml), "--etcd", str(endpoint)])
+    if code != 0:
+        raise UserError(f"cannot import the volume config into etcd at {endpoint}")
+    say(f"volumes: {layout.volumes_yaml} imported into etcd at {endpoint}")
+
+
+def _cli(argv: list[str]) -> int:
+    """Runs one ``azfs`` command in this process (its output is the user's)."""
+    from azfs.cli.main import build_parser
+    from azfs.errors import AzfsError
+    from azfs.secret import redact
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except AzfsError as exc:
+        print(f"azfs: {redact(str(exc))}", file=sys.stderr)
+        return 1
+
+
+def connection_string(layout: Layout, settings: Settings) -> Secret:
+    key = layout.storage_key_secret().reveal()
+    return Secret(f"DefaultEndpointsProtocol=http;AccountName={STORAGE_ACCOUNT};"
+                  f"AccountKey={key};BlobEndpoint={settings.blob_endpoint};")
+
+
+def _upload_sample(layout: Layout, settings: Settings, say: Say) -> None:
+    """The sample dataset, uploaded with ``azfs dataset upload`` (skips what is there)."""
+    from azfs.cli.main import build_parser
+
+    for name, text in SAMPLE_FILES.items():
+        path = layout.sample_dataset / name
+        if not path.exists() or path.read_text() != text:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    parser = build_parser()
+    for argv in (["dataset", "create", SAMPLE_DATASET, "--exist-ok"],
+                 ["dataset", "upload", str(layout.sample_dataset), SAMPLE_DATASET]):
+        args = parser.parse_args(argv)
+        # the key travels in memory only: not in argv, not in the environment
+        args.connection_string = connection_string(layout, settings).reveal()
+        with contextlib.redirect_stdout(sys.stderr):
+            args.func(args)
+    say(f"azurite: sample dataset in container '{SAMPLE_DATASET}' "
+        f"({len(SAMPLE_FILES)} files)")
+
+
+def admin_client(layout: Layout, settings: Settings):
+    from azfs.cli.folder import ManagerClient
+
+    return ManagerClient(settings.manager_url, read_secret(layout.admin_token))
+
+
+def _register_dataset(layout: Layout, settings: Settings, say: Say) -> None:
+    client = admin_client(layout, settings)
+    names = {d["name"] for d in client.call("GET", "/v1/datasets")}
+    if SAMPLE_DATASET in names:
+        return
+    client.call("POST", "/v1/datasets", {
+        "name": SAMPLE_DATASET, "account_url": settings.blob_endpoint,
+        "container": SAMPLE_DATASET, "visibility": "shared"})
+    say(f"managerd: dataset '{SAMPLE_DATASET}' registered (shared with every user)")
+
+
+# ---- down -------------------------------------------------------------------------------
+def down(root: Path, say: Say, purge: bool = False) -> None:
+    """Stops everything running from the state dir and unmounts everything below it."""
+    if os.geteuid() != 0:
+        raise UserError("azfs down must run as root (it unmounts)")
+    layout = Layout(root)
+    if not layout.root.exists():
+        say(f"nothing to do: {layout.root} does not exist")
+        return
+    _remove_containers(layout, say)
+    table = _known_services(layout, layout.load_settings())
+    for name in reversed(SERVICES):
+        if name in table:
+            _stop(layout, name, table[name], say)
+    _stop_strays(layout, say)
+    _unmount_all(layout)
+    layout.agent_socket.unlink(missing_ok=True)
+    left = [e.mount_point for e in _mounts(layout)]
+    if left:
+        raise UserError(f"still mounted under {layout.root}: {', '.join(left)}")
+    if purge:
+        shutil.rmtree(layout.root)
+        say(f"removed {layout.root}")
+    say(f"azfs node in {layout.root} is down")
+
+
+def _stop(layout: Layout, name: str, service: Service, say: Say) -> None:
+    if service.stop(timeout=30 if name == "agentd" else 20):
+        say(f"{name}: stopped")
+    if name == "agentd":
+        # unmount_on_exit stops the FUSE process; one left behind (agent killed) goes here
+        pid = procs.trusted_pid(layout.fusehost_pid_file, f"{layout.root}/")
+        if pid is not None:
+            procs.stop_pid(pid, "fusehost")
+            say("fusehost: stopped")
+        layout.fusehost_pid_file.unlink(missing_ok=True)
+
+
+def _stop_strays(layout: Layout, say: Say) -> None:
+    """Processes of this node without a pid file (e.g. an ``up`` killed after a start)."""
+    marker = f"{layout.root}/"
+    order = ["agentd", "fusehost", "managerd", "azurite", "etcd"]
+    found: list[tuple[int, str, int]] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        line = procs.cmdline(int(entry.name))
+        if marker not in line:
+            continue
+        for name, signature in SIGNATURES.items():
+            if signature in line:
+                found.append((order.index(name), name, int(entry.name)))
+                break
+    for _, name, pid in sorted(found):
+        if procs.alive(pid):
+            procs.stop_pid(pid, name)
+            say(f"{name}: stopped (pid {pid}, no pid file)")
+
+
+def _remove_containers(layout: Layout, say: Say) -> None:
+    """Kernel containers the demo (or a user) ran with the node's runc root."""
+    if not layout.runc_root.is_dir() or shutil.which("runc") is None:
+        return
+    from azfs.containers.runc import Runc
+
+    runtime = Runc(layout.runc_root)
+    for container in runtime.list():
+        runtime.delete(container["id"])
+        say(f"container {container['id']}: removed")
+
+
+def _mounts(layout: Layout):
+    from azfs.volumes.mountinfo import mounts_under
+
+    return mounts_under(layout.root)
+
+
+def _unmount_all(layout: Layout) -> None:
+    from azfs.volumes.hostmount import lazy_unmount
+
+    for entry in sorted(_mounts(layout), key=lambda e: -len(e.mount_point)):
+        lazy_unmount(entry.mount_point)
+
+
+# ---- status -----------------------------------------------------------------------------
+def status(root: Path) -> list[dict]:
+    """Each service of the node: pid (None: not running) and whether it answers."""
+    layout = Layout(root)
+    settings = layout.load_settings()
+    if settings is None:
+        raise UserError(f"no azfs node in {layout.root} (run 'azfs up')")
+    rows = []
+    for name, service in services(layout, settings).items():
+        pid = service.pid()
+        rows.append({"service": name, "pid": pid, "ready": bool(pid) and service.ready(),
+                     "log": str(service.log)})
+    pid = procs.trusted_pid(layout.fusehost_pid_file, f"{layout.root}/")
+    rows.append({"service": "fusehost", "pid": pid, "ready": bool(pid),
+                 "log": str(layout.agent_state / "fusehost.log")})
+    return rows
+
+
+def usage_hint(layout: Layout, settings: Settings, user: str | None = None) -> str:
+    """How to use and stop the node (no secret, only the token files' paths)."""
+    state = "" if layout.root == Path("/var/lib/azfs/node") else f" --state-dir {layout.root}"
+    token = layout.user_token(user) if user else layout.admin_token
+    who = f"user '{user}'" if user else "the admin"
+    return f"""\
+The azfs node is running (state in {layout.root}).
+  manager  {settings.manager_url}  (token of {who}: {token};
+           admin token: {layout.admin_token})
+  agent    '{settings.agent_id}' on {layout.agent_socket}, FUSE at {layout.fuse_mountpoint}
+  blob     {settings.blob_endpoint}  (dataset '{SAMPLE_DATASET}')
+Use it:
+  export AZFS_MANAGER_URL={settings.manager_url} AZFS_TOKEN="$(cat {token})"
+  azfs folder create mydata && azfs folder ls
+  azfs kernel create k1 --agent {settings.agent_id} -v mydata -d {SAMPLE_DATASET}
+  azfs kernel ls && azfs kernel rm k1
+  azfs agent --socket {layout.agent_socket} status
+  azfs folder info mydata --json      # its 'path' is a directory in volume 'local-share'
+  azfs mount --ro {layout.share}/PATH /mnt/inspect   # inspect it; azfs umount /mnt/inspect
+  azfs status{state}
+Stop it (unmounts everything, stops every service):
+  azfs down{state}"""
+
+
+def add_state_dir_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--state-dir", type=Path, default=None,
+                        help="the node's state directory (default $AZFS_NODE_DIR or "
+                             "/var/lib/azfs/node)")
+
+
+def state_dir(args: argparse.Namespace) -> Path:
+    from azfs.node.layout import DEFAULT_STATE_DIR
+
+    return args.state_dir or Path(os.environ.get("AZFS_NODE_DIR") or DEFAULT_STATE_DIR)

@@ -1,0 +1,241 @@
+"""Where a single-node deployment keeps everything, and the settings it was started with.
+
+One state directory holds it all, so that ``azfs down`` knows what to stop
+and unmount, and ``rm -r`` of that directory (after ``down``) removes the
+whole node.  Secrets (the admin token, the storage key) live in
+``secrets/`` (mode 0700, files 0600) and are never printed; the settings
+(ports, etcd endpoint) are in ``node.json`` so that a second ``azfs up``
+finds the same node.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+from azfs.errors import UserError
+from azfs.secret import Secret
+
+DEFAULT_STATE_DIR = Path("/var/lib/azfs/node")
+STORAGE_ACCOUNT = "devstoreaccount1"
+SAMPLE_DATASET = "sample"
+SHARE_VOLUME = "local-share"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What ``azfs up`` was asked for; persisted so that the next ``up`` matches it."""
+
+    manager_port: int = 8630
+    azurite_port: int = 10000
+    #: None: volumes in a YAML file ("none" on the command line); "local": an etcd of
+    #: the node's own; else HOST:PORT
+    etcd: str | None = None
+    etcd_port: int = 12379
+    etcd_peer_port: int = 12380
+    agent_id: str = "local"
+
+    @property
+    def manager_url(self) -> str:
+        return f"http://127.0.0.1:{self.manager_port}"
+
+    @property
+    def blob_endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.azurite_port}/{STORAGE_ACCOUNT}"
+
+    @property
+    def etcd_endpoint(self) -> str | None:
+        if self.etcd == "local":
+            return f"127.0.0.1:{self.etcd_port}"
+        return self.etcd
+
+    def merged(self, **flags: object) -> Settings:
+        """These settings with the flags that were given (None = not given)."""
+        merged = replace(self, **{k: v for k, v in flags.items() if v is not None})
+        return replace(merged, etcd=None) if merged.etcd == "none" else merged
+
+    def check(self) -> Settings:
+        for name in ("manager_port", "azurite_port", "etcd_port", "etcd_peer_port"):
+            if not 1 <= getattr(self, name) <= 65535:
+                raise UserError(f"{name.replace('_', ' ')} must be 1-65535")
+        ports = [self.manager_port, self.azurite_port]
+        if self.etcd == "local":
+            ports += [self.etcd_port, self.etcd_peer_port]
+        if len(set(ports)) != len(ports):
+            raise UserError("the node's services need distinct ports")
+        if self.etcd not in (None, "local"):
+            host, _, port = self.etcd.rpartition(":")
+            if not host or not port.isdigit():
+                raise UserError(f"--etcd must be HOST:PORT, 'local' or 'none' "
+                                f"(got {self.etcd!r})")
+        if not self.agent_id or "/" in self.agent_id:
+            raise UserError("agent id must be a non-empty name without '/'")
+        return self
+
+
+class Layout:
+    """Paths inside one node's state directory."""
+
+    def __init__(self, root: Path) -> None:
+        root = Path(root)
+        if not root.is_absolute():
+            root = Path.cwd() / root
+        self.root = Path(os.path.normpath(root))
+
+    # -- files of the node itself ------------------------------------------------------
+    @property
+    def settings_file(self) -> Path:
+        return self.root / "node.json"
+
+    @property
+    def secrets(self) -> Path:
+        return self.root / "secrets"
+
+    @property
+    def admin_token(self) -> Path:
+        return self.secrets / "admin.token"
+
+    @property
+    def storage_key(self) -> Path:
+        return self.secrets / "storage.key"
+
+    def user_token(self, user: str) -> Path:
+        return self.secrets / f"{user}.token"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config"
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def pid_file(self, service: str) -> Path:
+        return self.run / f"{service}.pid"
+
+    def log(self, service: str) -> Path:
+        return self.logs / f"{service}.log"
+
+    # -- per service -------------------------------------------------------------------
+    @property
+    def manager_toml(self) -> Path:
+        return self.config / "manager.toml"
+
+    @property
+    def agent_toml(self) -> Path:
+        return self.config / "agent.toml"
+
+    @property
+    def volumes_yaml(self) -> Path:
+        return self.config / "volumes.yaml"
+
+    @property
+    def manager_state(self) -> Path:
+        return self.root / "manager"
+
+    @property
+    def agent_state(self) -> Path:
+        return self.root / "agent"
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.run / "agent.sock"
+
+    @property
+    def fuse_mountpoint(self) -> Path:
+        return self.agent_state / "fuse"
+
+    @property
+    def fusehost_pid_file(self) -> Path:
+        return self.agent_state / "run" / "fusehost.pid"
+
+    @property
+    def block_cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def share(self) -> Path:
+        """The directory the ``bind`` volume serves (stands in for an Azure Files share)."""
+        return self.root / "share"
+
+    @property
+    def azurite_data(self) -> Path:
+        return self.root / "azurite"
+
+    @property
+    def etcd_data(self) -> Path:
+        return self.root / "etcd"
+
+    @property
+    def sample_dataset(self) -> Path:
+        return self.root / "sample-dataset"
+
+    @property
+    def demo(self) -> Path:
+        return self.root / "demo"
+
+    @property
+    def rootfs(self) -> Path:
+        return self.demo / "rootfs"
+
+    @property
+    def runc_root(self) -> Path:
+        return self.demo / "runc"
+
+    # -- settings and secrets ------------------------------------------------------------
+    def load_settings(self) -> Settings | None:
+        try:
+            data = json.loads(self.settings_file.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise UserError(f"{self.settings_file} is unreadable ({exc}); "
+                            "remove it to start over") from None
+        known = {f.name for f in fields(Settings)}
+        return Settings(**{k: v for k, v in data.items() if k in known})
+
+    def save_settings(self, settings: Settings) -> None:
+        write_file(self.settings_file, json.dumps(asdict(settings), indent=2) + "\n", 0o644)
+
+    def make_dirs(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o755)
+        self.secrets.mkdir(exist_ok=True, mode=0o700)
+        self.secrets.chmod(0o700)
+        for path in (self.config, self.run, self.logs, self.manager_state, self.agent_state,
+                     self.share, self.azurite_data, self.block_cache, self.demo):
+            path.mkdir(exist_ok=True, mode=0o755)
+        # vfolder directories are created by the manager; kernels (uid 1000) write inside
+        self.share.chmod(0o755)
+
+    def storage_key_secret(self) -> Secret:
+        """The emulated storage account's key: random per node, made on first use."""
+        if not self.storage_key.exists():
+            import base64
+            write_file(self.storage_key, base64.b64encode(secrets.token_bytes(64)).decode(),
+                       0o600)
+        return read_secret(self.storage_key)
+
+
+def write_file(path: Path, text: str, mode: int) -> None:
+    """Writes ``text`` atomically with ``mode`` from the start (no window where it is open)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    os.chmod(tmp, mode)
+    tmp.replace(path)
+
+
+def read_secret(path: Path) -> Secret:
+    try:
+        return Secret(path.read_text().strip())
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}") from None

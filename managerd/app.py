@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -27,6 +27,7 @@ from managerd import auth
 from managerd import schemas as S
 from managerd.auth import Principal
 from managerd.errors import ApiError, Forbidden, Unauthenticated
+from managerd.metrics import ManagerMetrics
 from managerd.services.kernels import DatasetRequest, KernelRequest, VfolderRequest
 from managerd.state import Manager
 
@@ -162,6 +163,8 @@ def create_app(manager: Manager) -> FastAPI:
                   description="vfolders, datasets, kernels and users of an azfs cluster")
     app.state.manager = manager
     _install_error_handlers(app)
+    metrics = ManagerMetrics(manager.db)
+    app.middleware("http")(metrics.middleware())
 
     async def principal(
             credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -175,6 +178,11 @@ def create_app(manager: Manager) -> FastAPI:
 
     Who = Annotated[Principal, Depends(principal)]
     m = manager
+
+    @app.get("/metrics", tags=["meta"], response_class=PlainTextResponse,
+             summary="Prometheus metrics (aggregate counts only; no authentication)")
+    async def prometheus() -> Response:
+        return Response(await metrics.render(), media_type=metrics.content_type)
 
     @app.get("/v1/health", tags=["meta"],
              response_model=S.Health, response_model_exclude_unset=True)

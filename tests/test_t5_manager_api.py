@@ -353,6 +353,25 @@ async def test_errors_are_json_with_codes(sqlite_server: Server) -> None:
         assert r.status_code == 422 and "bogus" in r.json()["error"]["message"]
 
 
+async def test_metrics_count_requests_and_records(sqlite_server: Server) -> None:
+    async with sqlite_server.client("olive") as c:
+        await c.post("/v1/vfolders", json={"alias": "m1"})
+        await c.post("/v1/vfolders", json={"alias": "m2"})
+        await c.delete("/v1/vfolders/m2")
+        await c.get("/v1/vfolders/nope")
+    async with sqlite_server.client() as anon:
+        r = await anon.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    text = r.text
+    assert 'azfs_manager_vfolders{status="ready"} 1.0' in text
+    assert 'azfs_manager_vfolders{status="delete-pending"} 1.0' in text
+    assert ('azfs_manager_requests_total{method="POST",route="/v1/vfolders",status="201"} 2.0'
+            in text)
+    assert ('azfs_manager_requests_total{method="GET",route="/v1/vfolders/{ref}",status="404"}'
+            ' 1.0' in text)
+    assert "olive" not in text and "m1" not in text
+
+
 # -- concurrency ------------------------------------------------------------------------
 
 

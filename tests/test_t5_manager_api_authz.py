@@ -147,8 +147,8 @@ async def test_every_endpoint_is_in_the_matrix(sqlite_server: Server) -> None:  
                   .replace("/users/{user}", "/users/{name}")
                   .replace("/{name}/users/{name}", "/{name}/users/{user}"))
                  for m, p in templated}
-    # health is public; SAS renewal is authorised by the key in its URL (own test)
-    missing = routes - templated - {("GET", "/v1/health"),
+    # health and metrics are public; SAS renewal is authorised by the key in its URL (own test)
+    missing = routes - templated - {("GET", "/v1/health"), ("GET", "/metrics"),
                                      ("GET", "/v1/kernels/{kernel_id}/datasets/{alias}/sas")}
     assert not missing, f"routes without authorization cases: {sorted(missing)}"
 

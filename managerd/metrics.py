@@ -1,0 +1,88 @@
+"""Prometheus metrics of the manager: requests by route and outcome, vfolders by state.
+
+Request counters and latency histograms live in a registry of this app (not
+the process-global one, so several apps in one process stay apart).  The
+vfolder and kernel counts are read from the database at scrape time, so they
+are right after a restart and never drift.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from managerd.db.models import Kernel, Vfolder
+from managerd.db.session import Database
+
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def _counts(session: Session) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    vfolders = session.execute(
+        select(Vfolder.status, func.count()).group_by(Vfolder.status)).all()
+    kernels = session.execute(select(Kernel.status, func.count()).group_by(Kernel.status)).all()
+    return [(s, int(n)) for s, n in vfolders], [(s, int(n)) for s, n in kernels]
+
+
+class ManagerMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.registry = CollectorRegistry()
+        self.requests = Counter("azfs_manager_requests", "API requests by route and status",
+                                ["method", "route", "status"], registry=self.registry)
+        self.latency = Histogram("azfs_manager_request_seconds", "API request latency",
+                                 ["method", "route"], buckets=BUCKETS, registry=self.registry)
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(method, route, str(status)).inc()
+        self.latency.labels(method, route).observe(seconds)
+
+    async def render(self) -> bytes:
+        vfolders, kernels = await self.db.read(_counts)
+        records = CollectorRegistry()
+        records.register(_Records(vfolders, kernels))
+        return generate_latest(self.registry) + generate_latest(records)
+
+    def middleware(self) -> Callable[..., Awaitable[Any]]:
+        """An ASGI middleware factory body: counts every HTTP request by its route template."""
+
+        async def record(request: Any, call_next: Callable[..., Awaitable[Any]]) -> Any:
+            start = time.perf_counter()
+            status = 500
+            try:
+                response = await call_next(request)
+                status = response.status_code
+                return response
+            finally:
+                route = request.scope.get("route")
+                path = getattr(route, "path", None) or "unmatched"
+                self.observe(request.method, path, status, time.perf_counter() - start)
+
+        return record
+
+
+class _Records:
+    def __init__(self, vfolders: list[tuple[str, int]], kernels: list[tuple[str, int]]) -> None:
+        self.vfolders = vfolders
+        self.kernels = kernels
+
+    def collect(self):
+        vf = GaugeMetricFamily("azfs_manager_vfolders", "vfolders by lifecycle state",
+                               labels=["status"])
+        for status, count in self.vfolders:
+            vf.add_metric([status], count)
+        yield vf
+        kernels = GaugeMetricFamily("azfs_manager_kernels", "kernels by state",
+                                    labels=["status"])
+        for status, count in self.kernels:
+            kernels.add_metric([status], count)
+        yield kernels

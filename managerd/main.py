@@ -3,7 +3,8 @@
 ``azfs-managerd [serve]`` applies migrations, then serves on hypercorn's trio
 worker until SIGTERM/SIGINT; ``migrate`` only migrates; ``create-user NAME
 [--admin]`` creates a user and prints its first token (the way to make the
-first admin).  The database URL (which may hold a password) is read from the
+first admin); ``issue-token NAME`` prints a new token for a user (a lost
+admin token).  The database URL (which may hold a password) is read from the
 config file or ``AZFS_MANAGERD_DATABASE_URL``, never from a flag.
 """
 
@@ -20,13 +21,15 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
+from azfs import __version__
 from azfs.errors import AzfsError
 from azfs.logs import setup_logging
 from azfs.secret import redact
 from managerd.app import create_app
+from managerd.auth import issue_token
 from managerd.config import ManagerConfig
 from managerd.errors import ApiError
-from managerd.services.users import create_user
+from managerd.services.users import create_user, get_user
 from managerd.state import Manager
 from managerd.sweeper import OrphanSweeper
 
@@ -43,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--volumes-file", type=Path, help="YAML volume config")
     parser.add_argument("--etcd", help="etcd HOST:PORT holding the volume config")
     parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--version", action="version", version=f"azfs-managerd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("serve", help="serve the REST API (default)")
     sub.add_parser("migrate", help="apply database migrations and exit")
@@ -51,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     user.add_argument("--admin", action="store_true")
     user.add_argument("--uid", type=int, default=1000)
     user.add_argument("--gid", type=int, default=1000)
+    token = sub.add_parser("issue-token",
+                           help="print a new token for an existing user (e.g. a lost admin token)")
+    token.add_argument("name")
+    token.add_argument("--label", default="cli")
     return parser
 
 
@@ -114,6 +122,17 @@ def main(argv: list[str] | None = None) -> int:
                 lambda s: create_user(s, args.name, admin=args.admin, uid=args.uid,
                                       gid=args.gid))
             print(json.dumps({**user, "token": token}))
+            return 0
+        if command == "issue-token":
+            manager = Manager(config)
+            manager.migrate()
+
+            def issue(session) -> dict:
+                user = get_user(session, args.name)
+                return {"user": user.name, "label": args.label,
+                        "token": issue_token(session, user.id, args.label)}
+
+            print(json.dumps(manager.db.call(issue)))
             return 0
         trio.run(serve, config)
         return 0

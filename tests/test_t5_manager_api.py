@@ -333,6 +333,11 @@ async def test_dotfolder_reserved_name_with_intent(sqlite_server: Server) -> Non
         r = await c.post("/v1/vfolders", json={"alias": "données ✓"})
         assert r.status_code == 201 and r.json()["alias"] == "données ✓"
         assert (await c.get("/v1/vfolders/données ✓")).status_code == 200
+        # the same name in decomposed form (NFD) is the same alias, not a look-alike
+        decomposed = "donne\u0301es ✓"
+        r = await c.post("/v1/vfolders", json={"alias": decomposed})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "vfolder-exists"
+        assert (await c.get(f"/v1/vfolders/{decomposed}")).status_code == 200
 
 
 async def test_errors_are_json_with_codes(sqlite_server: Server) -> None:

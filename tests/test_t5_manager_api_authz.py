@@ -252,3 +252,20 @@ async def test_revoked_token_stops_working(sqlite_server: Server) -> None:  # no
         assert (await c.delete("/v1/users/stan/tokens")).status_code == 204
         r = await c.get("/v1/users/me")
         assert r.status_code == 401 and r.json()["error"]["code"] == "unauthenticated"
+
+
+async def test_two_shared_vfolders_of_one_alias_need_the_id(sqlite_server: Server) -> None:  # noqa: F811
+    srv = sqlite_server
+    ids = []
+    for owner in ("olive", "walt"):
+        async with srv.client(owner) as c:
+            vfid = (await c.post("/v1/vfolders", json={"alias": "team"})).json()["id"]
+            await c.put(f"/v1/vfolders/{vfid}/shares/rhea", json={"permission": "ro"})
+            ids.append(vfid)
+    async with srv.client("rhea") as c:
+        r = await c.get("/v1/vfolders/team")
+        assert r.status_code == 409 and r.json()["error"]["code"] == "vfolder-ambiguous"
+        for vfid in ids:
+            assert (await c.get(f"/v1/vfolders/{vfid}")).json()["id"] == vfid
+        own = (await c.post("/v1/vfolders", json={"alias": "team"})).json()["id"]
+        assert (await c.get("/v1/vfolders/team")).json()["id"] == own  # own first

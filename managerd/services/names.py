@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 import uuid
 
 from azfs.export import validate_component
@@ -18,12 +19,19 @@ RESERVED_ALIASES = frozenset({
 })
 
 
+def normalize(name: str) -> str:
+    """Unicode NFC, so that "café" typed on two systems is one alias, not two look-alikes."""
+    return unicodedata.normalize("NFC", name)
+
+
 def validate_alias(alias: str, *, dotfolder: bool = False) -> str:
     """A vfolder alias: one path component of 1-64 chars, not an id, not reserved.
 
-    Reserved names (``.ssh``, ``.bashrc``...) are accepted only with
-    ``dotfolder=True``: the caller states that it means to replace that file.
+    Returns the alias in NFC.  Reserved names (``.ssh``, ``.bashrc``...) are
+    accepted only with ``dotfolder=True``: the caller states that it means to
+    replace that file.
     """
+    alias = normalize(alias)
     try:
         validate_component(alias, "alias")
     except ValueError as exc:

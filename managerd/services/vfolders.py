@@ -41,7 +41,7 @@ from managerd.db.models import (
 )
 from managerd.db.session import Database
 from managerd.errors import ApiError, Conflict, Forbidden, InvalidArgument, NotFound
-from managerd.services.names import parse_id, validate_alias
+from managerd.services.names import normalize, parse_id, validate_alias
 from managerd.usage import read_usage
 from managerd.volumes import StorageTimeout, VolumePool, remove_tree
 
@@ -86,6 +86,7 @@ def resolve(session: Session, who: Principal, ref: str, *, purged: bool = False)
         if role is None:
             raise VfolderNotFound(f"no vfolder {ref}")
         return Access(vf, role, owner_name)
+    ref = normalize(ref)
     live = Vfolder.status != DELETE_COMPLETE
     own = session.scalars(select(Vfolder).where(
         Vfolder.owner_id == who.id, Vfolder.alias == ref, live)).first()
@@ -146,7 +147,7 @@ class VfolderService:
     async def create(self, who: Principal, alias: str, *, volume: str | None = None,
                      usage_mode: str = "general", permission: str = "rw",
                      dotfolder: bool = False) -> dict[str, Any]:
-        validate_alias(alias, dotfolder=dotfolder)
+        alias = validate_alias(alias, dotfolder=dotfolder)
         if usage_mode not in USAGE_MODES:
             raise InvalidArgument(f"usage_mode must be one of {', '.join(USAGE_MODES)}")
         if permission not in ("ro", "rw"):
@@ -201,7 +202,7 @@ class VfolderService:
 
     async def rename(self, who: Principal, ref: str, new_alias: str,
                      dotfolder: bool = False) -> dict[str, Any]:
-        validate_alias(new_alias, dotfolder=dotfolder)
+        new_alias = validate_alias(new_alias, dotfolder=dotfolder)
         return await self.db.run(_rename, who, ref, new_alias)
 
     async def share(self, who: Principal, ref: str, user: str, permission: str) -> dict:

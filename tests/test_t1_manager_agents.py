@@ -45,6 +45,10 @@ async def test_lookup_order_and_expiry(db: Database, etcd_server) -> None:  # no
                             None, etcd_server.endpoint)
     assert (await agents.resolve("node1")).socket == Path("/run/n1.sock")
     assert (await agents.resolve("node2")).socket == Path("/run/azfs/n2.sock")
+    client.put("/azfs/agents/node4", json.dumps({"agent_id": "node4", "socket": "/s.sock",
+                                                 "url": "http://10.9.9.9:7520"}), lease=lease)
+    remote = await agents.resolve("node4")  # a remote agent: its URL wins over its socket
+    assert (remote.url, remote.socket) == ("http://10.9.9.9:7520", None)
     lease.revoke()  # a dead agent's key disappears with its lease
     with pytest.raises(ApiError) as err:
         await agents.resolve("node2")

@@ -101,14 +101,35 @@ class AgentDirectory:
         return None
 
     def _etcd_get(self, key: str) -> bytes | None:
+        if self._etcd_client is None:
+            self._etcd_client = self._etcd_connect()
+        try:
+            value, _meta = self._etcd_client.get(key)
+        except Exception:
+            self._etcd_client.close()
+            self._etcd_client = None  # reconnect (maybe to another member) next time
+            raise
+        return value
+
+    def _etcd_connect(self):
+        """A client of the first member that answers; TLS/auth from the environment,
+        as for the volume store and the agents' own registrations."""
         import etcd3
 
-        from azfs.volumes.etcd_store import parse_endpoint
-        if self._etcd_client is None:
-            host, port = parse_endpoint(self.etcd or "")
-            self._etcd_client = etcd3.client(host=host, port=port, timeout=self.timeout)
-        value, _meta = self._etcd_client.get(key)
-        return value
+        from azfs.volumes.etcd_store import EtcdAuth, parse_endpoints
+        kwargs = EtcdAuth.from_env().client_kwargs()
+        last: Exception | None = None
+        for host, port in parse_endpoints(self.etcd or ""):
+            client = etcd3.client(host=host, port=port, timeout=self.timeout, **kwargs)
+            if not client.uses_secure_channel:
+                client.call_credentials = None
+            try:
+                client.status()
+                return client
+            except Exception as exc:  # noqa: BLE001 - try the next member
+                last = exc
+                client.close()
+        raise last or RuntimeError("no etcd member answered")
 
     async def register(self, who: Principal, name: str, socket: str | None, url: str | None,
                        ttl: int) -> dict[str, Any]:

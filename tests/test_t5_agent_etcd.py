@@ -17,6 +17,7 @@ from azfs.volumes.etcd_store import EtcdVolumeStore
 from azfs.volumes.model import load_yaml_file
 from tests.support.agent import AgentHarness
 from tests.support.etcd import etcd_server  # noqa: F401
+from tests.support.services import wait_until
 from tests.test_t5_agent_exports import body, posix
 
 
@@ -31,6 +32,9 @@ async def test_agent_with_etcd_store_registers_and_exports(tmp_path: Path,
         harness.write_config(etcd=etcd_server.endpoint, registration_ttl=10)
         harness.start()
 
+        # registration runs next to the API: it may land a moment after the socket answers
+        wait_until(lambda: client.get("/azfs/agents/test-node")[0] is not None, 15,
+                   "the agent's etcd registration", harness.proc, harness.log)
         value, meta = client.get("/azfs/agents/test-node")
         assert value is not None and meta.lease_id
         registered = json.loads(value)

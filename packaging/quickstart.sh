@@ -1,29 +1,28 @@
 #!/usr/bin/env bash
-# Brings azfs up on this node with embedded defaults and shows it working.
-# Safe to run twice. Stop everything with: .venv/bin/azfs umount /mnt/azfs-demo
+# One node in one command: installs what is missing, brings a whole azfs node
+# up on this machine (managerd on SQLite, agentd with its FUSE mount, a local
+# directory standing in for an Azure Files share, Azurite standing in for Blob
+# Storage with a sample dataset), then shows it doing its job with two runc
+# kernels.  The node keeps running afterwards; stop it with `azfs down`.
+# Safe to run again.  Arguments go to `azfs up` (e.g. --etcd local, --manager-port N).
+# The state directory is $AZFS_NODE_DIR (default /var/lib/azfs/node).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-"$ROOT/packaging/setup-env.sh"
-AZFS="$ROOT/.venv/bin/azfs"
-STATE="${AZFS_STATE_DIR:-/var/lib/azfs}"
-SOURCE="$STATE/demo/vfolder"
-MOUNTPOINT="${AZFS_DEMO_MOUNTPOINT:-/mnt/azfs-demo}"
+say() { printf '\n\033[1m%s\033[0m\n' "$*"; }
 
-mkdir -p "$SOURCE" "$MOUNTPOINT"
-if grep -q " $MOUNTPOINT fuse.azfs " /proc/self/mountinfo; then
-    echo "azfs: demo vfolder already mounted at $MOUNTPOINT"
-else
-    "$AZFS" mount --uid 1000 --gid 1000 --quota-bytes 1G --quota-files 10000 \
-        "$SOURCE" "$MOUNTPOINT"
-fi
-echo "hello from azfs" > "$MOUNTPOINT/hello.txt"
-echo
-echo "A demo vfolder ($SOURCE) is mounted at $MOUNTPOINT:"
-ls -l "$MOUNTPOINT"
-df -h "$MOUNTPOINT"
-echo
-echo "Usage (kept incrementally, no scan):"
-sleep 1.2
-"$AZFS" usage "$SOURCE"
-echo
-echo "Unmount with: $AZFS umount $MOUNTPOINT"
+say "== installing what is missing (Debian packages, .venv, Azurite)"
+"$ROOT/packaging/setup-env.sh" --quickstart
+export PATH="$ROOT/.venv/bin:$ROOT/.cache/node/node_modules/.bin:$PATH"
+STATE="${AZFS_NODE_DIR:-/var/lib/azfs/node}"
+
+say "== azfs up --state-dir $STATE $*"
+azfs up --state-dir "$STATE" --quiet "$@"
+
+say "== azfs demo --state-dir $STATE"
+azfs demo --state-dir "$STATE"
+
+cat <<MSG
+
+azfs is installed in $ROOT/.venv: put it on your PATH with
+  export PATH="$ROOT/.venv/bin:\$PATH"
+MSG

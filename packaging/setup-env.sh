@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
 # Installs what azfs needs on a Debian node and creates the project's virtual
 # environment. Idempotent: a second run only checks.
-#   setup-env.sh            runtime packages + venv
-#   setup-env.sh --test     also test/bench packages, Azurite and test extras
+#   setup-env.sh               runtime packages + venv
+#   setup-env.sh --quickstart  also what `azfs up`/`azfs demo` need (Azurite, busybox)
+#   setup-env.sh --test        also test/bench packages, Azurite and test extras
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${AZFS_VENV:-$ROOT/.venv}"
 WITH_TEST=0
-[[ "${1:-}" == "--test" ]] && WITH_TEST=1
+WITH_AZURITE=0
+for arg in "$@"; do
+    case "$arg" in
+        --test) WITH_TEST=1; WITH_AZURITE=1 ;;
+        --quickstart) WITH_AZURITE=1 ;;
+        *) echo "setup-env.sh: unknown option $arg (use --quickstart or --test)" >&2; exit 2 ;;
+    esac
+done
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
@@ -22,6 +30,7 @@ wanted_packages() {
 }
 
 lists=("$ROOT/packaging/debian-packages.txt")
+[[ $WITH_AZURITE == 1 ]] && lists+=("$ROOT/packaging/debian-packages-quickstart.txt")
 [[ $WITH_TEST == 1 ]] && lists+=("$ROOT/packaging/debian-packages-test.txt")
 missing=()
 for pkg in $(wanted_packages "${lists[@]}"); do
@@ -51,14 +60,16 @@ stamp="$VENV/.azfs-installed"
 extras=""
 [[ $WITH_TEST == 1 ]] && extras="[test]"
 want="$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)$extras"
-if [[ ! -f $stamp || "$(cat "$stamp")" != "$want" ]]; then
+have="$(cat "$stamp" 2>/dev/null || true)"
+# an install with the test extras also serves a runtime-only request
+if [[ "$have" != "$want" && "$have" != "$want[test]" ]]; then
     log "installing azfs$extras into $VENV"
     "$VENV/bin/pip" install -q --upgrade pip >/dev/null
     "$VENV/bin/pip" install -q -e "$ROOT$extras"
     echo "$want" > "$stamp"
 fi
 
-if [[ $WITH_TEST == 1 ]]; then
+if [[ $WITH_AZURITE == 1 ]]; then
     NODE_PREFIX="$ROOT/.cache/node"
     if [[ ! -x "$NODE_PREFIX/node_modules/.bin/azurite-blob" ]]; then
         log "installing Azurite (npm) into $NODE_PREFIX"

@@ -116,8 +116,9 @@ def _agent_health(layout: Layout) -> str | None:
         return None
 
 
-def services(layout: Layout, settings: Settings) -> dict[str, Service]:
-    """The node's services (etcd only with ``--etcd local``)."""
+def services(layout: Layout, settings: Settings, azurite: str = "azurite-blob"
+             ) -> dict[str, Service]:
+    """The node's services (etcd only with ``--etcd local``); ``azurite``: its binary."""
     marker = f"{layout.root}/"
     env = _daemon_env()
     found: dict[str, Service] = {}
@@ -138,7 +139,7 @@ def services(layout: Layout, settings: Settings) -> dict[str, Service]:
         azurite_env["AZURITE_ACCOUNTS"] = \
             f"{STORAGE_ACCOUNT}:{read_secret(layout.storage_key).reveal()}"
     found["azurite"] = Service(
-        "azurite", [azurite_binary(), "--blobHost", "127.0.0.1",
+        "azurite", [azurite, "--blobHost", "127.0.0.1",
                     "--blobPort", str(settings.azurite_port),
                     "--location", str(layout.azurite_data), "--skipApiVersionCheck",
                     "--disableTelemetry"],
@@ -183,6 +184,7 @@ def up(root: Path, say: Say, **flags: object) -> Settings:
     layout = Layout(root)
     previous = layout.load_settings()
     settings = (previous or Settings()).merged(**flags).check()
+    azurite = azurite_binary()
     running = {name: svc.pid() for name, svc in _known_services(layout, previous).items()}
     running = {name: pid for name, pid in running.items() if pid}
     if previous and running and settings != previous:
@@ -192,7 +194,7 @@ def up(root: Path, say: Say, **flags: object) -> Settings:
     layout.save_settings(settings)
     write_configs(layout, settings)
     layout.storage_key_secret()
-    table = services(layout, settings)
+    table = services(layout, settings, azurite)
     started: list[str] = []
     try:
         for name in SERVICES:
@@ -221,10 +223,7 @@ def up(root: Path, say: Say, **flags: object) -> Settings:
 
 def _known_services(layout: Layout, settings: Settings | None) -> dict[str, Service]:
     """The services a node with ``settings`` may have running (all, if unknown)."""
-    try:
-        return services(layout, (settings or Settings()).merged(etcd="local"))
-    except UserError:  # no Azurite installed: it cannot be running either
-        return {}
+    return services(layout, (settings or Settings()).merged(etcd="local"))
 
 
 def _ensure(service: Service, ports: list[tuple[int, str]], say: Say) -> bool:

@@ -86,6 +86,15 @@ def add_client_flags(parser: argparse.ArgumentParser) -> None:
 def emit(args: argparse.Namespace, data: Any, columns: list[tuple[str, str]],
          title: str | None = None) -> None:
     """Prints ``data`` (a dict or a list of dicts) as JSON or as a table."""
+    try:
+        _emit(args, data, columns, title)
+    except BrokenPipeError:  # e.g. `azfs folder ls --json | head`: not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+
+
+def _emit(args: argparse.Namespace, data: Any, columns: list[tuple[str, str]],
+          title: str | None) -> None:
     if args.json:
         json.dump(data, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -93,9 +102,22 @@ def emit(args: argparse.Namespace, data: Any, columns: list[tuple[str, str]],
     rows = data if isinstance(data, list) else [data]
     table = Table(title=title, show_lines=False)
     for _, header in columns:
-        table.add_column(header)
+        table.add_column(header, overflow="fold")  # wrap long ids, never cut them
     for row in rows:
         table.add_row(*(_cell(row, key) for key, _ in columns))
+    Console().print(table)
+
+
+def emit_record(args: argparse.Namespace, data: dict, fields: list[tuple[str, str]]) -> None:
+    """One object as a vertical field/value table (or its JSON)."""
+    if args.json:
+        emit(args, data, fields)
+        return
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for key, header in fields:
+        table.add_row(header, _cell(data, key))
     Console().print(table)
 
 
@@ -126,8 +148,12 @@ def human_bytes(value: int) -> str:
 
 LIST_COLUMNS = [("alias", "alias"), ("id", "id"), ("owner", "owner"), ("access", "access"),
                 ("status", "status"), ("volume", "volume"), ("quota_bytes", "quota")]
-INFO_COLUMNS = [*LIST_COLUMNS, ("usage.bytes", "used"), ("usage.files", "files"),
-                ("shared_with", "shared with")]
+INFO_FIELDS = [("alias", "alias"), ("id", "id"), ("owner", "owner"), ("access", "your access"),
+               ("status", "status"), ("volume", "volume"), ("usage_mode", "usage mode"),
+               ("permission", "mounts as"), ("quota_bytes", "quota"),
+               ("quota_files", "quota files"), ("usage.bytes", "used"),
+               ("usage.files", "files"), ("shared_with", "shared with"),
+               ("created_at", "created"), ("modified_at", "modified")]
 
 
 def _create(args: argparse.Namespace) -> int:
@@ -148,7 +174,7 @@ def _ls(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     data = ManagerClient.from_args(args).call("GET", f"/v1/vfolders/{ref_path(args.ref)}")
-    emit(args, data, INFO_COLUMNS)
+    emit_record(args, data, INFO_FIELDS)
     if not args.json and data.get("usage") is None and data.get("usage_error"):
         print(f"usage unknown: {data['usage_error']['message']}", file=sys.stderr)
     return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from azfs.cli.folder import ManagerClient, add_client_flags, emit, ref_path
+from azfs.cli.folder import ManagerClient, add_client_flags, emit, emit_record, ref_path
 from azfs.errors import UserError
 
 COLUMNS = [("kernel_id", "kernel"), ("owner", "owner"), ("agent", "agent"),
@@ -62,7 +62,7 @@ def _ls(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     data = ManagerClient.from_args(args).call("GET", f"/v1/kernels/{ref_path(args.kernel_id)}")
-    emit(args, data, COLUMNS)
+    emit_record(args, data, COLUMNS)
     if not args.json:
         emit(args, data["vfolders"], [("alias", "alias"), ("kind", "kind"), ("mode", "mode"),
                                       ("target", "target")])

@@ -53,7 +53,8 @@ from azfs.volumes.model import (
 log = logging.getLogger(__name__)
 
 #: errnos of a mount whose server or FUSE daemon is gone.
-STALE_ERRNOS = frozenset({errno.ENOTCONN, errno.ESTALE, errno.EIO, errno.EHOSTDOWN})
+STALE_ERRNOS = frozenset({errno.ENOTCONN, errno.ESTALE, errno.EIO, errno.EHOSTDOWN,
+                          errno.ECONNABORTED})  # a FUSE mount whose daemon is dying
 #: The options Azure Files operators use for SMB (as the Azure Files CSI driver
 #: does); ``uid``/``gid`` are added from the mounter.  The config overrides any.
 AZURE_FILES_DEFAULTS: tuple[tuple[str, str | None], ...] = (

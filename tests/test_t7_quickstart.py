@@ -131,6 +131,11 @@ def test_up_demo_down_leaves_nothing_behind(state: Path) -> None:
     assert "azfs down" in out and "azfs folder" in out and "azfs mount" in out
     secrets = _secrets(state)
     assert not any(s in out + demo.stderr + up.stdout + up.stderr for s in secrets)
+    logs = [p for p in state.rglob("*.log") if "demo" not in p.parts]
+    assert len(logs) >= 4
+    for log in logs:  # no SAS signature, no key, no token in any log of the node
+        text = log.read_text(errors="replace")
+        assert "sig=" not in text and not any(s in text for s in secrets), log
     written = list((state / "share").glob("*/hello.txt"))
     assert [p.read_text() for p in written] == [f"hello from kernel {writer}\n"]
     # both kernels are gone: no container, no export on the agent
@@ -140,8 +145,11 @@ def test_up_demo_down_leaves_nothing_behind(state: Path) -> None:
 
     assert azfs(state, "status").returncode == 0
 
+    # a lost pid file (an `up` killed midway) does not hide a service from `down`
+    (state / "run" / "managerd.pid").unlink()
     down = azfs(state, "down")
     assert down.returncode == 0, down.stdout + down.stderr
+    assert "managerd: stopped (pid" in down.stdout and "no pid file" in down.stdout
     assert mounted(state) == []
     assert node_processes(state) == {}
     assert not list((state / "run").glob("*.pid"))

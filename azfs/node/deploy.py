@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -47,9 +48,6 @@ from azfs.secret import Secret
 Say = Callable[[str], None]
 #: the order of ``up``; ``down`` goes the other way
 SERVICES = ("etcd", "azurite", "managerd", "agentd")
-#: what a process of the node looks like, to find those whose pid file was lost
-SIGNATURES = {"etcd": "--data-dir", "azurite": "azurite", "managerd": "managerd.main",
-              "agentd": "agentd.main", "fusehost": "agentd.fusehost"}
 SAMPLE_FILES = {
     "README.txt": "A small sample dataset, served read-only from blob storage.\n",
     "train/part-0000.csv": "".join(f"{i},{i * i},{i % 7}\n" for i in range(1000)),
@@ -142,7 +140,8 @@ def services(layout: Layout, settings: Settings, azurite: str = "azurite-blob"
         "azurite", [azurite, "--blobHost", "127.0.0.1",
                     "--blobPort", str(settings.azurite_port),
                     "--location", str(layout.azurite_data), "--skipApiVersionCheck",
-                    "--disableTelemetry"],
+                    # no access log: its request lines would carry the kernels' SAS
+                    "--silent", "--disableTelemetry"],
         layout.pid_file("azurite"), layout.log("azurite"), marker,
         ready=lambda: _port_open(settings.azurite_port), env=azurite_env)
     found["managerd"] = Service(
@@ -177,11 +176,36 @@ def _check_port_free(port: int, flag: str, service: str) -> None:
 
 
 # ---- up ---------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _node_lock(layout: Layout) -> Iterator[None]:
+    """One ``up`` or ``down`` at a time per node (released by the kernel on exit)."""
+    layout.run.mkdir(parents=True, exist_ok=True)
+    fd = os.open(layout.run / "node.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UserError(f"another 'azfs up' or 'azfs down' is working on {layout.root}"
+                            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def up(root: Path, say: Say, **flags: object) -> Settings:
     """Brings the node up (or checks that it is); returns its settings."""
     if os.geteuid() != 0:
         raise UserError("azfs up must run as root (it mounts volumes and FUSE)")
     layout = Layout(root)
+    # bad flags or no Azurite: an error before anything is created
+    (layout.load_settings() or Settings()).merged(**flags).check()
+    azurite_binary()
+    layout.root.mkdir(parents=True, exist_ok=True, mode=0o755)
+    with _node_lock(layout):
+        return _up(layout, say, flags)
+
+
+def _up(layout: Layout, say: Say, flags: dict[str, object]) -> Settings:
     previous = layout.load_settings()
     settings = (previous or Settings()).merged(**flags).check()
     azurite = azurite_binary()
@@ -337,6 +361,15 @@ def down(root: Path, say: Say, purge: bool = False) -> None:
     if not layout.root.exists():
         say(f"nothing to do: {layout.root} does not exist")
         return
+    with _node_lock(layout):
+        _down(layout, say)
+    if purge:
+        shutil.rmtree(layout.root)
+        say(f"removed {layout.root}")
+    say(f"azfs node in {layout.root} is down")
+
+
+def _down(layout: Layout, say: Say) -> None:
     _remove_containers(layout, say)
     table = _known_services(layout, layout.load_settings())
     for name in reversed(SERVICES):
@@ -348,10 +381,6 @@ def down(root: Path, say: Say, purge: bool = False) -> None:
     left = [e.mount_point for e in _mounts(layout)]
     if left:
         raise UserError(f"still mounted under {layout.root}: {', '.join(left)}")
-    if purge:
-        shutil.rmtree(layout.root)
-        say(f"removed {layout.root}")
-    say(f"azfs node in {layout.root} is down")
 
 
 def _stop(layout: Layout, name: str, service: Service, say: Say) -> None:
@@ -368,16 +397,21 @@ def _stop(layout: Layout, name: str, service: Service, say: Say) -> None:
 
 def _stop_strays(layout: Layout, say: Say) -> None:
     """Processes of this node without a pid file (e.g. an ``up`` killed after a start)."""
-    marker = f"{layout.root}/"
-    order = ["agentd", "fusehost", "managerd", "azurite", "etcd"]
+    # what each service's command line contains, exactly as `up` starts it
+    signatures = {
+        "agentd": f"-m agentd.main --config {layout.agent_toml} ",
+        "fusehost": f"-m agentd.fusehost --mountpoint {layout.fuse_mountpoint} ",
+        "managerd": f"-m managerd.main --config {layout.manager_toml} ",
+        "azurite": f"--location {layout.azurite_data} ",
+        "etcd": f"--data-dir {layout.etcd_data} ",
+    }
+    order = list(signatures)
     found: list[tuple[int, str, int]] = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         line = procs.cmdline(int(entry.name))
-        if marker not in line:
-            continue
-        for name, signature in SIGNATURES.items():
+        for name, signature in signatures.items():
             if signature in line:
                 found.append((order.index(name), name, int(entry.name)))
                 break

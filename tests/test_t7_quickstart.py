@@ -90,15 +90,20 @@ def _secrets(state: Path) -> list[str]:
     return [p.read_text().strip() for p in (state / "secrets").iterdir()]
 
 
-def test_up_demo_down_leaves_nothing_behind(state: Path) -> None:
-    up = azfs(state, "up", *_ports())
+@pytest.mark.parametrize("store", ["yaml", "etcd"])
+def test_up_demo_down_leaves_nothing_behind(state: Path, store: str) -> None:
+    etcd = ["--etcd", "local", "--etcd-port", str(free_port())] if store == "etcd" else []
+    services = ["azurite", "managerd", "agentd"] + (["etcd"] if etcd else [])
+    up = azfs(state, "up", *_ports(), *etcd)
     assert up.returncode == 0, up.stdout + up.stderr
-    for service in ("azurite", "managerd", "agentd"):
+    for service in services:
         assert f"{service}: ready" in up.stdout
         assert (state / "run" / f"{service}.pid").exists()
     assert "azfs down" in up.stdout and "admin.token" in up.stdout
+    if etcd:
+        assert "imported into etcd" in up.stdout
     pids = set(node_processes(state))
-    assert len(pids) >= 4  # Azurite, managerd, agentd, fusehost
+    assert len(pids) == len(services) + 1  # and the FUSE process
     assert str(state / "agent" / "fuse") in mounted(state)
 
     # secrets: 0600 files, never printed, never on a command line
@@ -114,8 +119,12 @@ def test_up_demo_down_leaves_nothing_behind(state: Path) -> None:
     # a second `up` finds everything running and changes nothing
     again = azfs(state, "up", "--quiet")
     assert again.returncode == 0, again.stdout + again.stderr
-    for service in ("azurite", "managerd", "agentd"):
+    for service in services:
         assert f"{service}: already running" in again.stdout
+    assert set(node_processes(state)) == pids
+    # other settings while it runs: refused, nothing changes
+    other = azfs(state, "up", "--manager-port", str(free_port()))
+    assert other.returncode == 1 and "running with other settings" in other.stderr
     assert set(node_processes(state)) == pids
 
     # the demo: a kernel writes, a second one reads that and the dataset

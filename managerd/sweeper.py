@@ -67,7 +67,7 @@ class OrphanSweeper:
             try:
                 mount = await self.volumes.mount(volume)
                 candidates = await self.volumes.storage(
-                    self._candidates, mount, what=f"listing volume {volume!r}")
+                    self._candidates, mount, what=f"listing volume {volume!r}", volume=volume)
             except ApiError as exc:
                 log.warning("orphan sweep skips volume %s: %s", volume, exc.message)
                 continue
@@ -78,7 +78,7 @@ class OrphanSweeper:
                 if path.name in known:
                     continue
                 try:
-                    if await self.volumes.storage(_remove_if_empty, path,
+                    if await self.volumes.storage(_remove_if_empty, path, volume=volume,
                                                   what="removing an orphaned directory"):
                         log.warning("removed orphaned vfolder directory %s on volume %s",
                                     path.name, volume)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from azfs.volumes.hostmount import STALE_ERRNOS
 from managerd.errors import Unavailable
 
 
@@ -31,6 +32,8 @@ def read_usage(vfolder_dir: Path) -> tuple[int, int]:
     except FileNotFoundError:
         raise UsageUnavailable("the vfolder directory is missing on its volume") from None
     except OSError as exc:
+        if exc.errno in STALE_ERRNOS:
+            raise  # a dead mount: the caller remounts and asks again
         raise UsageUnavailable(f"cannot read usage: {exc.strerror or exc}") from None
     if used_bytes < 0 or files < 0:
         raise UsageUnavailable("the usage ledger holds negative numbers")

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import trio
 
+from azfs.volumes.hostmount import STALE_ERRNOS
 from managerd.config import ManagerConfig
 from managerd.errors import ApiError, NotFound, Unavailable
 from managerd.usage import init_usage
@@ -47,6 +48,7 @@ class VolumePool:
         self.timeout = config.storage_timeout
         self._limiter: trio.CapacityLimiter | None = None
         self._cache: tuple[float, list[Any]] | None = None
+        self._objects: dict[str, Any] = {}
 
     @property
     def limiter(self) -> trio.CapacityLimiter:
@@ -54,17 +56,50 @@ class VolumePool:
             self._limiter = trio.CapacityLimiter(16)
         return self._limiter
 
-    async def storage(self, fn: Callable[..., T], *args: Any, what: str = "storage") -> T:
-        """Runs a blocking storage call off the loop, giving up after the timeout."""
-        try:
-            with trio.fail_after(self.timeout):
-                return await trio.to_thread.run_sync(
-                    lambda: fn(*args), limiter=self.limiter, abandon_on_cancel=True)
-        except trio.TooSlowError:
-            raise StorageTimeout(f"{what}: no answer from storage in {self.timeout:g}s") \
-                from None
-        except OSError as exc:
-            raise VolumeUnavailable(f"{what}: {exc.strerror or exc}") from None
+    async def storage(self, fn: Callable[..., T], *args: Any, what: str = "storage",
+                      volume: str | None = None) -> T:
+        """Runs a blocking storage call off the loop, giving up after the timeout.
+
+        When the call on ``volume`` fails with a dead-mount error (ENOTCONN,
+        ESTALE...), the volume's mount is checked and remounted if it died, and
+        the call is tried once more.
+        """
+        for attempt in (1, 2):
+            try:
+                with trio.fail_after(self.timeout):
+                    return await trio.to_thread.run_sync(
+                        lambda: fn(*args), limiter=self.limiter, abandon_on_cancel=True)
+            except trio.TooSlowError:
+                raise StorageTimeout(f"{what}: no answer from storage in {self.timeout:g}s") \
+                    from None
+            except OSError as exc:
+                if attempt == 1 and volume is not None and exc.errno in STALE_ERRNOS \
+                        and await self._remount(volume):
+                    continue
+                raise VolumeUnavailable(f"{what}: {exc.strerror or exc}") from None
+        raise AssertionError("unreachable")
+
+    async def _remount(self, name: str) -> bool:
+        """Replaces the manager's mount of ``name`` after a dead-mount error.
+
+        The manager holds the only reference of its own mounter (its own state
+        dir), so dropping it unmounts the dead mount (and removes the mount
+        point, so nothing lands on the local disk meanwhile); acquiring again
+        mounts afresh.  True if the volume is mounted again.
+        """
+        volume = self._objects.get(name)
+        if volume is None or self._mounter is None:
+            return False
+        log.warning("volume %s: dead mount; remounting", name)
+        async with self._locks.setdefault(name, trio.Lock()):
+            self._mounted.pop(name, None)
+            try:
+                await self._mounter.release(volume)
+                self._mounted[name] = Path(await self._mounter.acquire(volume))
+            except Exception as exc:  # noqa: BLE001 - the caller reports the original error
+                log.warning("volume %s: remount failed: %s", name, exc)
+                return False
+        return True
 
     # -- config --------------------------------------------------------------
 
@@ -114,6 +149,7 @@ class VolumePool:
             except Exception as exc:  # noqa: BLE001 - mount errors become one API code
                 raise VolumeUnavailable(f"cannot mount volume {name!r}: {exc}") from None
             self._mounted[name] = path
+            self._objects[name] = volume
             return path
 
     def _get_mounter(self) -> Any:
@@ -144,7 +180,8 @@ class VolumePool:
 
     async def free_bytes(self, name: str) -> int:
         path = await self.mount(name)
-        st = await self.storage(os.statvfs, path, what=f"statfs of volume {name!r}")
+        st = await self.storage(os.statvfs, path, what=f"statfs of volume {name!r}",
+                                volume=name)
         return st.f_bavail * st.f_frsize
 
     async def choose(self, name: str | None = None) -> tuple[str, Path]:
@@ -175,11 +212,13 @@ class VolumePool:
     async def vfolder_dir(self, volume: str, path: str) -> Path:
         return (await self.mount(volume)) / path
 
-    async def make_dir(self, directory: Path) -> None:
-        await self.storage(_mkdir_with_ledger, directory, what="creating the vfolder directory")
+    async def make_dir(self, volume: str, directory: Path) -> None:
+        await self.storage(_mkdir_with_ledger, directory, what="creating the vfolder directory",
+                           volume=volume)
 
-    async def remove_dir(self, directory: Path) -> None:
-        await self.storage(remove_tree, directory, what="removing the vfolder directory")
+    async def remove_dir(self, volume: str, directory: Path) -> None:
+        await self.storage(remove_tree, directory, what="removing the vfolder directory",
+                           volume=volume)
 
 
 def _mkdir_with_ledger(directory: Path) -> None:

@@ -119,7 +119,7 @@ async def running_manager(tmp: Path, database_url: str, backend: str,
                           volumes: int = 2, **extra: Any) -> AsyncIterator[Server]:
     vol_dirs = {f"vol{i}": tmp / f"vol{i}" for i in range(1, volumes + 1)}
     for path in vol_dirs.values():
-        path.mkdir()
+        path.mkdir(exist_ok=True)
     volumes_file = tmp / "volumes.yaml"
     volumes_file.write_text("volumes:\n" + "".join(
         f"  - name: {name}\n    mount: {{at: requested, fstype: bind, path: {path}}}\n"
@@ -680,3 +680,27 @@ async def test_agent_over_tcp_with_shared_secret(sqlite_server: Server) -> None:
             assert "wrong" not in r.text
         stop.set()
     assert seen[:2] == ["Bearer s3cret-agent"] * 2
+
+
+async def test_dead_volume_mount_is_remounted(tmp_dir: Path, mounted) -> None:
+    """The storage under a volume dies and comes back: the manager remounts, no restart.
+
+    The volume's source is a real azfs FUSE mount; killing its daemon leaves the
+    manager's bind mount of it dead (ENOTCONN), as a dropped SMB session would.
+    """
+    fuse = mounted(source=tmp_dir / "backing", mnt=tmp_dir / "vol1")
+    async with running_manager(tmp_dir, f"sqlite:///{tmp_dir / 'm.db'}", "sqlite",
+                               volumes=1) as srv:
+        async with srv.client("olive") as c:
+            first = (await c.post("/v1/vfolders", json={"alias": "before"})).json()
+            fuse.kill()
+            fuse.mount()  # the storage is back, but the manager's mount of it is dead
+            r = await c.post("/v1/vfolders", json={"alias": "after"})
+            assert r.status_code == 201, r.text
+            second = r.json()
+            assert {first["path"], second["path"]} <= {p.name for p in
+                                                       (tmp_dir / "backing").iterdir()}
+            # and the vfolder made before the failure is reachable through the new mount
+            assert (await c.delete("/v1/vfolders/before")).status_code == 204
+            assert (await c.post(f"/v1/vfolders/{first['id']}/purge")).status_code == 204
+            assert first["path"] not in {p.name for p in (tmp_dir / "backing").iterdir()}

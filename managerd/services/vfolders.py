@@ -156,14 +156,14 @@ class VfolderService:
         volume_name, mount = await self.volumes.choose(volume)
         vfid = uuid.uuid4()
         directory = mount / vfid.hex
-        await self.volumes.make_dir(directory)
+        await self.volumes.make_dir(volume_name, directory)
         try:
             return await self.db.run(_insert, who, vfid, alias, volume_name, usage_mode,
                                      permission, self.default_quota)
         except BaseException:
             with trio.CancelScope(shield=True):  # also when the request is cancelled
                 try:
-                    await self.volumes.remove_dir(directory)
+                    await self.volumes.remove_dir(volume_name, directory)
                 except ApiError as exc:
                     log.error("vfolder directory %s left behind: %s", directory, exc.message)
             raise
@@ -195,7 +195,7 @@ class VfolderService:
     async def _usage(self, volume: str, path: str) -> dict[str, int]:
         directory = await self.volumes.vfolder_dir(volume, path)
         used_bytes, files = await self.volumes.storage(read_usage, directory,
-                                                       what="reading usage")
+                                                       what="reading usage", volume=volume)
         return {"bytes": used_bytes, "files": files}
 
     # -- changes ---------------------------------------------------------------
@@ -257,7 +257,8 @@ class VfolderService:
             self.db.call(_set_status, vfid, DELETE_ONGOING, DELETE_COMPLETE, "")
 
         try:
-            await self.volumes.storage(remove, what="removing the vfolder directory")
+            await self.volumes.storage(remove, what="removing the vfolder directory",
+                                       volume=volume)
         except StorageTimeout:
             log.warning("purge of vfolder %s continues in the background", vfid)
             return False

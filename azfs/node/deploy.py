@@ -483,6 +483,8 @@ Use it:
   azfs agent --socket {layout.agent_socket} status
   azfs folder info mydata --json      # its 'path' is a directory in volume 'local-share'
   azfs mount --ro {layout.share}/PATH /mnt/inspect   # inspect it; azfs umount /mnt/inspect
+  AZURE_STORAGE_ACCOUNT={STORAGE_ACCOUNT} AZURE_STORAGE_KEY="$(cat {layout.storage_key})" \\
+    AZURE_STORAGE_BLOB_ENDPOINT={settings.blob_endpoint} azfs dataset ls -r {SAMPLE_DATASET}
   azfs status{state}
 Stop it (unmounts everything, stops every service):
   azfs down{state}"""

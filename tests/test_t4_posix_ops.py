@@ -624,3 +624,17 @@ def test_evicted_node_follows_changes_made_in_the_source(mounted, change):
         assert (m.mnt / "b").read_text() == "data"
     finally:
         os.close(pin)
+
+
+@pytest.mark.xfail(strict=True, reason="NodeNames.removed() sets name=None on a node whose "
+                   "descriptor was already evicted: it can never be reopened, and the remaining "
+                   "hard link gives ESTALE")
+def test_evicted_hard_link_survives_unlink_of_its_first_name(mounted):
+    m = mounted(prefix=TIGHT_DESCRIPTORS)
+    (m.mnt / "a").write_text("data")
+    os.link(m.mnt / "a", m.mnt / "b")
+    _evict_descriptors(m)
+    os.unlink(m.mnt / "a")
+    assert (m.mnt / "b").read_text() == "data"
+    (m.mnt / "b").write_text("more")
+    assert (m.source / "b").read_text() == "more"

@@ -638,3 +638,20 @@ def test_evicted_hard_link_survives_unlink_of_its_first_name(mounted):
     assert (m.mnt / "b").read_text() == "data"
     (m.mnt / "b").write_text("more")
     assert (m.source / "b").read_text() == "more"
+
+
+@pytest.mark.xfail(strict=True, reason="an open file whose node was evicted and then unlinked "
+                   "through the mount gives ESTALE: getattr needs the node's descriptor, which "
+                   "can no longer be reopened by name")
+def test_evicted_open_file_survives_its_unlink(mounted):
+    m = mounted("--cache-timeout", "0.2", prefix=TIGHT_DESCRIPTORS)
+    (m.mnt / "f").write_text("data")
+    fd = os.open(m.mnt / "f", os.O_RDWR)
+    try:
+        _evict_descriptors(m)
+        os.unlink(m.mnt / "f")
+        time.sleep(0.4)  # past the attribute cache: the kernel asks the daemon again
+        assert os.pread(fd, 10, 0) == b"data"
+        assert os.fstat(fd).st_nlink == 0
+    finally:
+        os.close(fd)

@@ -27,7 +27,7 @@ from managerd import auth
 from managerd import schemas as S
 from managerd.auth import Principal
 from managerd.errors import ApiError, Forbidden, Unauthenticated
-from managerd.metrics import ManagerMetrics
+from managerd.metrics import ManagerMetrics, MetricsMiddleware
 from managerd.services.kernels import DatasetRequest, KernelRequest, VfolderRequest
 from managerd.state import Manager
 
@@ -164,7 +164,7 @@ def create_app(manager: Manager) -> FastAPI:
     app.state.manager = manager
     _install_error_handlers(app)
     metrics = ManagerMetrics(manager.db)
-    app.middleware("http")(metrics.middleware())
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     async def principal(
             credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],

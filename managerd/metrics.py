@@ -52,22 +52,37 @@ class ManagerMetrics:
         records.register(_Records(vfolders, kernels))
         return generate_latest(self.registry) + generate_latest(records)
 
-    def middleware(self) -> Callable[..., Awaitable[Any]]:
-        """An ASGI middleware factory body: counts every HTTP request by its route template."""
 
-        async def record(request: Any, call_next: Callable[..., Awaitable[Any]]) -> Any:
-            start = time.perf_counter()
-            status = 500
-            try:
-                response = await call_next(request)
-                status = response.status_code
-                return response
-            finally:
-                route = request.scope.get("route")
-                path = getattr(route, "path", None) or "unmatched"
-                self.observe(request.method, path, status, time.perf_counter() - start)
 
-        return record
+class MetricsMiddleware:
+    """Pure ASGI middleware: counts every HTTP request by its route template and status.
+
+    (Pure ASGI rather than ``BaseHTTPMiddleware``: no extra task and streams per
+    request.)  The router writes the matched route into the shared ``scope``.
+    """
+
+    def __init__(self, app: Callable[..., Awaitable[Any]], metrics: ManagerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_status(message: dict) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            self.metrics.observe(scope["method"], route, status, time.perf_counter() - start)
 
 
 class _Records:

@@ -22,8 +22,8 @@ from pathlib import Path
 from azfs.cli.folder import ManagerClient, emit
 from azfs.cli.kernel import MOUNT_COLUMNS, parse_dataset, parse_vfolder
 from azfs.errors import UserError
-from azfs.node.deploy import _cli, admin_client
 from azfs.node.layout import SAMPLE_DATASET, Layout, read_secret, write_file
+from azfs.node.provision import admin_client, run_cli
 
 Say = Callable[[str], None]
 USER = "demo"
@@ -85,7 +85,7 @@ class Demo:
         """Runs an ``azfs`` command as the demo user, showing it first."""
         self.say("$ azfs " + shlex.join(argv))
         sys.stdout.flush()
-        code = _cli([*argv, "--url", self.url, "--token-file", str(self.token_file)])
+        code = run_cli([*argv, "--url", self.url, "--token-file", str(self.token_file)])
         if code != 0:
             raise UserError(f"'azfs {' '.join(argv)}' failed")
 

@@ -20,159 +20,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
-
 from azfs.errors import UserError
-from azfs.node import procs
+from azfs.node import procs, provision
 from azfs.node.configs import write_configs
-from azfs.node.layout import (
-    SAMPLE_DATASET,
-    STORAGE_ACCOUNT,
-    Layout,
-    Settings,
-    read_secret,
-    write_file,
-)
-from azfs.node.procs import Service, ServiceFailed
-from azfs.secret import Secret
+from azfs.node.layout import SAMPLE_DATASET, STORAGE_ACCOUNT, Layout, Settings
+from azfs.node.procs import Service
+from azfs.node.services import SERVICES, azurite_binary, check_port_free, ports, services
 
 Say = Callable[[str], None]
-#: the order of ``up``; ``down`` goes the other way
-SERVICES = ("etcd", "azurite", "managerd", "agentd")
-SAMPLE_FILES = {
-    "README.txt": "A small sample dataset, served read-only from blob storage.\n",
-    "train/part-0000.csv": "".join(f"{i},{i * i},{i % 7}\n" for i in range(1000)),
-    "train/part-0001.csv": "".join(f"{i},{i * 3},{i % 5}\n" for i in range(1000, 2000)),
-    "labels.txt": "\n".join(["cat", "dog", "bird", "fish", "horse"]) + "\n",
-}
-
-
-# ---- the services -------------------------------------------------------------------
-def _repo_node_bin() -> Path:
-    return Path(__file__).resolve().parents[2] / ".cache" / "node" / "node_modules" / ".bin"
-
-
-def azurite_binary() -> str:
-    """``azurite-blob``: $AZFS_AZURITE, PATH, the checkout's npm cache, /opt/azfs."""
-    candidates = [os.environ.get("AZFS_AZURITE"), shutil.which("azurite-blob"),
-                  str(_repo_node_bin() / "azurite-blob"),
-                  "/opt/azfs/node/node_modules/.bin/azurite-blob"]
-    for candidate in candidates:
-        if candidate and os.access(candidate, os.X_OK):
-            return candidate
-    raise UserError("azurite-blob not found: run packaging/setup-env.sh (it installs Azurite "
-                    "from npm) or set AZFS_AZURITE")
-
-
-def _daemon_env() -> dict[str, str]:
-    """The environment for the daemons: ours, minus what would override their configs."""
-    return {k: v for k, v in os.environ.items()
-            if not k.startswith(("AZFS_MANAGERD_", "AZURE_STORAGE_", "AZURITE_"))
-            and k not in ("AZFS_TOKEN", "AZFS_ETCD")}
-
-
-def _http_ok(url: str, expect: bytes | None = None) -> bool:
-    try:
-        response = httpx.get(url, timeout=2)
-    except httpx.HTTPError:
-        return False
-    return response.status_code == 200 and (expect is None or expect in response.content)
-
-
-def _port_open(port: int) -> bool:
-    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-        return True
-    return False
-
-
-def _agent_ok(layout: Layout) -> bool:
-    if not layout.agent_socket.exists():
-        return False
-    try:
-        with httpx.Client(transport=httpx.HTTPTransport(uds=str(layout.agent_socket)),
-                          base_url="http://agent", timeout=5) as client:
-            return client.get("/v1/health").status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def _agent_health(layout: Layout) -> str | None:
-    try:
-        with httpx.Client(transport=httpx.HTTPTransport(uds=str(layout.agent_socket)),
-                          base_url="http://agent", timeout=5) as client:
-            return f"agent health: {client.get('/v1/health').text.strip()}"
-    except httpx.HTTPError:
-        return None
-
-
-def services(layout: Layout, settings: Settings, azurite: str = "azurite-blob"
-             ) -> dict[str, Service]:
-    """The node's services (etcd only with ``--etcd local``); ``azurite``: its binary."""
-    marker = f"{layout.root}/"
-    env = _daemon_env()
-    found: dict[str, Service] = {}
-    if settings.etcd == "local":
-        client = f"http://127.0.0.1:{settings.etcd_port}"
-        peer = f"http://127.0.0.1:{settings.etcd_peer_port}"
-        found["etcd"] = Service(
-            "etcd", [shutil.which("etcd") or "/usr/bin/etcd", "--name", "azfs-node",
-                     "--data-dir", str(layout.etcd_data), "--listen-client-urls", client,
-                     "--advertise-client-urls", client, "--listen-peer-urls", peer,
-                     "--initial-advertise-peer-urls", peer,
-                     "--initial-cluster", f"azfs-node={peer}", "--log-level", "warn",
-                     "--logger", "zap"],
-            layout.pid_file("etcd"), layout.log("etcd"), marker,
-            ready=lambda: _http_ok(f"{client}/health", b"true"), env=env)
-    azurite_env = dict(env)
-    if layout.storage_key.exists():  # made by `up`; the key is given in the environment only
-        azurite_env["AZURITE_ACCOUNTS"] = \
-            f"{STORAGE_ACCOUNT}:{read_secret(layout.storage_key).reveal()}"
-    found["azurite"] = Service(
-        "azurite", [azurite, "--blobHost", "127.0.0.1",
-                    "--blobPort", str(settings.azurite_port),
-                    "--location", str(layout.azurite_data), "--skipApiVersionCheck",
-                    # no access log: its request lines would carry the kernels' SAS
-                    "--silent", "--disableTelemetry"],
-        layout.pid_file("azurite"), layout.log("azurite"), marker,
-        ready=lambda: _port_open(settings.azurite_port), env=azurite_env)
-    found["managerd"] = Service(
-        "managerd", [sys.executable, "-m", "managerd.main", "--config",
-                     str(layout.manager_toml), "serve"],
-        layout.pid_file("managerd"), layout.log("managerd"), marker,
-        ready=lambda: _http_ok(f"{settings.manager_url}/v1/health"), env=env)
-    found["agentd"] = Service(
-        "agentd", [sys.executable, "-m", "agentd.main", "--config", str(layout.agent_toml)],
-        layout.pid_file("agentd"), layout.log("agentd"), marker,
-        ready=lambda: _agent_ok(layout), env=env, diagnose=lambda: _agent_health(layout))
-    return found
-
-
-def _ports(settings: Settings) -> dict[str, list[tuple[int, str]]]:
-    ports = {"azurite": [(settings.azurite_port, "--azurite-port")],
-             "managerd": [(settings.manager_port, "--manager-port")]}
-    if settings.etcd == "local":
-        ports["etcd"] = [(settings.etcd_port, "--etcd-port"),
-                         (settings.etcd_peer_port, "--etcd-port (+1)")]
-    return ports
-
-
-def _check_port_free(port: int, flag: str, service: str) -> None:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            raise ServiceFailed(f"cannot start {service}: port {port} on 127.0.0.1 is in use "
-                                f"by another program (choose another with {flag})") from None
 
 
 # ---- up ---------------------------------------------------------------------------------
@@ -225,15 +85,15 @@ def _up(layout: Layout, say: Say, flags: dict[str, object]) -> Settings:
             if name not in table:
                 continue
             if name == "managerd":
-                _ensure_admin(layout, table[name], say)
-            if _ensure(table[name], _ports(settings).get(name, []), say):
+                provision.ensure_admin(layout, table[name], say)
+            if _ensure(table[name], ports(settings).get(name, []), say):
                 started.append(name)
             if name == "etcd":
-                _import_volumes(layout, settings, say)
+                provision.import_volumes(layout, settings, say)
             elif name == "azurite":
-                _upload_sample(layout, settings, say)
+                provision.upload_sample(layout, settings, say)
             elif name == "managerd":
-                _register_dataset(layout, settings, say)
+                provision.register_dataset(layout, settings, say)
     except BaseException:
         if started:
             say(f"cleaning up what this run started: {', '.join(reversed(started))}")
@@ -258,101 +118,13 @@ def _ensure(service: Service, ports: list[tuple[int, str]], say: Say) -> bool:
         say(f"{service.name}: already running (pid {pid})")
         return False
     for port, flag in ports:
-        _check_port_free(port, flag, service.name)
+        check_port_free(port, flag, service.name)
     say(f"{service.name}: starting (log {service.log})")
     pid = service.start()
     say(f"{service.name}: ready (pid {pid})")
     return True
 
 
-def _ensure_admin(layout: Layout, manager: Service, say: Say) -> None:
-    """The first admin, made once through ``azfs-managerd create-user``; token to a 0600 file."""
-    if layout.admin_token.exists():
-        return
-    done = subprocess.run(
-        [sys.executable, "-m", "managerd.main", "--config", str(layout.manager_toml),
-         "create-user", "admin", "--admin"],
-        capture_output=True, text=True, env=manager.env, cwd="/", timeout=120, check=False)
-    if done.returncode != 0:
-        message = done.stderr.strip().splitlines()[-1:] or ["no message"]
-        if "exists" in message[0]:
-            raise UserError(f"the manager database has an admin but {layout.admin_token} is "
-                            "missing; stop the node and remove its state dir to start over "
-                            "('azfs down --purge')")
-        raise UserError(f"cannot create the admin user: {message[0]}")
-    token = json.loads(done.stdout)["token"]
-    write_file(layout.admin_token, token + "\n", 0o600)
-    say(f"managerd: admin user created; its token is in {layout.admin_token}")
-
-
-def _import_volumes(layout: Layout, settings: Settings, say: Say) -> None:
-    """The YAML volume config imported into etcd with ``azfs volumes import``."""
-    endpoint = settings.etcd_endpoint
-    code = _cli(["volumes", "import", str(layout.volumes_yaml), "--etcd", str(endpoint)])
-    if code != 0:
-        raise UserError(f"cannot import the volume config into etcd at {endpoint}")
-    say(f"volumes: {layout.volumes_yaml} imported into etcd at {endpoint}")
-
-
-def _cli(argv: list[str]) -> int:
-    """Runs one ``azfs`` command in this process (its output is the user's)."""
-    from azfs.cli.main import build_parser
-    from azfs.errors import AzfsError
-    from azfs.secret import redact
-
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except AzfsError as exc:
-        print(f"azfs: {redact(str(exc))}", file=sys.stderr)
-        return 1
-
-
-def connection_string(layout: Layout, settings: Settings) -> Secret:
-    key = layout.storage_key_secret().reveal()
-    return Secret(f"DefaultEndpointsProtocol=http;AccountName={STORAGE_ACCOUNT};"
-                  f"AccountKey={key};BlobEndpoint={settings.blob_endpoint};")
-
-
-def _upload_sample(layout: Layout, settings: Settings, say: Say) -> None:
-    """The sample dataset, uploaded with ``azfs dataset upload`` (skips what is there)."""
-    from azfs.cli.main import build_parser
-
-    for name, text in SAMPLE_FILES.items():
-        path = layout.sample_dataset / name
-        if not path.exists() or path.read_text() != text:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text)
-    parser = build_parser()
-    for argv in (["dataset", "create", SAMPLE_DATASET, "--exist-ok"],
-                 ["dataset", "upload", str(layout.sample_dataset), SAMPLE_DATASET]):
-        args = parser.parse_args(argv)
-        # the key travels in memory only: not in argv, not in the environment
-        args.connection_string = connection_string(layout, settings).reveal()
-        with contextlib.redirect_stdout(sys.stderr):
-            args.func(args)
-    say(f"azurite: sample dataset in container '{SAMPLE_DATASET}' "
-        f"({len(SAMPLE_FILES)} files)")
-
-
-def admin_client(layout: Layout, settings: Settings):
-    from azfs.cli.folder import ManagerClient
-
-    return ManagerClient(settings.manager_url, read_secret(layout.admin_token))
-
-
-def _register_dataset(layout: Layout, settings: Settings, say: Say) -> None:
-    client = admin_client(layout, settings)
-    names = {d["name"] for d in client.call("GET", "/v1/datasets")}
-    if SAMPLE_DATASET in names:
-        return
-    client.call("POST", "/v1/datasets", {
-        "name": SAMPLE_DATASET, "account_url": settings.blob_endpoint,
-        "container": SAMPLE_DATASET, "visibility": "shared"})
-    say(f"managerd: dataset '{SAMPLE_DATASET}' registered (shared with every user)")
-
-
-# ---- down -------------------------------------------------------------------------------
 def down(root: Path, say: Say, purge: bool = False) -> None:
     """Stops everything running from the state dir and unmounts everything below it."""
     if os.geteuid() != 0:

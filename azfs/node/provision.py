@@ -1,0 +1,126 @@
+"""What ``azfs up`` puts into the running services: the first admin, the volume
+config in etcd, the sample dataset in Azurite and its record in the manager.
+
+Each step is idempotent (an existing admin token, dataset record or uploaded
+blob is kept), so a second ``up`` only checks.  Secrets go to 0600 files and
+travel in memory only: the storage key is never in an argv or environment
+of a tool run here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+
+from azfs.errors import UserError
+from azfs.node.layout import (
+    SAMPLE_DATASET,
+    STORAGE_ACCOUNT,
+    Layout,
+    Settings,
+    read_secret,
+    write_file,
+)
+from azfs.node.procs import Service
+from azfs.secret import Secret
+
+Say = Callable[[str], None]
+SAMPLE_FILES = {
+    "README.txt": "A small sample dataset, served read-only from blob storage.\n",
+    "train/part-0000.csv": "".join(f"{i},{i * i},{i % 7}\n" for i in range(1000)),
+    "train/part-0001.csv": "".join(f"{i},{i * 3},{i % 5}\n" for i in range(1000, 2000)),
+    "labels.txt": "\n".join(["cat", "dog", "bird", "fish", "horse"]) + "\n",
+}
+
+
+def ensure_admin(layout: Layout, manager: Service, say: Say) -> None:
+    """The first admin, made once through ``azfs-managerd create-user``; token to a 0600 file."""
+    if layout.admin_token.exists():
+        return
+    done = subprocess.run(
+        [sys.executable, "-m", "managerd.main", "--config", str(layout.manager_toml),
+         "create-user", "admin", "--admin"],
+        capture_output=True, text=True, env=manager.env, cwd="/", timeout=120, check=False)
+    if done.returncode != 0:
+        message = done.stderr.strip().splitlines()[-1:] or ["no message"]
+        if "exists" in message[0]:
+            raise UserError(f"the manager database has an admin but {layout.admin_token} is "
+                            "missing; stop the node and remove its state dir to start over "
+                            "('azfs down --purge')")
+        raise UserError(f"cannot create the admin user: {message[0]}")
+    token = json.loads(done.stdout)["token"]
+    write_file(layout.admin_token, token + "\n", 0o600)
+    say(f"managerd: admin user created; its token is in {layout.admin_token}")
+
+
+def import_volumes(layout: Layout, settings: Settings, say: Say) -> None:
+    """The YAML volume config imported into etcd with ``azfs volumes import``."""
+    endpoint = settings.etcd_endpoint
+    code = run_cli(["volumes", "import", str(layout.volumes_yaml), "--etcd", str(endpoint)])
+    if code != 0:
+        raise UserError(f"cannot import the volume config into etcd at {endpoint}")
+    say(f"volumes: {layout.volumes_yaml} imported into etcd at {endpoint}")
+
+
+def run_cli(argv: list[str]) -> int:
+    """Runs one ``azfs`` command in this process (its output is the user's)."""
+    from azfs.cli.main import build_parser
+    from azfs.errors import AzfsError
+    from azfs.secret import redact
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except AzfsError as exc:
+        print(f"azfs: {redact(str(exc))}", file=sys.stderr)
+        return 1
+
+
+def connection_string(layout: Layout, settings: Settings) -> Secret:
+    key = layout.storage_key_secret().reveal()
+    return Secret(f"DefaultEndpointsProtocol=http;AccountName={STORAGE_ACCOUNT};"
+                  f"AccountKey={key};BlobEndpoint={settings.blob_endpoint};")
+
+
+def upload_sample(layout: Layout, settings: Settings, say: Say) -> None:
+    """The sample dataset, uploaded with ``azfs dataset upload`` (skips what is there)."""
+    from azfs.cli.main import build_parser
+
+    for name, text in SAMPLE_FILES.items():
+        path = layout.sample_dataset / name
+        if not path.exists() or path.read_text() != text:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    parser = build_parser()
+    for argv in (["dataset", "create", SAMPLE_DATASET, "--exist-ok"],
+                 ["dataset", "upload", str(layout.sample_dataset), SAMPLE_DATASET]):
+        args = parser.parse_args(argv)
+        # the key travels in memory only: not in argv, not in the environment
+        args.connection_string = connection_string(layout, settings).reveal()
+        with contextlib.redirect_stdout(sys.stderr):
+            args.func(args)
+    say(f"azurite: sample dataset in container '{SAMPLE_DATASET}' "
+        f"({len(SAMPLE_FILES)} files)")
+
+
+def admin_client(layout: Layout, settings: Settings):
+    from azfs.cli.folder import ManagerClient
+
+    return ManagerClient(settings.manager_url, read_secret(layout.admin_token))
+
+
+def register_dataset(layout: Layout, settings: Settings, say: Say) -> None:
+    client = admin_client(layout, settings)
+    names = {d["name"] for d in client.call("GET", "/v1/datasets")}
+    if SAMPLE_DATASET in names:
+        return
+    client.call("POST", "/v1/datasets", {
+        "name": SAMPLE_DATASET, "account_url": settings.blob_endpoint,
+        "container": SAMPLE_DATASET, "visibility": "shared"})
+    say(f"managerd: dataset '{SAMPLE_DATASET}' registered (shared with every user)")
+
+
+# ---- down -------------------------------------------------------------------------------

@@ -70,7 +70,7 @@ def _port(text: str) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("up", help="start a single-node azfs (manager, agent, Azurite)",
-                              description=__doc__.split("\n\n")[1])
+                              description=__doc__.split("\n\n")[1].replace("``", "'"))
     deploy.add_state_dir_flag(p)
     p.add_argument("--manager-port", type=_port, help="manager REST port (default 8630)")
     p.add_argument("--azurite-port", type=_port, help="Azurite blob port (default 10000)")
@@ -83,13 +83,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="do not print how to use the node")
     p.set_defaults(func=_up)
 
-    p = subparsers.add_parser("down", help="stop the single-node azfs and unmount everything")
+    p = subparsers.add_parser(
+        "down", help="stop the single-node azfs and unmount everything",
+        description="Stop every service 'azfs up' started from the state dir (also after a "
+                    "failed or interrupted 'up') and unmount everything below it.")
     deploy.add_state_dir_flag(p)
     p.add_argument("--purge", action="store_true",
                    help="also delete the state directory (every vfolder and dataset in it)")
     p.set_defaults(func=_down)
 
-    p = subparsers.add_parser("status", help="the single-node azfs's services")
+    p = subparsers.add_parser(
+        "status", help="the single-node azfs's services",
+        description="List the node's services; exit status 1 if one is not answering.")
     deploy.add_state_dir_flag(p)
     p.set_defaults(func=_status)
 

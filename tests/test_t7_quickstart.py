@@ -210,3 +210,28 @@ def test_bad_flags_change_nothing(tmp_path: Path) -> None:
     assert not state.exists()
     assert azfs(state, "down").returncode == 0
     assert "no azfs node" in azfs(state, "status").stderr
+
+
+def test_quickstart_script_twice_then_down(state: Path) -> None:
+    """The README's first command, run twice on one node (setup-env only checks here)."""
+    env = {**_env(), "AZFS_NODE_DIR": str(state)}
+    cmd = ["bash", str(REPO / "packaging" / "quickstart.sh"), *_ports()]
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600,
+                           check=False)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "azurite: ready" in first.stdout and "The demo is done" in first.stdout
+    assert "azfs down" in first.stdout
+    pids = set(node_processes(state))
+    cmd = cmd[:2]  # the second run finds the node's ports in its settings
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600,
+                            check=False)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "managerd: already running" in second.stdout
+    assert "vfolder 'data' exists already" in second.stdout
+    assert second.stdout.count("hello from kernel demo-writer-") == 1
+    assert set(node_processes(state)) == pids
+    assert len(list((state / "share").glob("*/hello.txt"))) == 1
+
+    down = azfs(state, "down")
+    assert down.returncode == 0, down.stderr
+    assert mounted(state) == [] and node_processes(state) == {}

@@ -2,7 +2,8 @@
 """Manager API: vfolder create / info / list throughput and latency, SQLite vs PostgreSQL.
 
 One run starts ``azfs-managerd`` twice on loopback — on its embedded SQLite
-file and on a PostgreSQL 15 server (started here, as in the tests) — with
+file (``synchronous=FULL``) and on a PostgreSQL 15 server started here (with
+``fsync=on``, unlike the tests' server, so that both pay for durability) — with
 one ``bind`` host volume on local disk, and drives each with the same load
 from ``--clients`` concurrent HTTP clients (httpx, keep-alive):
 
@@ -139,7 +140,8 @@ def main() -> int:
     try:
         with manager(workdir / "sqlite", f"sqlite:///{workdir / 'manager.db'}") as (url, tok):
             results["sqlite"] = trio.run(measure, url, tok, args)
-        with running_postgres() as pg, manager(workdir / "pg", pg.new_database()) as (url, tok):
+        with running_postgres(fsync=True) as pg, \
+                manager(workdir / "pg", pg.new_database()) as (url, tok):
             results["postgresql"] = trio.run(measure, url, tok, args)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

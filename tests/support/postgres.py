@@ -37,8 +37,10 @@ SUPERUSER = "azfs"
 class Postgres:
     """One PostgreSQL server; :meth:`new_database` hands out empty databases."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, fsync: bool = False) -> None:
         self.workdir = workdir
+        #: tests run without fsync (speed); benchmarks keep it, as production does
+        self.fsync = fsync
         self.data = workdir / "data"
         self.log = workdir / "postgres.log"
         self.port = free_port()
@@ -68,7 +70,7 @@ class Postgres:
                            check=True, capture_output=True, cwd=self.workdir)
         cmd = [*self._run_as, str(PG_BIN / "postgres"), "-D", str(self.data),
                "-h", "127.0.0.1", "-p", str(self.port), "-k", str(self.workdir),
-               "-c", "fsync=off", "-c", "max_connections=200",
+               "-c", f"fsync={'on' if self.fsync else 'off'}", "-c", "max_connections=200",
                "-c", "shared_buffers=64MB"]
         with open(self.log, "ab") as out:
             os.chmod(self.log, 0o666)
@@ -110,9 +112,9 @@ class Postgres:
 
 
 @contextlib.contextmanager
-def running_postgres() -> Iterator[Postgres]:
+def running_postgres(fsync: bool = False) -> Iterator[Postgres]:
     workdir = Path(tempfile.mkdtemp(prefix="azfs-pg-"))
-    server = Postgres(workdir)
+    server = Postgres(workdir, fsync=fsync)
     try:
         server.start()
         yield server

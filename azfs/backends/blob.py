@@ -64,6 +64,8 @@ class BlobOptions:
     listing_ttl: float = 60.0
     block_size: int = 8 * MiB
     max_window: int = 4
+    #: block fetches in flight per mount (Azurite stalls for seconds beyond ~40 MiB)
+    max_requests: int = 4
     renew_before: float = 300.0
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     socket_timeout: float = 15.0
@@ -120,8 +122,9 @@ class _Version:
             data = await trio.to_thread.run_sync(b.cache.get, key, 0, length, length)
             if data is not None:
                 return data
-        data = await b.http.read_range(self.name, index * b.options.block_size, length,
-                                       self.etag)
+        async with b.fetch_limiter:
+            data = await b.http.read_range(self.name, index * b.options.block_size, length,
+                                           self.etag)
         b._store(key, data)
         return data
 
@@ -175,6 +178,7 @@ class BlobBackend(Backend):
                              socket_timeout=self.options.socket_timeout)
         self.sas.set_probe(self.http.probe)
         self.read_stats = ReadStats()
+        self.fetch_limiter = trio.CapacityLimiter(self.options.max_requests)
         self._root = BlobNode("", True)
         self._dirs: dict[str, _Dir] = {}
         self._dir_locks: dict[str, trio.Lock] = {}
@@ -242,8 +246,10 @@ class BlobBackend(Backend):
                 started.set()
                 await self._stop.wait()
                 nursery.cancel_scope.cancel()
-        except BaseException:  # noqa: BLE001 - a system task must never raise
-            log.exception("blob backend %s: background tasks failed", self.source.display)
+        except BaseException as exc:  # noqa: BLE001 - a system task must never raise
+            if not _only_cancelled(exc):  # cancelled: the event loop is shutting down
+                log.exception("blob backend %s: background tasks failed",
+                              self.source.display)
         finally:
             self._nursery = None
             started.set()
@@ -454,6 +460,12 @@ class BlobBackend(Backend):
             out.update({"cache.hits": c.hits, "cache.misses": c.misses,
                         "cache.bytes": c.bytes, "cache.entries": c.entries})
         return out
+
+
+def _only_cancelled(exc: BaseException) -> bool:
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_only_cancelled(e) for e in exc.exceptions)
+    return isinstance(exc, trio.Cancelled)
 
 
 def _valid_name(name: str) -> bool:

@@ -230,7 +230,8 @@ class BlockReader:
                 self.stats.budget_fallbacks += 1
                 parts.append(await self.source.read_range(lo, hi - lo))
                 continue
-            await block.done.wait()
+            if not block.done.is_set():  # a ready block is served without a checkpoint
+                await block.done.wait()
             if block.error is not None:
                 if self._blocks.get(index) is block:
                     del self._blocks[index]

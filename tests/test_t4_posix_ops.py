@@ -655,3 +655,47 @@ def test_evicted_open_file_survives_its_unlink(mounted):
         assert os.fstat(fd).st_nlink == 0
     finally:
         os.close(fd)
+
+
+def test_open_with_o_nofollow(mounted):
+    """O_NOFOLLOW refuses a symlink as the last component, and only that."""
+    m = mounted()
+    (m.mnt / "f").write_text("data")
+    os.symlink("f", m.mnt / "l")
+    fd = os.open(m.mnt / "f", os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        assert os.read(fd, 10) == b"data"
+    finally:
+        os.close(fd)
+    fd = os.open(m.mnt / "f", os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+    os.write(fd, b"!")
+    os.close(fd)
+    assert (m.source / "f").read_text() == "data!"
+    assert errno_of(lambda: os.open(m.mnt / "l", os.O_RDONLY | os.O_NOFOLLOW)) == errno.ELOOP
+
+
+@pytest.mark.xfail(strict=True, reason="the daemon's housekeeping (usage ledger flush and "
+                   "heartbeat) runs file I/O on the volume inline on the event loop: once the "
+                   "volume hangs, the loop hangs and statfs's timeout never fires")
+def test_statfs_of_a_hung_volume_fails_instead_of_hanging(mounted, tmp_path):
+    """The volume is itself a FUSE mount whose daemon is stopped (a dead SMB server)."""
+    import signal
+
+    volume = mounted()
+    (volume.mnt / "vfolder").mkdir()
+    m = mounted(source=volume.mnt / "vfolder")
+    (m.mnt / "f").write_text("x")  # the ledger has something to persist
+    assert os.statvfs(m.mnt).f_bsize > 0
+    result: list[int] = []
+    pid = volume.pids[0]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(2)  # past the ledger's flush interval (a change is pending)
+        t = threading.Thread(target=lambda: result.append(errno_of(lambda: os.statvfs(m.mnt))),
+                             daemon=True)
+        t.start()
+        t.join(15)  # the statfs timeout is 10 s
+    finally:
+        os.kill(pid, signal.SIGCONT)  # always: a stopped volume would hang the teardown
+    t.join(30)
+    assert result == [errno.EIO]

@@ -43,7 +43,7 @@ from azfs.usage import META_DIR, Quota, UsageLedger
 log = logging.getLogger(__name__)
 
 #: O_DIRECT is served through the page cache: our buffers are not aligned for it
-_OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | os.O_DIRECT
+_OPEN_STRIP = os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_TRUNC | os.O_DIRECT | os.O_NOFOLLOW
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 STATFS_TIMEOUT = 10.0

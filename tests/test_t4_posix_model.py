@@ -48,8 +48,9 @@ def _append(root: Path, rel: str, size: int, byte: int) -> int:
         os.close(fd)
 
 
-def _read(root: Path, rel: str) -> bytes:
-    fd = os.open(_path(root, rel), os.O_RDONLY | os.O_NONBLOCK)
+def _read(root: Path, rel: str, nofollow: bool = False) -> bytes:
+    flags = os.O_RDONLY | os.O_NONBLOCK | (os.O_NOFOLLOW if nofollow else 0)
+    fd = os.open(_path(root, rel), flags)
     try:
         return os.read(fd, 1 << 20)
     finally:
@@ -110,7 +111,7 @@ operation = st.one_of(
     st.tuples(st.just("write"), name, st.sampled_from(OFFSETS), st.integers(0, 9000),
               st.integers(0, 255)),
     st.tuples(st.just("append"), name, st.integers(0, 5000), st.integers(0, 255)),
-    st.tuples(st.just("read"), name),
+    st.tuples(st.just("read"), name, st.booleans()),
     st.tuples(st.just("create_excl"), name, st.sampled_from(MODES)),
     st.tuples(st.just("open_trunc"), name),
     st.tuples(st.just("truncate"), name, st.sampled_from([0, 1, 4096, 10_000])),

@@ -13,6 +13,8 @@ import stat
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.support.fuse import alive, azfs, azfs_argv, is_mounted, wait_for
 
 K = 1024
@@ -79,8 +81,16 @@ def build_tree(mnt: Path) -> None:
     os.unlink(mnt / "d-link-target")  # the inode stays, once
 
 
-def test_usage_after_umount_matches_the_tree(mounted):
-    m = mounted()
+TIGHT_DESCRIPTORS = ["setpriv", "--bounding-set", "-sys_resource",
+                     "prlimit", "--nofile=300:300", "--"]
+
+
+@pytest.mark.parametrize("prefix", [[], TIGHT_DESCRIPTORS], ids=["default", "tight-fds"])
+def test_usage_after_umount_matches_the_tree(mounted, prefix):
+    m = mounted(prefix=prefix)
+    if prefix:  # most nodes evicted while the tree is built
+        for i in range(200):
+            (m.mnt / f"pad{i}").touch()
     assert usage(m)["in_use"] is True
     build_tree(m.mnt)
     m.umount()

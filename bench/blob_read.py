@@ -136,9 +136,16 @@ def wait_mounted(mnt: Path, proc: subprocess.Popen | None = None, timeout: float
         time.sleep(0.05)
 
 
+def mounted(mnt: Path) -> bool:
+    """From the mount table: a dead FUSE mount (its daemon killed) still counts."""
+    target = str(mnt)
+    with open("/proc/self/mounts") as f:
+        return any(line.split()[1] == target for line in f)
+
+
 def unmount(mnt: Path) -> None:
     for _ in range(50):
-        if not os.path.ismount(mnt):
+        if not mounted(mnt):
             return
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
         time.sleep(0.1)

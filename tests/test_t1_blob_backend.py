@@ -42,6 +42,11 @@ def dataset(azurite):  # noqa: F811
         "both": b"blob and prefix",
         "both/c": b"c",
         "weird//name": b"w",
+        "names/with space.txt": b"space",
+        "names/\u00fcn\u00efcode \u6587\u4ef6.txt": b"unicode",
+        "names/hash#and?query&amp.txt": b"punctuation",
+        "names/percent%20plus+.txt": b"percent",
+        "names/a.txt": b"a",
     }, metadata={"adls": {"hdi_isfolder": "true"}})
     return azurite
 
@@ -95,7 +100,7 @@ async def test_tree_listing_markers_and_attributes(dataset):
     try:
         root = await names(backend, backend.root())
         assert root == {"small.txt": False, "big.bin": False, "dir": True, "empty": True,
-                        "adls": True, "both": True, "weird": True}
+                        "adls": True, "both": True, "weird": True, "names": True}
         node, attrs = await backend.lookup(backend.root(), "big.bin")
         assert attrs.is_reg and attrs.size == len(BIG) and attrs.mode & 0o777 == 0o444
         assert attrs.mtime_ns > 0
@@ -279,5 +284,24 @@ async def test_every_kind_of_write_is_read_only(dataset):
                 await attempt
         assert backend.read_only
         assert await read_all(backend, "small.txt") == SMALL
+    finally:
+        await backend.close()
+
+
+async def test_names_that_need_quoting_and_paged_listings(dataset):
+    """Spaces, unicode, '#', '?', '&', '%' and '+' survive listing and range GETs;
+    a listing spread over many pages (page size 2 here) is complete."""
+    url = dataset.container_url("dataset", sas=dataset.container_sas("dataset"))
+    backend = await started(url, options=options(list_page_size=2))
+    try:
+        listing = await names(backend, await node_at(backend, "names"))
+        expected = {"with space.txt": b"space", "\u00fcn\u00efcode \u6587\u4ef6.txt": b"unicode",
+                    "hash#and?query&amp.txt": b"punctuation",
+                    "percent%20plus+.txt": b"percent", "a.txt": b"a"}
+        assert listing == {name: False for name in expected}
+        for name, data in expected.items():
+            assert await read_all(backend, f"names/{name}") == data
+        root = await names(backend, backend.root())
+        assert len(root) == 8 and backend.http.requests > 5
     finally:
         await backend.close()

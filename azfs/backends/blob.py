@@ -69,6 +69,8 @@ class BlobOptions:
     renew_before: float = 300.0
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     socket_timeout: float = 15.0
+    #: blobs per List Blobs page (the service's maximum)
+    list_page_size: int = 5000
     #: cache writes allowed in flight before new blocks skip the disk cache
     max_pending_cache_writes: int = 8
 
@@ -175,7 +177,8 @@ class BlobBackend(Backend):
         self.sas = SasManager(source.sas, token_source, what=source.display,
                               renew_before=self.options.renew_before)
         self.http = BlobHttp(source, self.sas, policy=self.options.policy,
-                             socket_timeout=self.options.socket_timeout)
+                             socket_timeout=self.options.socket_timeout,
+                             list_page_size=self.options.list_page_size)
         self.sas.set_probe(self.http.probe)
         self.read_stats = ReadStats()
         self.fetch_limiter = trio.CapacityLimiter(self.options.max_requests)

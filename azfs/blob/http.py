@@ -91,12 +91,14 @@ class BlobHttp:
 
     def __init__(self, source: BlobSource, sas: SasManager, *,
                  policy: RetryPolicy | None = None, socket_timeout: float = 15.0,
-                 limiter: trio.CapacityLimiter | None = None) -> None:
+                 limiter: trio.CapacityLimiter | None = None,
+                 list_page_size: int = 5000) -> None:
         self.source = source
         self.sas = sas
         self.policy = policy or RetryPolicy()
         self.socket_timeout = socket_timeout
         self.limiter = limiter or HTTP_LIMITER
+        self.list_page_size = list_page_size
         split = urllib.parse.urlsplit(source.account_url)
         self._https = split.scheme == "https"
         self._host = split.hostname or ""
@@ -227,7 +229,7 @@ class BlobHttp:
         marker = ""
         while True:
             query = {"restype": "container", "comp": "list", "delimiter": "/",
-                     "include": "metadata", "maxresults": "5000"}
+                     "include": "metadata", "maxresults": str(self.list_page_size)}
             if prefix:
                 query["prefix"] = prefix
             if marker:

@@ -305,3 +305,24 @@ async def test_names_that_need_quoting_and_paged_listings(dataset):
         assert len(root) == 8 and backend.http.requests > 5
     finally:
         await backend.close()
+
+
+async def test_idle_open_files_give_their_read_ahead_back(dataset):
+    """A file left open after a sequential read does not keep the budget."""
+    url = dataset.container_url("dataset", sas=dataset.container_sas("dataset"))
+    budget = PrefetchBudget(16 * BLOCK)
+    backend = await started(url, budget=budget, options=options(idle_reclaim=0.3))
+    try:
+        fh = await backend.open(await node_at(backend, "big.bin"), os.O_RDONLY)
+        for offset in range(0, 4 * 128 * KiB, 128 * KiB):
+            assert await backend.read(fh, offset, 128 * KiB) == BIG[offset:offset + 128 * KiB]
+        assert backend.stats()["read.blocks_prefetched"] > 0
+        with trio.fail_after(10):
+            while budget.used:
+                await trio.sleep(0.05)
+        # the file is still open and reads on from where it was
+        offset = 4 * 128 * KiB
+        assert await backend.read(fh, offset, 128 * KiB) == BIG[offset:offset + 128 * KiB]
+        await backend.release(fh)
+    finally:
+        await backend.close()

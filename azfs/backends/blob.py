@@ -67,6 +67,8 @@ class BlobOptions:
     #: block fetches in flight per mount (Azurite stalls for seconds beyond ~40 MiB)
     max_requests: int = 4
     renew_before: float = 300.0
+    #: a reader that has not read for this long gives its read-ahead buffers back
+    idle_reclaim: float = 10.0
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     socket_timeout: float = 15.0
     #: blobs per List Blobs page (the service's maximum)
@@ -246,6 +248,7 @@ class BlobBackend(Backend):
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._guard, self.sas.run)
+                nursery.start_soon(self._guard, self._reclaim_idle)
                 started.set()
                 await self._stop.wait()
                 nursery.cancel_scope.cancel()
@@ -257,6 +260,19 @@ class BlobBackend(Backend):
             self._nursery = None
             started.set()
             self._stopped.set()
+
+    async def _reclaim_idle(self) -> None:
+        """Takes read-ahead buffers back from open files that stopped reading."""
+        idle = self.options.idle_reclaim
+        while True:
+            await trio.sleep(max(0.05, idle / 4))
+            now = trio.current_time()
+            for fh in list(self._open_files):
+                if now - fh.reader.last_used >= idle and fh.reader.buffered_bytes:
+                    freed = fh.reader.drop_ready_buffers()
+                    if freed:
+                        log.debug("reclaimed %d read-ahead bytes of idle %s", freed,
+                                  fh.node.path)
 
     async def _guard(self, fn, *args) -> None:
         try:

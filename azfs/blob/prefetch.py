@@ -15,7 +15,10 @@ Every block buffer is charged to a :class:`PrefetchBudget` shared by all
 open files of the daemon.  When the budget is spent, reads fall back to
 fetching just their own range, so memory stays bounded by the budget plus
 the reads in progress, however many files are open (500 files opened at once
-hold no buffers until they are read, and release them when closed).
+hold no buffers until they are read, and release them when closed).  A
+reader idle for a while gives its ready buffers back (see
+:meth:`BlockReader.drop_ready_buffers`), so idle open files cannot starve
+active ones.
 """
 
 from __future__ import annotations
@@ -30,6 +33,14 @@ import trio
 from azfs.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
+
+
+def _in_trio() -> bool:
+    try:
+        trio.current_time()
+    except RuntimeError:
+        return False
+    return True
 
 
 class PrefetchBudget:
@@ -138,6 +149,7 @@ class BlockReader:
         self._next = 0
         self._streak = 0
         self._closed = False
+        self.last_used = trio.current_time() if _in_trio() else 0.0
 
     def _block_len(self, index: int) -> int:
         return min(self.block_size, self.size - index * self.block_size)
@@ -196,6 +208,7 @@ class BlockReader:
         if offset >= end:
             return b""
         self.stats.reads += 1
+        self.last_used = trio.current_time()
         bs = self.block_size
         first, last = offset // bs, (end - 1) // bs
         sequential = self._sequential(offset)
@@ -243,6 +256,20 @@ class BlockReader:
             base = index * bs
             parts.append(bytes(memoryview(data)[lo - base:hi - base]))
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def drop_ready_buffers(self) -> int:
+        """Returns fetched-but-unread buffers to the budget (an idle reader's share).
+
+        Fetches in flight are left to finish; the bytes are in the disk cache
+        if there is one, and are fetched again otherwise.
+        """
+        freed = 0
+        for index, block in list(self._blocks.items()):
+            if block.done.is_set():
+                freed += block.charged
+                self._blocks.pop(index).discard()
+        self.window = 1
+        return freed
 
     def close(self) -> None:
         """Cancels fetches in flight and returns every buffer to the budget."""

@@ -31,6 +31,7 @@ import logging
 import os
 import socket
 import stat
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -92,6 +93,8 @@ class UsageLedger:
         self._delta_files = 0
         self._last_flush = 0.0
         self._registered = False
+        #: deltas change on the event loop while a merge runs in a worker thread
+        self._lock = threading.Lock()
 
     @property
     def bytes(self) -> int:
@@ -126,6 +129,7 @@ class UsageLedger:
                 b, f = int(record["bytes"]), int(record["files"])
             holders[self.holder] = now
             self._store(b, f, holders)
+            self._base_bytes, self._base_files = b, f
             self._registered = True
             self._last_flush = time.monotonic()
         return rebuilt
@@ -142,9 +146,10 @@ class UsageLedger:
                 f"file quota {self.quota.files} would be exceeded ({self.files} used)")
 
     def add(self, bytes_delta: int = 0, files_delta: int = 0) -> None:
-        # never let our view of the total go below zero (a drifted record)
-        self._delta_bytes += max(bytes_delta, -self.bytes)
-        self._delta_files += max(files_delta, -self.files)
+        with self._lock:
+            # never let our view of the total go below zero (a drifted record)
+            self._delta_bytes += max(bytes_delta, -self.bytes)
+            self._delta_files += max(files_delta, -self.files)
 
     # ---- persistence -------------------------------------------------------
     def flush_if_due(self) -> None:
@@ -163,12 +168,15 @@ class UsageLedger:
             self._registered = False
 
     def _merge(self, unregister: bool) -> None:
+        """Adds this daemon's deltas to the shared record (may run in a worker thread)."""
+        with self._lock:
+            delta_bytes, delta_files = self._delta_bytes, self._delta_files
         try:
             with self._locked():
                 record = read_ledger_at(self._root_fd) or {}
                 holders = dict(record.get("holders", {}))
-                b = max(0, int(record.get("bytes", self._base_bytes)) + self._delta_bytes)
-                f = max(0, int(record.get("files", self._base_files)) + self._delta_files)
+                b = max(0, int(record.get("bytes", self._base_bytes)) + delta_bytes)
+                f = max(0, int(record.get("files", self._base_files)) + delta_files)
                 if unregister:
                     holders.pop(self.holder, None)
                 else:
@@ -177,15 +185,16 @@ class UsageLedger:
         except OSError as exc:
             log.warning("cannot persist usage ledger: %s", exc)
             return
-        self._base_bytes, self._base_files = b, f
-        self._delta_bytes = self._delta_files = 0
+        with self._lock:
+            self._base_bytes, self._base_files = b, f
+            self._delta_bytes -= delta_bytes
+            self._delta_files -= delta_files
         self._last_flush = time.monotonic()
 
     def _store(self, b: int, f: int, holders: dict[str, float]) -> None:
         _write_ledger_at(self._root_fd, {
             "version": LEDGER_VERSION, "bytes": b, "files": f, "clean": not holders,
             "holders": holders, "updated": time.time()})
-        self._base_bytes, self._base_files = b, f
 
     @contextlib.contextmanager
     def _locked(self):

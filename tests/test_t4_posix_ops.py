@@ -602,9 +602,6 @@ def _evict_descriptors(m) -> None:
         os.stat(m.mnt / "many" / name)
 
 
-@pytest.mark.xfail(strict=True, reason="a node whose descriptor was evicted keeps its old "
-                   "name; a lookup of the new name finds the same key and InodeTable.add_node "
-                   "keeps the stale node, so the file stays unreachable")
 @pytest.mark.parametrize("change", ["rename", "unlink-other-link"])
 def test_evicted_node_follows_changes_made_in_the_source(mounted, change):
     """Another node (or the host) renames a file this daemon knows but holds no
@@ -626,9 +623,6 @@ def test_evicted_node_follows_changes_made_in_the_source(mounted, change):
         os.close(pin)
 
 
-@pytest.mark.xfail(strict=True, reason="NodeNames.removed() sets name=None on a node whose "
-                   "descriptor was already evicted: it can never be reopened, and the remaining "
-                   "hard link gives ESTALE")
 def test_evicted_hard_link_survives_unlink_of_its_first_name(mounted):
     m = mounted(prefix=TIGHT_DESCRIPTORS)
     (m.mnt / "a").write_text("data")
@@ -640,9 +634,6 @@ def test_evicted_hard_link_survives_unlink_of_its_first_name(mounted):
     assert (m.source / "b").read_text() == "more"
 
 
-@pytest.mark.xfail(strict=True, reason="an open file whose node was evicted and then unlinked "
-                   "through the mount gives ESTALE: getattr needs the node's descriptor, which "
-                   "can no longer be reopened by name")
 def test_evicted_open_file_survives_its_unlink(mounted):
     m = mounted("--cache-timeout", "0.2", prefix=TIGHT_DESCRIPTORS)
     (m.mnt / "f").write_text("data")
@@ -674,9 +665,6 @@ def test_open_with_o_nofollow(mounted):
     assert errno_of(lambda: os.open(m.mnt / "l", os.O_RDONLY | os.O_NOFOLLOW)) == errno.ELOOP
 
 
-@pytest.mark.xfail(strict=True, reason="the daemon's housekeeping (usage ledger flush and "
-                   "heartbeat) runs file I/O on the volume inline on the event loop: once the "
-                   "volume hangs, the loop hangs and statfs's timeout never fires")
 def test_statfs_of_a_hung_volume_fails_instead_of_hanging(mounted, tmp_path):
     """The volume is itself a FUSE mount whose daemon is stopped (a dead SMB server)."""
     import signal

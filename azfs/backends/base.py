@@ -170,6 +170,14 @@ class Backend(abc.ABC):
     def forget(self, node: Node) -> None:
         """Releases whatever the node holds (a file descriptor, a cache entry)."""
 
+    def adopt(self, existing: Node, new: Node) -> None:
+        """A lookup returned ``new`` for an object already known as ``existing``.
+
+        The FUSE layer keeps ``existing`` (the kernel knows its inode); a backend may
+        refresh it from ``new`` (a current name), then must release ``new``.
+        """
+        self.forget(new)
+
     async def readlink(self, node: Node) -> bytes:
         raise NotSupported("readlink")
 

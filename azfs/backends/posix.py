@@ -111,11 +111,17 @@ class PosixBackend(Backend):
 
     # ---- lifecycle -----------------------------------------------------------
     async def start(self) -> None:
-        self.ledger.load()
+        # a rebuild walks the whole tree: not on the event loop
+        await trio.to_thread.run_sync(self.ledger.load)
 
     async def close(self) -> None:
-        self.ledger.close()
-        os.close(self._root.fd)
+        with trio.move_on_after(STATFS_TIMEOUT) as scope:
+            await trio.to_thread.run_sync(self.ledger.close, abandon_on_cancel=True)
+        if scope.cancelled_caught:
+            log.error("usage ledger of %s not persisted: the volume does not answer",
+                      self.source)
+        else:
+            os.close(self._root.fd)
 
     def tick(self) -> None:
         """Periodic housekeeping (persist usage); called by the filesystem's timer."""
@@ -160,6 +166,13 @@ class PosixBackend(Backend):
     def forget(self, node: PosixNode) -> None:
         if node is not self._root:
             release(node)
+
+    def adopt(self, existing: PosixNode, new: PosixNode) -> None:
+        if existing is self._root or new is self._root:
+            if new is not self._root:
+                release(new)
+            return
+        self._names.adopt(existing, new)
 
     async def opendir(self, node: PosixNode) -> DirListing:
         pool.begin()
@@ -396,6 +409,7 @@ class PosixBackend(Backend):
         st = os.stat(name, dir_fd=node_fd(parent), follow_symlinks=False)
         if stat.S_ISDIR(st.st_mode):
             raise OSError(errno.EISDIR, "is a directory")
+        self._names.pin(parent, name)
         os.unlink(name, dir_fd=node_fd(parent))
         self._names.removed(parent, name)
         self._forget_removed(st)
@@ -404,6 +418,7 @@ class PosixBackend(Backend):
         pool.begin()
         self._check(parent, name)
         st = os.stat(name, dir_fd=node_fd(parent), follow_symlinks=False)
+        self._names.pin(parent, name)
         os.rmdir(name, dir_fd=node_fd(parent))
         self._names.removed(parent, name)
         self._forget_removed(st)
@@ -416,6 +431,8 @@ class PosixBackend(Backend):
         if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
             raise OSError(errno.EINVAL, "unsupported rename flags")
         replaced = None
+        self._names.pin(old_parent, old_name)
+        self._names.pin(new_parent, new_name)
         if not flags & RENAME_EXCHANGE:
             try:
                 replaced = os.stat(new_name, dir_fd=node_fd(new_parent), follow_symlinks=False)

@@ -129,6 +129,35 @@ class NodeNames:
         node = self._by_name.get((id(parent), name))
         return node if node is not None and node.parent is parent else None
 
+    def pin(self, parent: PosixNode, name: str) -> None:
+        """Before a name goes: give its node a descriptor, the only way to it afterwards."""
+        node = self.get(parent, name)
+        if node is not None and node.fd < 0:
+            try:
+                node_fd(node)
+            except (OSError, StaleObject):
+                pass
+
+    def adopt(self, existing: PosixNode, new: PosixNode) -> None:
+        """A fresh lookup found a known object under a name: keep the known node, current.
+
+        The object may have been renamed or unlinked on the volume behind our back;
+        the new lookup's name is valid now, so the known node takes it (and its
+        descriptor, if the known one was evicted).
+        """
+        if existing.parent is not None and existing.name is not None:
+            key = (id(existing.parent), existing.name)
+            if self._by_name.get(key) is existing:
+                del self._by_name[key]
+        existing.parent, existing.name = new.parent, new.name
+        if existing.fd < 0 and new.fd >= 0:
+            pool.discard(new)
+            existing.fd, new.fd = new.fd, -1
+            pool.admit(existing)
+        else:
+            release(new)
+        self.add(existing)
+
     def removed(self, parent: PosixNode, name: str) -> None:
         """The name is gone: its node can no longer be reopened (keep its descriptor)."""
         node = self.get(parent, name)

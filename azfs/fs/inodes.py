@@ -131,7 +131,7 @@ class InodeTable:
         if ino is not None:
             existing = self._inodes[ino]
             if existing.node is not node:
-                view.backend.forget(node)
+                view.backend.adopt(existing.node, node)
             return existing
         inode = Inode(next(self._next), view, node, attrs.key)
         self._inodes[inode.ino] = inode

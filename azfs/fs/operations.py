@@ -31,6 +31,7 @@ log = logging.getLogger("azfs.fs")
 
 stats = OpStats()
 op = fuse_op(stats)
+_housekeeping_limiter = trio.CapacityLimiter(4)
 
 #: seconds the kernel may cache entries and attributes.  Changes made through
 #: the same view are always seen at once (the kernel updates its own caches);
@@ -157,16 +158,32 @@ class AzfsOperations(pyfuse3.Operations):
                     log.debug("invalidate_inode(%d): %s", ino, exc)
 
     async def run_housekeeping(self, interval: float = 0.5) -> None:
-        """Background task: lets backends persist state (usage ledgers) periodically."""
-        while True:
-            await trio.sleep(interval)
-            for backend in {v.backend for v in self.views}:
-                tick = getattr(backend, "tick", None)
-                if tick is not None:
-                    try:
-                        tick()
-                    except Exception:  # noqa: BLE001 - housekeeping must not end the fs
-                        log.exception("housekeeping of %r failed", backend)
+        """Background task: lets backends persist state (usage ledgers) periodically.
+
+        Each tick runs in a worker thread: it does file I/O on the volume, and a
+        hung volume must not stop the event loop (and with it every other vfolder).
+        A backend whose previous tick is still stuck is skipped.
+        """
+        busy: set[int] = set()
+
+        async def tick(backend: Backend, fn) -> None:
+            try:
+                await trio.to_thread.run_sync(fn, abandon_on_cancel=True,
+                                              limiter=_housekeeping_limiter)
+            except Exception:  # noqa: BLE001 - housekeeping must not end the fs
+                log.exception("housekeeping of %r failed", backend)
+            finally:
+                busy.discard(id(backend))
+
+        async with trio.open_nursery() as nursery:
+            while True:
+                await trio.sleep(interval)
+                for backend in {v.backend for v in self.views}:
+                    fn = getattr(backend, "tick", None)
+                    if fn is None or id(backend) in busy:
+                        continue
+                    busy.add(id(backend))
+                    nursery.start_soon(tick, backend, fn)
 
     def _changed(self, inode: Inode) -> None:
         for ino in self.table.siblings(inode):

@@ -153,8 +153,26 @@ def test_bad_sources_fail_the_mount_clearly(dataset, tmp_path):
     for args, needle in cases:
         res = azfs("mount", "--log-file", str(tmp_path / "log"), *args, env=env, timeout=120)
         assert res.returncode != 0
-        # errors of the daemon's start-up may only reach its log
+        # errors of the daemon's start-up reach the command's stderr, as one line
         log = (tmp_path / "log").read_text() if (tmp_path / "log").exists() else ""
-        assert needle in res.stderr + log, res.stderr + log
+        assert needle in res.stderr, res.stderr + log
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
         assert "Traceback" not in res.stderr + log and "AAAA" not in res.stderr + log
         assert not os.path.ismount(mnt)
+
+
+def test_sas_in_the_url_stays_off_the_daemons_command_line(dataset, tmp_path):
+    """``azfs mount URL?SAS``: the background daemon gets the SAS through a pipe."""
+    env = dict(os.environ, AZFS_RUN_DIR=str(tmp_path / "run"))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    url = dataset.container_url("mounted") + "?" + dataset.container_sas("mounted")
+    m = Mount(url, mnt, [], tmp_path / "azfs.log", env)  # type: ignore[arg-type]
+    try:
+        m.mount()
+        assert (mnt / "dir" / "small.txt").read_bytes() == SMALL
+        assert m.pids
+        for pid in m.pids:
+            assert b"sig=" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    finally:
+        cleanup(m)

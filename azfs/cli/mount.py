@@ -56,6 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-file", default=None,
                    help=f"daemon log in background mode (default {DEFAULT_LOG})")
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--sas-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)
 
     u = sub.add_parser("umount", help="unmount an azfs mountpoint")
@@ -173,6 +174,10 @@ def _run_foreground(args: argparse.Namespace, mountpoint: Path) -> int:
 
     setup_logging(logging.DEBUG if args.debug else logging.INFO)
     raise_fd_limit()
+    if args.sas_fd is not None:
+        # the SAS of a background daemon comes through a pipe, never its command line
+        with os.fdopen(args.sas_fd, "rb") as pipe:
+            args.source = f"{args.source}?{pipe.read().decode().strip()}"
     try:
         backend = open_backend(args.source, quota=Quota(args.quota_bytes, args.quota_files),
                                read_only=args.ro,
@@ -195,7 +200,7 @@ def _run_foreground(args: argparse.Namespace, mountpoint: Path) -> int:
 
     try:
         trio.run(functools.partial(serve, ops, mountpoint, [backend], on_ready=ready))
-    except RuntimeError as exc:
+    except (RuntimeError, AzfsError) as exc:
         msg = f"cannot mount {mountpoint}: {exc}"
         _report_ready(args.ready_fd, f"error: {msg}")
         raise UserError(msg) from None
@@ -223,11 +228,23 @@ def _spawn_background(args: argparse.Namespace) -> int:
         argv.append("--debug")
     argv += ["mount", "--foreground", "--ready-fd", str(write_end)]
     argv += _forwarded_options(args)
-    argv += ["--", args.source, args.mountpoint]
+    source, _, sas = args.source.partition("?") if is_blob_source(args.source) else \
+        (args.source, "", "")
+    pass_fds = [write_end]
+    sas_read = None
+    if sas:
+        sas_read, sas_write = os.pipe()
+        os.write(sas_write, sas.encode())  # a SAS is far smaller than a pipe's buffer
+        os.close(sas_write)
+        argv += ["--sas-fd", str(sas_read)]
+        pass_fds.append(sas_read)
+    argv += ["--", source, args.mountpoint]
     with open(log_file, "ab") as log_out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_out, stderr=log_out,
-                                pass_fds=(write_end,), start_new_session=True)
+                                pass_fds=pass_fds, start_new_session=True)
     os.close(write_end)
+    if sas_read is not None:
+        os.close(sas_read)
     with os.fdopen(read_end, "rb") as pipe:
         message = pipe.read().decode(errors="replace").strip()
     if message == "ok":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from azfs.mountinfo import find_mount
+from azfs.volumes.mountinfo import find_mount
 from tests.support.fuse import as_user, errno_of
 
 RENAME_NOREPLACE = 1

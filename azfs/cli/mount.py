@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from azfs.errors import AzfsError, UserError
-from azfs.mountinfo import find_mount, is_within
 from azfs.units import parse_size
+from azfs.volumes.mountinfo import find_mount, is_within
 
 log = logging.getLogger("azfs.mount")
 

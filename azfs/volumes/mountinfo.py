@@ -26,6 +26,8 @@ class MountEntry:
     fstype: str
     source: str
     super_options: str
+    #: "major:minor" of the mounted filesystem (its backing-dev-info in /sys/class/bdi)
+    device: str = ""
 
 
 def unescape(field: str) -> str:
@@ -42,7 +44,7 @@ def parse_line(line: str) -> MountEntry:
     return MountEntry(
         mount_id=int(fields[0]), parent_id=int(fields[1]), root=unescape(fields[3]),
         mount_point=unescape(fields[4]), mount_options=fields[5], fstype=fstype,
-        source=unescape(source), super_options=super_options,
+        source=unescape(source), super_options=super_options, device=fields[2],
     )
 
 
@@ -65,3 +67,15 @@ def mounts_under(directory: str | os.PathLike[str], path: Path = MOUNTINFO) -> l
     """Mounts strictly below ``directory`` (used to clean up a state directory)."""
     prefix = os.path.abspath(directory).rstrip("/") + "/"
     return [e for e in read_mountinfo(path) if e.mount_point.startswith(prefix)]
+
+
+def find_mount(mount_point: str | os.PathLike[str], path: Path = MOUNTINFO) -> MountEntry | None:
+    """The top-most mount at exactly ``mount_point``, or None."""
+    entries = mounts_at(mount_point, path)
+    return entries[-1] if entries else None
+
+
+def is_within(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is ``root`` or below it, symlinks resolved."""
+    p, r = Path(os.path.realpath(path)), Path(os.path.realpath(root))
+    return p == r or r in p.parents

@@ -24,7 +24,7 @@ import pytest
 
 from azfs.containers.rootfs import build_busybox_rootfs
 from azfs.containers.runc import Runc
-from azfs.mountinfo import is_within, read_mounts
+from azfs.volumes.mountinfo import is_within, read_mountinfo
 
 
 def require_runc() -> None:
@@ -42,7 +42,7 @@ def container_id(prefix: str = "t") -> str:
 
 def mountpoints_under(path: str | Path) -> list[str]:
     """Mount points of this mount namespace at or below ``path``."""
-    return [m.mountpoint for m in read_mounts() if is_within(m.mountpoint, path)]
+    return [m.mount_point for m in read_mountinfo() if is_within(m.mount_point, path)]
 
 
 @pytest.fixture(scope="session", name="busybox_rootfs")

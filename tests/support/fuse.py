@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from azfs.mountinfo import find_mount
+from azfs.volumes.mountinfo import find_mount
 
 REPO = Path(__file__).resolve().parents[2]
 

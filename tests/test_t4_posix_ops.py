@@ -39,7 +39,7 @@ def test_mount_options_and_type(mounted):
     assert entry is not None
     assert entry.fstype == "fuse.azfs"
     assert entry.source == "azfs"
-    opts = entry.options.split(",")
+    opts = entry.super_options.split(",")
     assert "allow_other" in opts
     assert "default_permissions" in opts
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from azfs.cli.dataset_catalog import register_catalog
 from azfs.errors import AzfsError, UserError
 from azfs.retry import RetryPolicy, retry_sync
 from azfs.secret import Secret, redact
@@ -91,6 +92,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--sas-file", type=Path, help="file holding the SAS")
     g.add_argument("--concurrency", type=_positive, default=4, help="range GETs in flight")
     g.set_defaults(func=cmd_get)
+    register_catalog(ds)  # the manager-side actions: register, grant, catalog, issue-sas
 
 
 def _positive(text: str) -> int:

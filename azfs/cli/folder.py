@@ -2,149 +2,18 @@
 
 The manager is ``--url`` or ``$AZFS_MANAGER_URL``; the token comes from
 ``--token-file`` or ``$AZFS_TOKEN`` (never a flag value, so it stays out of
-``ps``).  Output is a table, or the API's JSON with ``--json``.  This module
-also holds the small REST client that ``azfs kernel`` uses.
+``ps``).  Output is a table, or the API's JSON with ``--json``.  The REST
+client and output helpers live in :mod:`azfs.cli.rest`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-from pathlib import Path
-from typing import Any
-from urllib.parse import quote
 
-import httpx
-from rich.console import Console
-from rich.table import Table
-
+from azfs.cli.rest import ManagerClient, add_client_flags, emit, emit_record, ref_path
 from azfs.errors import UserError
-from azfs.secret import Secret, redact
-
-DEFAULT_URL = "http://127.0.0.1:8630"
-
-
-class ManagerClient:
-    """A thin synchronous client of the manager; API errors become :class:`UserError`."""
-
-    def __init__(self, url: str, token: Secret | None, timeout: float = 60.0) -> None:
-        self.url = url.rstrip("/")
-        headers = {"Authorization": f"Bearer {token.reveal()}"} if token else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> ManagerClient:
-        url = args.url or os.environ.get("AZFS_MANAGER_URL") or DEFAULT_URL
-        if not url.startswith(("http://", "https://")):
-            raise UserError(f"manager URL must start with http:// or https:// (got {url!r})")
-        token: Secret | None = None
-        if args.token_file:
-            try:
-                token = Secret(Path(args.token_file).read_text().strip())
-            except OSError as exc:
-                raise UserError(f"cannot read token file {args.token_file}: "
-                                f"{exc.strerror}") from None
-        elif os.environ.get("AZFS_TOKEN"):
-            token = Secret(os.environ["AZFS_TOKEN"].strip())
-        if not token:
-            raise UserError("no API token: set AZFS_TOKEN or pass --token-file")
-        return cls(url, token)
-
-    def call(self, method: str, path: str, body: Any = None,
-             params: dict[str, Any] | None = None) -> Any:
-        try:
-            response = self._http.request(method, path, json=body, params=params)
-        except httpx.HTTPError as exc:
-            raise UserError(f"cannot reach the manager at {self.url}: "
-                            f"{redact(str(exc)) or type(exc).__name__}") from None
-        if response.status_code == 204:
-            return None
-        try:
-            data = response.json()
-        except ValueError:
-            raise UserError(f"the manager answered {response.status_code} "
-                            "with something that is not JSON") from None
-        if response.status_code >= 400:
-            error = data.get("error", {}) if isinstance(data, dict) else {}
-            raise UserError(f"{error.get('message', 'request failed')} "
-                            f"[{error.get('code', response.status_code)}]")
-        return data
-
-
-def ref_path(ref: str) -> str:
-    return quote(ref, safe="")
-
-
-def add_client_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", help=f"manager URL (default $AZFS_MANAGER_URL or {DEFAULT_URL})")
-    parser.add_argument("--token-file", help="file holding the API token (default $AZFS_TOKEN)")
-    parser.add_argument("--json", action="store_true", help="print the API's JSON")
-
-
-def emit(args: argparse.Namespace, data: Any, columns: list[tuple[str, str]],
-         title: str | None = None) -> None:
-    """Prints ``data`` (a dict or a list of dicts) as JSON or as a table."""
-    try:
-        _emit(args, data, columns, title)
-    except BrokenPipeError:  # e.g. `azfs folder ls --json | head`: not an error
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-
-
-def _emit(args: argparse.Namespace, data: Any, columns: list[tuple[str, str]],
-          title: str | None) -> None:
-    if args.json:
-        json.dump(data, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-        return
-    rows = data if isinstance(data, list) else [data]
-    table = Table(title=title, show_lines=False)
-    for _, header in columns:
-        table.add_column(header, overflow="fold")  # wrap long ids, never cut them
-    for row in rows:
-        table.add_row(*(_cell(row, key) for key, _ in columns))
-    Console().print(table)
-
-
-def emit_record(args: argparse.Namespace, data: dict, fields: list[tuple[str, str]]) -> None:
-    """One object as a vertical field/value table (or its JSON)."""
-    if args.json:
-        emit(args, data, fields)
-        return
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column(overflow="fold")
-    for key, header in fields:
-        table.add_row(header, _cell(data, key))
-    Console().print(table)
-
-
-def _cell(row: dict, key: str) -> str:
-    value: Any = row
-    for part in key.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    if value is None:
-        return "-"
-    if key.endswith("bytes") and isinstance(value, int):
-        return human_bytes(value) if value else ("unlimited" if "quota" in key else "0")
-    if key == "quota_files" and value == 0:
-        return "unlimited"
-    if isinstance(value, list):
-        return ", ".join(f"{v['user']}:{v['permission']}" if isinstance(v, dict) else str(v)
-                         for v in value) or "-"
-    return str(value)
-
-
-def human_bytes(value: int) -> str:
-    size = float(value)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return str(value)
-
 
 LIST_COLUMNS = [("alias", "alias"), ("id", "id"), ("owner", "owner"), ("access", "access"),
                 ("status", "status"), ("volume", "volume"), ("quota_bytes", "quota")]

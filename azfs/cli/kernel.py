@@ -2,7 +2,8 @@
 
 ``-v REF[:TARGET][:ro|rw]`` adds a vfolder (TARGET relative to /home/work
 unless absolute), ``-d DATASET[:TARGET]`` a dataset.  ``create`` prints the
-bind mounts the container runtime must apply.
+bind mounts the container runtime must apply (``--json``: the whole kernel
+record, its ``mounts`` included).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from azfs.cli.folder import ManagerClient, add_client_flags, emit, emit_record, ref_path
+from azfs.cli.rest import ManagerClient, add_client_flags, emit, emit_record, ref_path
 from azfs.errors import UserError
 
 COLUMNS = [("kernel_id", "kernel"), ("owner", "owner"), ("agent", "agent"),
@@ -39,18 +40,34 @@ def parse_dataset(spec: str) -> dict:
     return {"dataset": name, **({"target": target} if target else {})}
 
 
-def _create(args: argparse.Namespace) -> int:
-    body = {"kernel_id": args.kernel_id, "agent": args.agent,
-            "vfolders": [parse_vfolder(v) for v in args.vfolder],
-            "datasets": [parse_dataset(d) for d in args.dataset],
-            "dotfolders": not args.no_dotfolders}
-    if args.owner:
-        body["owner"] = args.owner
-    data = ManagerClient.from_args(args).call("POST", "/v1/kernels", body)
+def create_kernel(client: ManagerClient, kernel_id: str, agent: str, vfolders: list[str],
+                  datasets: list[str], *, dotfolders: bool = True,
+                  owner: str | None = None) -> dict:
+    """Asks the manager to export ``-v``/``-d`` specs to a kernel; returns its record.
+
+    The record holds ``mounts``: the OCI bind mounts the agent answered.
+    """
+    body: dict = {"kernel_id": kernel_id, "agent": agent,
+                  "vfolders": [parse_vfolder(v) for v in vfolders],
+                  "datasets": [parse_dataset(d) for d in datasets], "dotfolders": dotfolders}
+    if owner:
+        body["owner"] = owner
+    return client.call("POST", "/v1/kernels", body)
+
+
+def show_mounts(args: argparse.Namespace, kernel: dict) -> None:
+    """The kernel's bind mounts as a table (or the whole record with ``--json``)."""
     if args.json:
-        emit(args, data, COLUMNS)
+        emit(args, kernel, COLUMNS)  # the full record, ``mounts`` included
     else:
-        emit(args, data["mounts"], MOUNT_COLUMNS, title=f"kernel {data['kernel_id']}")
+        emit(args, kernel["mounts"], MOUNT_COLUMNS, title=f"kernel {kernel['kernel_id']}")
+
+
+def _create(args: argparse.Namespace) -> int:
+    kernel = create_kernel(ManagerClient.from_args(args), args.kernel_id, args.agent,
+                           args.vfolder, args.dataset, dotfolders=not args.no_dotfolders,
+                           owner=args.owner)
+    show_mounts(args, kernel)
     return 0
 
 

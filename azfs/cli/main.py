@@ -23,7 +23,7 @@ COMMANDS = (
     "azfs.cli.dataset",
     "azfs.cli.volumes",
     "azfs.cli.agent",
-    "azfs.cli.folder", "azfs.cli.kernel",
+    "azfs.cli.folder", "azfs.cli.kernel", "azfs.cli.user",
     "azfs.cli.up",
 )
 

@@ -19,8 +19,9 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from azfs.cli.folder import ManagerClient, emit
-from azfs.cli.kernel import MOUNT_COLUMNS, parse_dataset, parse_vfolder
+from azfs.cli.kernel import create_kernel, show_mounts
+from azfs.cli.rest import ManagerClient
+from azfs.cli.user import create_user, issue_token, list_users
 from azfs.errors import UserError
 from azfs.node.layout import SAMPLE_DATASET, Layout, read_secret, write_file
 from azfs.node.provision import admin_client, run_cli
@@ -94,14 +95,13 @@ class Demo:
 
     def ensure_user(self) -> None:
         admin = admin_client(self.layout, self.settings)
-        users = {u["name"] for u in admin.call("GET", "/v1/users")}
+        users = {u["name"] for u in list_users(admin)}
         if USER not in users:
             self.say(f"POST /v1/users {{\"name\": \"{USER}\"}}   (as the admin)")
-            token = admin.call("POST", "/v1/users", {"name": USER})["token"]
+            token = create_user(admin, USER)["token"]
             write_file(self.token_file, token + "\n", 0o600)
         elif not self.token_file.exists():
-            token = admin.call("POST", f"/v1/users/{USER}/tokens", {"label": "demo"})["token"]
-            write_file(self.token_file, token + "\n", 0o600)
+            write_file(self.token_file, issue_token(admin, USER, "demo") + "\n", 0o600)
         self.say(f"user '{USER}' (uid 1000); its token is in {self.token_file}")
 
     def ensure_vfolder(self) -> None:
@@ -133,13 +133,11 @@ class Demo:
         for d in datasets:
             argv += ["-d", d]
         self.say("$ azfs " + shlex.join(argv))
-        body = {"kernel_id": kernel_id, "agent": self.settings.agent_id,
-                "vfolders": [parse_vfolder(v) for v in vfolders],
-                "datasets": [parse_dataset(d) for d in datasets], "dotfolders": True}
-        answer = self.client().call("POST", "/v1/kernels", body)
+        answer = create_kernel(self.client(), kernel_id, self.settings.agent_id, vfolders,
+                               datasets)
         self.kernels.append(kernel_id)
         sys.stdout.flush()
-        emit(_Args(), answer["mounts"], MOUNT_COLUMNS, title=f"kernel {kernel_id}")
+        show_mounts(_Args(), answer)
         export = ExportResponse.model_validate({"kernel_id": kernel_id,
                                                 "mounts": answer["mounts"]})
         workdir = self.layout.demo / "kernels" / kernel_id

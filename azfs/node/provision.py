@@ -107,19 +107,21 @@ def upload_sample(layout: Layout, settings: Settings, say: Say) -> None:
 
 
 def admin_client(layout: Layout, settings: Settings):
-    from azfs.cli.folder import ManagerClient
+    from azfs.cli.rest import ManagerClient
 
     return ManagerClient(settings.manager_url, read_secret(layout.admin_token))
 
 
 def register_dataset(layout: Layout, settings: Settings, say: Say) -> None:
+    """The sample container in the manager's catalog (``azfs dataset register --shared``)."""
+    from azfs.cli.dataset_catalog import catalog
+    from azfs.cli.dataset_catalog import register_dataset as register
+
     client = admin_client(layout, settings)
-    names = {d["name"] for d in client.call("GET", "/v1/datasets")}
-    if SAMPLE_DATASET in names:
+    if SAMPLE_DATASET in {d["name"] for d in catalog(client)}:
         return
-    client.call("POST", "/v1/datasets", {
-        "name": SAMPLE_DATASET, "account_url": settings.blob_endpoint,
-        "container": SAMPLE_DATASET, "visibility": "shared"})
+    register(client, SAMPLE_DATASET, f"{settings.blob_endpoint}/{SAMPLE_DATASET}",
+             visibility="shared")
     say(f"managerd: dataset '{SAMPLE_DATASET}' registered (shared with every user)")
 
 

@@ -72,8 +72,10 @@ class DescriptorPool:
     def admit(self, node: PosixNode) -> None:
         node.touched = self.epoch
         self._nodes[id(node)] = node
-        if len(self._nodes) > self.budget():
-            self.evict(len(self._nodes) - self.budget())
+        budget = self.budget()
+        if len(self._nodes) > budget:
+            # evict a batch at once: the budget check then passes for a while
+            self.evict(len(self._nodes) - budget + max(1, budget // 16))
 
     def touch(self, node: PosixNode) -> None:
         node.touched = self.epoch
@@ -85,12 +87,19 @@ class DescriptorPool:
         self._nodes.pop(id(node), None)
 
     def evict(self, count: int = _EVICT_BATCH) -> int:
-        """Closes the descriptors of up to ``count`` least recently used reopenable nodes."""
+        """Closes the descriptors of up to ``count`` least recently used reopenable nodes.
+
+        Walks from the old end and stops as soon as enough were closed: nodes
+        that cannot go now (in use by this operation, or not reopenable) are
+        rotated to the new end, so each is looked at most once per call.
+        """
         closed = 0
-        for key, node in list(self._nodes.items()):
-            if closed >= count:
+        for _ in range(len(self._nodes)):
+            if closed >= count or not self._nodes:
                 break
+            key, node = next(iter(self._nodes.items()))
             if not node.reopenable or node.touched == self.epoch:
+                self._nodes.move_to_end(key)
                 continue
             del self._nodes[key]
             if node.fd >= 0:

@@ -65,15 +65,23 @@ class Quota:
             raise ValueError("quotas must be >= 0 (0 means unlimited)")
 
 
+def _process_start(pid: int | str) -> str | None:
+    """The start time of a live (not zombie) process, which tells a reused pid apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(") ", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if fields[0] in ("Z", "X"):
+        return None
+    return fields[19]  # field 22 of proc(5), counted after the command name
+
+
 def _holder_alive(holder: str, heartbeat: float, now: float) -> bool:
-    host, _, rest = holder.partition(":")
-    pid_text = rest.partition(":")[0]
+    """Holders are "host:pid:start:token"; on this host the process itself is checked."""
+    host, pid_text, start, *_ = (holder.split(":") + ["", "", ""])[:4]
     if host == _HOST and pid_text.isdigit():
-        try:
-            with open(f"/proc/{pid_text}/stat") as f:
-                return f.read().rsplit(") ", 1)[1][:1] not in ("Z", "X")
-        except (OSError, IndexError):
-            return False
+        return _process_start(pid_text) == start
     return now - heartbeat < STALE_AFTER
 
 
@@ -85,7 +93,8 @@ class UsageLedger:
         self._root_fd = root_fd
         self.quota = quota or Quota()
         self.read_only = read_only
-        self.holder = f"{_HOST}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.holder = (f"{_HOST}:{os.getpid()}:{_process_start(os.getpid())}:"
+                       f"{uuid.uuid4().hex[:8]}")
         #: shared totals as last merged, and this daemon's changes since
         self._base_bytes = 0
         self._base_files = 0

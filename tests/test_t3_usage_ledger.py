@@ -110,7 +110,7 @@ def test_unclean_or_damaged_ledger_is_rebuilt(root, root_fd, content, monkeypatc
         pid_max = int(open("/proc/sys/kernel/pid_max").read())
         (holder,) = record["holders"]
         host = holder.split(":")[0]
-        record["holders"] = {f"{host}:{pid_max + 1}:dead": record["holders"][holder]}
+        record["holders"] = {f"{host}:{pid_max + 1}:1:dead": record["holders"][holder]}
         ledger_file(root).write_text(json.dumps(record))
     else:
         ledger_file(root).write_text(content)
@@ -230,3 +230,22 @@ def test_read_only_ledger_never_writes(root, root_fd):
     assert (ledger.bytes, ledger.files) == (10, 1)
     ledger.close()
     assert not (root / META_DIR).exists()
+
+
+def test_holder_with_a_reused_pid_is_dead(root, root_fd, monkeypatch):
+    """A crashed holder whose pid now belongs to another process is not trusted."""
+    monkeypatch.setattr(usage, "FLUSH_INTERVAL", 0.0)
+    (root / "f").write_bytes(b"x" * 10)
+    ledger = UsageLedger(root_fd)
+    ledger.load()
+    ledger.add(bytes_delta=999)
+    ledger.flush_if_due()
+    record = json.loads(ledger_file(root).read_text())
+    (holder,) = record["holders"]
+    host, pid, _start, token = holder.split(":")
+    # same live pid (ours), another start time: the process that held it is gone
+    record["holders"] = {f"{host}:{pid}:12345:{token}": record["holders"][holder]}
+    ledger_file(root).write_text(json.dumps(record))
+    again = UsageLedger(root_fd)
+    assert again.load() is True
+    assert (again.bytes, again.files) == (10, 1)

@@ -63,7 +63,7 @@ def _proc(fd: int) -> str:
 
 
 class PosixHandle(FileHandle):
-    __slots__ = ("fd", "node", "append", "next_offset", "ahead")
+    __slots__ = ("fd", "node", "append", "next_offset", "ahead", "created")
 
     def __init__(self, fd: int, node: PosixNode, append: bool) -> None:
         self.fd = fd
@@ -72,6 +72,8 @@ class PosixHandle(FileHandle):
         #: where a sequential reader reads next, and how far the volume was asked to read ahead
         self.next_offset = 0
         self.ahead = 0
+        #: from create(): False when the name existed already (no new object)
+        self.created = True
 
 
 def _attrs(st: os.stat_result) -> Attributes:
@@ -351,6 +353,7 @@ class PosixBackend(Backend):
         if created:
             self.ledger.add(files_delta=1)
         fh = PosixHandle(fd, node, bool(flags & os.O_APPEND))
+        fh.created = created
         if not created and flags & os.O_TRUNC:
             self._truncate_fd(fd, 0)
             st = os.fstat(path_fd)

@@ -499,7 +499,8 @@ class AzfsOperations(pyfuse3.Operations):
         parent, view, backend = self._writable(parent_inode)
         node, attrs, handle = await backend.create(parent.node, _name(name),
                                                    mode & ~ctx.umask, flags)
-        attrs = await self._own(view, backend, node, attrs, ctx)
+        if getattr(handle, "created", True):  # an existing file keeps its owner
+            attrs = await self._own(view, backend, node, attrs, ctx)
         entry = self._remember(view, node, attrs)
         inode = self.table.get(entry.st_ino)
         inode.opens += 1

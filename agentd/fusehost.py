@@ -280,15 +280,10 @@ class FuseHost:
         return self.cache
 
     async def _start(self, backend: Backend) -> None:
-        from azfs.backends.posix import PosixBackend
-
+        # a posix start loads the usage ledger (a walk after a crash) in a worker
+        # thread, so other kernels' I/O goes on meanwhile
         try:
-            if type(backend) is PosixBackend:
-                # its start is loading the usage ledger, which walks the whole tree
-                # after a crash: off the loop, so other kernels' I/O goes on meanwhile
-                await trio.to_thread.run_sync(backend.ledger.load)
-            else:
-                await backend.start()
+            await backend.start()
         except (AzfsError, OSError) as exc:
             try:
                 await backend.close()

@@ -270,9 +270,10 @@ def test_is_stale_on_a_dead_fuse_mount(tmp_path: Path, state_dir: Path) -> None:
     dead_fuse_mount(source(tmp_path, "fuse-src"), target)
     with pytest.raises(OSError) as info:
         os.stat(target)
-    assert info.value.errno == errno.ENOTCONN
+    dead = (errno.ENOTCONN, errno.ECONNABORTED)  # the latter while the kernel tears down
+    assert info.value.errno in dead
     assert is_stale(target)
-    assert stale_errno(target) == errno.ENOTCONN
+    assert stale_errno(target) in dead
     lazy_unmount(target)
     assert not mountinfo.is_mounted(target)
     assert not is_stale(target)

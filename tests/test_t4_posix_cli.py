@@ -141,7 +141,8 @@ def test_dead_mount_is_reported(mounted, tmp_path):
     pid = m.pids[0]
     os.kill(pid, 9)
     wait_for(lambda: not alive(pid), what="daemon death")
-    assert errno_of(lambda: os.listdir(m.mnt)) == errno.ENOTCONN
+    # ECONNABORTED while the kernel is still tearing the connection down
+    assert errno_of(lambda: os.listdir(m.mnt)) in (errno.ENOTCONN, errno.ECONNABORTED)
     res = mount_cmd(str(m.source), str(m.mnt), log=tmp_path / "log2")
     assert_refused(res, "umount --lazy")
     res = azfs("umount", "--lazy", str(m.mnt), env=m.env)

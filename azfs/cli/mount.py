@@ -107,7 +107,7 @@ def check_mountpoint(mountpoint: str) -> Path:
     except FileNotFoundError:
         raise UserError(f"mountpoint {mp}: does not exist") from None
     except OSError as exc:
-        if exc.errno in (errno.ENOTCONN, errno.EIO, errno.ESTALE):
+        if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO, errno.ESTALE):
             raise UserError(f"mountpoint {mp}: a dead mount is still there; "
                             f"run 'azfs umount --lazy {mp}'") from None
         raise UserError(f"mountpoint {mp}: {exc.strerror}") from None

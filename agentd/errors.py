@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
+from azfs.api_errors import ApiError as BaseApiError
 
-class ApiError(Exception):
-    status = 400
+
+class ApiError(BaseApiError):
     code = "invalid-request"
-
-    def __init__(self, message: str, *, code: str | None = None,
-                 status: int | None = None) -> None:
-        super().__init__(message)
-        if code is not None:
-            self.code = code
-        if status is not None:
-            self.status = status
 
 
 class BadRequest(ApiError):

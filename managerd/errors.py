@@ -7,22 +7,10 @@ never change meaning; messages are for humans and never contain secrets.
 
 from __future__ import annotations
 
+from azfs.api_errors import ApiError, Conflict, NotFound, Unavailable
 
-class ApiError(Exception):
-    status = 400
-    code = "bad-request"
-
-    def __init__(self, message: str, *, code: str | None = None,
-                 status: int | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        if code is not None:
-            self.code = code
-        if status is not None:
-            self.status = status
-
-    def body(self) -> dict:
-        return {"error": {"code": self.code, "message": self.message}}
+__all__ = ["ApiError", "Conflict", "NotFound", "Unavailable", "InvalidArgument",
+           "Unauthenticated", "Forbidden", "AgentError", "CODES"]
 
 
 class InvalidArgument(ApiError):
@@ -35,18 +23,6 @@ class Unauthenticated(ApiError):
 
 class Forbidden(ApiError):
     status, code = 403, "forbidden"
-
-
-class NotFound(ApiError):
-    status, code = 404, "not-found"
-
-
-class Conflict(ApiError):
-    status, code = 409, "conflict"
-
-
-class Unavailable(ApiError):
-    status, code = 503, "unavailable"
 
 
 class AgentError(ApiError):

@@ -2,27 +2,14 @@
 
 from __future__ import annotations
 
-from azfs.api_errors import ApiError as BaseApiError
+from azfs.api_errors import ApiError, Conflict, Unavailable
+from azfs.api_errors import NotFound as NotFoundError
 
-
-class ApiError(BaseApiError):
-    code = "invalid-request"
+__all__ = ["ApiError", "BadRequest", "Conflict", "NotFoundError", "Unavailable", "CODES"]
 
 
 class BadRequest(ApiError):
     status, code = 400, "invalid-request"
-
-
-class NotFoundError(ApiError):
-    status, code = 404, "not-found"
-
-
-class Conflict(ApiError):
-    status, code = 409, "conflict"
-
-
-class Unavailable(ApiError):
-    status, code = 503, "unavailable"
 
 
 #: every code the API answers with, for the docs and the OpenAPI description

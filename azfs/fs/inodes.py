@@ -70,6 +70,8 @@ class InodeTable:
     def __init__(self) -> None:
         self._inodes: dict[int, Inode] = {}
         self._by_key: dict[tuple[int, Hashable], int] = {}
+        #: backing key → inodes of it in every view (for cross-view invalidation)
+        self._by_backing: dict[Hashable, set[int]] = {}
         self._next = itertools.count(ROOT_INODE + 1)
         self._view_ids = itertools.count(1)
         now = time.time_ns()
@@ -136,6 +138,7 @@ class InodeTable:
         inode = Inode(next(self._next), view, node, attrs.key)
         self._inodes[inode.ino] = inode
         self._by_key[k] = inode.ino
+        self._by_backing.setdefault(attrs.key, set()).add(inode.ino)
         view.inodes.add(inode.ino)
         return inode
 
@@ -144,11 +147,11 @@ class InodeTable:
         if inode.view is None or inode.key is None:
             return []
         out = []
-        for (view_id, key), ino in self._by_key.items():
-            if key == inode.key and view_id != inode.view.id:
-                other = self._inodes[ino]
-                if other.view is not None and other.view.backend is inode.view.backend:
-                    out.append(ino)
+        for ino in self._by_backing.get(inode.key, ()):
+            other = self._inodes[ino]
+            if other.view is not None and other.view is not inode.view \
+                    and other.view.backend is inode.view.backend:
+                out.append(ino)
         return out
 
     # ---- release -----------------------------------------------------------------
@@ -180,6 +183,11 @@ class InodeTable:
         view.inodes.discard(inode.ino)
         if inode.key is not None:
             self._by_key.pop((view.id, inode.key), None)
+            same = self._by_backing.get(inode.key)
+            if same is not None:
+                same.discard(inode.ino)
+                if not same:
+                    del self._by_backing[inode.key]
             view.backend.forget(inode.node)
         else:
             parent = self._inodes.get(inode.parent)

@@ -22,7 +22,14 @@ from collections.abc import Sequence
 import pyfuse3
 import trio
 
-from azfs.backends.base import AttrChanges, Attributes, Backend, DirListing, FileHandle
+from azfs.backends.base import (
+    AttrChanges,
+    Attributes,
+    Backend,
+    DirListing,
+    FileHandle,
+    StatFs,
+)
 from azfs.fs.errno_map import fuse_op
 from azfs.fs.inodes import ROOT_INODE, Inode, InodeTable, View
 from azfs.fs.stats import OpStats
@@ -37,6 +44,9 @@ _housekeeping_limiter = trio.CapacityLimiter(4)
 #: the same view are always seen at once (the kernel updates its own caches);
 #: the timeout bounds staleness of changes made by other views or the host.
 DEFAULT_CACHE_TIMEOUT = 1.0
+#: the namespace of the node agent holds many vfolders: no numbers of its own
+_NO_STATFS = StatFs(block_size=4096, blocks=0, blocks_free=0, blocks_avail=0, files=0,
+                    files_free=0)
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
 
@@ -306,9 +316,7 @@ class AzfsOperations(pyfuse3.Operations):
         if self.root_view is not None:
             s = await self.root_view.backend.statfs()
         else:
-            from azfs.backends.base import StatFs
-            s = StatFs(block_size=4096, blocks=0, blocks_free=0, blocks_avail=0,
-                       files=0, files_free=0)
+            s = _NO_STATFS
         out.f_bsize = s.block_size
         out.f_frsize = s.block_size
         out.f_blocks = s.blocks

@@ -102,8 +102,11 @@ class UsageLedger:
         self._delta_files = 0
         self._last_flush = 0.0
         self._registered = False
-        #: deltas change on the event loop while a merge runs in a worker thread
-        self._lock = threading.Lock()
+        #: deltas change in the volume's worker threads while a merge runs in another
+        self._lock = threading.RLock()
+        #: one merge at a time: a close() overlapping a housekeeping tick must not
+        #: merge the same delta twice
+        self._merge_lock = threading.Lock()
 
     @property
     def bytes(self) -> int:
@@ -154,11 +157,27 @@ class UsageLedger:
             raise QuotaExceeded(
                 f"file quota {self.quota.files} would be exceeded ({self.files} used)")
 
+    def charge(self, bytes_delta: int = 0, files_delta: int = 0) -> None:
+        """Checks the quotas and counts the change in one step.
+
+        Calls run concurrently in worker threads: a check followed by a separate
+        ``add`` would let two writers both pass a check that only one fits in.
+        A charge that turns out too high is given back with :meth:`add`.
+        """
+        with self._lock:
+            self.check_bytes(bytes_delta)
+            if files_delta > 0:
+                self.check_files(files_delta)
+            self._add_locked(bytes_delta, files_delta)
+
     def add(self, bytes_delta: int = 0, files_delta: int = 0) -> None:
         with self._lock:
-            # never let our view of the total go below zero (a drifted record)
-            self._delta_bytes += max(bytes_delta, -self.bytes)
-            self._delta_files += max(files_delta, -self.files)
+            self._add_locked(bytes_delta, files_delta)
+
+    def _add_locked(self, bytes_delta: int, files_delta: int) -> None:
+        # never let our view of the total go below zero (a drifted record)
+        self._delta_bytes += max(bytes_delta, -self.bytes)
+        self._delta_files += max(files_delta, -self.files)
 
     # ---- persistence -------------------------------------------------------
     def flush_if_due(self) -> None:
@@ -178,27 +197,29 @@ class UsageLedger:
 
     def _merge(self, unregister: bool) -> None:
         """Adds this daemon's deltas to the shared record (may run in a worker thread)."""
-        with self._lock:
-            delta_bytes, delta_files = self._delta_bytes, self._delta_files
-        try:
-            with self._locked():
-                record = read_ledger_at(self._root_fd) or {}
-                holders = dict(record.get("holders", {}))
-                b = max(0, int(record.get("bytes", self._base_bytes)) + delta_bytes)
-                f = max(0, int(record.get("files", self._base_files)) + delta_files)
-                if unregister:
-                    holders.pop(self.holder, None)
-                else:
-                    holders[self.holder] = time.time()
-                self._store(b, f, holders)
-        except OSError as exc:
-            log.warning("cannot persist usage ledger: %s", exc)
-            return
-        with self._lock:
-            self._base_bytes, self._base_files = b, f
-            self._delta_bytes -= delta_bytes
-            self._delta_files -= delta_files
-        self._last_flush = time.monotonic()
+        with self._merge_lock:
+            try:
+                with self._locked():
+                    # read under both locks: what is merged is exactly what is subtracted
+                    with self._lock:
+                        delta_bytes, delta_files = self._delta_bytes, self._delta_files
+                    record = read_ledger_at(self._root_fd) or {}
+                    holders = dict(record.get("holders", {}))
+                    b = max(0, int(record.get("bytes", self._base_bytes)) + delta_bytes)
+                    f = max(0, int(record.get("files", self._base_files)) + delta_files)
+                    if unregister:
+                        holders.pop(self.holder, None)
+                    else:
+                        holders[self.holder] = time.time()
+                    self._store(b, f, holders)
+            except OSError as exc:
+                log.warning("cannot persist usage ledger: %s", exc)
+                return
+            with self._lock:
+                self._base_bytes, self._base_files = b, f
+                self._delta_bytes -= delta_bytes
+                self._delta_files -= delta_files
+            self._last_flush = time.monotonic()
 
     def _store(self, b: int, f: int, holders: dict[str, float]) -> None:
         _write_ledger_at(self._root_fd, {
@@ -281,38 +302,58 @@ def _write_ledger_at(root_fd: int, record: dict) -> None:
 
 
 def scan_usage(root_fd: int) -> tuple[int, int]:
-    """Walks the tree under ``root_fd`` (never following symlinks) → (bytes, files)."""
+    """Walks the tree under ``root_fd`` (never following symlinks) → (bytes, files).
+
+    Depth first, one descriptor per level of the tree (not per directory
+    waiting to be read).  Any error other than an entry vanishing during the
+    walk is raised: a usage number that cannot be known is an error, never a
+    smaller number.
+    """
     seen: set[tuple[int, int]] = set()
     total_bytes = 0
     files = 0
-    stack = [os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=root_fd)]
-    top = stack[0]
-    while stack:
-        dfd = stack.pop()
-        try:
-            with os.scandir(dfd) as it:
-                for entry in it:
-                    if dfd == top and entry.name == META_DIR:
-                        continue
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except OSError:
-                        continue
-                    key = (st.st_dev, st.st_ino)
-                    if key in seen:
-                        continue
-                    if st.st_nlink > 1:
-                        seen.add(key)
-                    files += 1
-                    if stat.S_ISREG(st.st_mode):
-                        total_bytes += st.st_size
-                    elif stat.S_ISDIR(st.st_mode):
+    dir_flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    # each level: its descriptor and the names of its subdirectories still to walk
+    stack: list[tuple[int, list[str]]] = []
+    try:
+        stack.append((os.open(".", dir_flags, dir_fd=root_fd), []))
+        top = stack[0][0]
+        fresh = True
+        while stack:
+            dfd, pending = stack[-1]
+            if fresh:
+                with os.scandir(dfd) as it:
+                    for entry in it:
+                        if dfd == top and entry.name == META_DIR:
+                            continue
                         try:
-                            stack.append(os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY
-                                                 | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd))
-                        except OSError:
-                            pass
-        finally:
+                            st = entry.stat(follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue  # removed while the walk runs
+                        key = (st.st_dev, st.st_ino)
+                        if key in seen:
+                            continue
+                        if st.st_nlink > 1:
+                            seen.add(key)
+                        files += 1
+                        if stat.S_ISREG(st.st_mode):
+                            total_bytes += st.st_size
+                        elif stat.S_ISDIR(st.st_mode):
+                            pending.append(entry.name)
+            if not pending:
+                os.close(stack.pop()[0])
+                fresh = False
+                continue
+            name = pending.pop()
+            try:
+                child = os.open(name, dir_flags, dir_fd=dfd)
+            except FileNotFoundError:
+                fresh = False
+                continue
+            stack.append((child, []))
+            fresh = True
+    finally:
+        for dfd, _ in stack:
             os.close(dfd)
     return total_bytes, files
 

@@ -17,7 +17,9 @@ def mounted(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
     """Factory: ``mounted("--ro", "--quota-bytes", "1M")`` → a live :class:`Mount`.
 
     Source and mountpoint are fresh temp dirs unless ``source=``/``mnt=`` are
-    given; ``prefix`` wraps the command (e.g. ``["prlimit", ...]``).  Every
+    given; ``prefix`` wraps the command (e.g. ``["prlimit", ...]``).  Volume
+    calls go through worker threads (``--io-mode threads``, what a network
+    share gets in production) unless the options choose another mode.  Every
     mount made is lazily unmounted and its daemon ended at teardown, even when
     the test failed or killed the daemon itself.
     """
@@ -32,6 +34,8 @@ def mounted(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
         mp = mnt if mnt is not None else tmp_path / f"mnt{n}"
         src.mkdir(parents=True, exist_ok=True)
         mp.mkdir(parents=True, exist_ok=True)
+        if "--io-mode" not in options:
+            options = ("--io-mode", "threads", *options)
         m = Mount(src, mp, options, tmp_path / f"azfs{n}.log", env, prefix)
         mounts.append(m)
         m.mount()

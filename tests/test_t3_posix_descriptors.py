@@ -40,7 +40,6 @@ async def test_evicted_nodes_reopen_along_their_parents(backend):
     f, attrs, fh = await backend.create(bdir, "f", 0o644, os.O_RDWR)
     await backend.write(fh, 0, b"data")
     await backend.release(fh)
-    pool.begin()
     assert pool.evict(10**6) >= 3
     assert f.fd == -1 and a.fd == -1
     assert (await backend.getattr(f)).key == attrs.key
@@ -53,7 +52,6 @@ async def test_renamed_directory_is_followed_after_eviction(backend):
     f, attrs, fh = await backend.create(a, "f", 0o644, os.O_RDWR)
     await backend.release(fh)
     await backend.rename(root, "a", root, "z", 0)
-    pool.begin()
     pool.evict(10**6)
     assert (await backend.getattr(f)).key == attrs.key
     assert a.name == "z"
@@ -63,7 +61,6 @@ async def test_object_replaced_on_the_volume_is_stale_not_another_file(backend):
     root = backend.root()
     f, _, fh = await backend.create(root, "f", 0o644, os.O_RDWR)
     await backend.release(fh)
-    pool.begin()
     pool.evict(10**6)
     other = backend.source / "other"
     other.write_bytes(b"someone else's")
@@ -76,7 +73,6 @@ async def test_unlinked_but_known_node_keeps_its_descriptor(backend):
     root = backend.root()
     f, attrs, fh = await backend.create(root, "f", 0o644, os.O_RDWR)
     await backend.unlink(root, "f")
-    pool.begin()
     pool.evict(10**6)
     assert f.fd >= 0  # could not be reopened by name: never evicted
     got = await backend.getattr(f)
@@ -89,7 +85,6 @@ async def test_evicted_symlink_is_reopened_without_following(backend, tmp_path):
     outside.write_text("secret")
     root = backend.root()
     link, attrs = await backend.symlink(root, "l", str(outside).encode())
-    pool.begin()
     pool.evict(10**6)
     got = await backend.getattr(link)
     assert stat.S_ISLNK(got.mode) and got.key == attrs.key

@@ -11,12 +11,13 @@ from typing import Any
 
 from azfs.backends.base import Backend
 from azfs.usage import Quota
+from azfs.volumes.io import IOLimits
 
 
 def open_backend(source: str, *, quota: Quota | None = None, read_only: bool = False,
                  sas_file: Path | None = None,
                  cache_dir: Path | None = None, cache_bytes: int | None = None,
-                 **extra: Any) -> Backend:
+                 limits: IOLimits | None = None, **extra: Any) -> Backend:
     if source.startswith(("http://", "https://")):
         from azfs.backends.blob import BlobBackend
         from azfs.cache import BlockCache
@@ -27,4 +28,4 @@ def open_backend(source: str, *, quota: Quota | None = None, read_only: bool = F
         return BlobBackend.from_url(source, sas_file=sas_file, cache=cache, **extra)
     from azfs.backends.posix import PosixBackend
 
-    return PosixBackend(source, quota=quota, read_only=read_only)
+    return PosixBackend(source, quota=quota, read_only=read_only, limits=limits)

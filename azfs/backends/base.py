@@ -30,7 +30,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from azfs.errors import NotSupported, ReadOnly
+from azfs.errors import NotFound, NotSupported, ReadOnly
 
 
 class Node:
@@ -43,6 +43,8 @@ class FileHandle:
     """Opaque backend handle for an open file (subclassed per backend)."""
 
     __slots__ = ()
+    #: from :meth:`Backend.create`: False when the name existed already (no new object)
+    created: bool = True
 
 
 @dataclass(slots=True)
@@ -150,6 +152,9 @@ class Backend(abc.ABC):
     async def close(self) -> None:
         """Called once after the last request (persist state, close connections)."""
 
+    async def tick(self) -> None:
+        """Called about twice a second while the backend serves (persist state)."""
+
     # ---- tree --------------------------------------------------------------
     @abc.abstractmethod
     def root(self) -> Node:
@@ -157,6 +162,21 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     async def lookup(self, parent: Node, name: str) -> tuple[Node, Attributes]: ...
+
+    async def lookup_batch(self, parent: Node, names: Sequence[str]
+                           ) -> list[tuple[Node, Attributes] | None]:
+        """:meth:`lookup` of many names (readdirplus), aligned with ``names``.
+
+        ``None`` for a name that no longer exists.  A backend whose store answers
+        slowly overrides this to look them up in one call.
+        """
+        out: list[tuple[Node, Attributes] | None] = []
+        for name in names:
+            try:
+                out.append(await self.lookup(parent, name))
+            except (FileNotFoundError, NotFound):
+                out.append(None)
+        return out
 
     @abc.abstractmethod
     async def getattr(self, node: Node) -> Attributes: ...
@@ -196,6 +216,11 @@ class Backend(abc.ABC):
     async def read(self, fh: FileHandle, offset: int, size: int) -> bytes: ...
 
     async def release(self, fh: FileHandle) -> None:
+        return None
+
+    async def release_attrs(self, fh: FileHandle) -> Attributes | None:
+        """:meth:`release`, and the file's attributes after it if they come cheaply."""
+        await self.release(fh)
         return None
 
     async def flush(self, fh: FileHandle) -> None:

@@ -7,7 +7,16 @@ bounded by ``RLIMIT_NOFILE``: an evicted node keeps its parent node and
 name, and is reopened on demand one component at a time relative to its
 parent (still ``O_NOFOLLOW``, still inside the vfolder).  A reopened name
 that now designates another inode (changed on the volume behind our back)
-gives :class:`~azfs.errors.StaleObject`, never the wrong file.
+gives :class:`~azfs.errors.StaleObject`, never the wrong file.  A node may
+also start without a descriptor (listed by readdirplus, never opened): it is
+opened the same way when first used.
+
+Calls run in worker threads of their volume (:mod:`azfs.volumes.io`), so a
+descriptor is used only while *held* (:func:`held`): eviction and forget never
+close a held descriptor, which could otherwise be reused by another thread's
+``open`` and make a call touch the wrong file.  The pool's lock is taken for
+bookkeeping only, never across a call to a volume (closing an ``O_PATH``
+descriptor does not reach the filesystem).
 
 Names are kept up to date by the backend's own ``rename``/``unlink``; a node
 whose name is gone (unlinked while known) is never evicted, since it could
@@ -16,11 +25,14 @@ not be reopened.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import resource
+import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Iterator
 
 from azfs.backends.base import Node
 from azfs.errors import StaleObject
@@ -32,7 +44,7 @@ _EVICT_BATCH = 64
 
 
 class PosixNode(Node):
-    __slots__ = ("fd", "mode", "key", "parent", "name", "touched", "__weakref__")
+    __slots__ = ("fd", "mode", "key", "parent", "name", "users", "forgotten", "__weakref__")
 
     def __init__(self, fd: int, mode: int, key: tuple[int, int],
                  parent: PosixNode | None, name: str | None) -> None:
@@ -41,7 +53,10 @@ class PosixNode(Node):
         self.key = key
         self.parent = parent
         self.name = name
-        self.touched = 0
+        #: calls holding the descriptor right now
+        self.users = 0
+        #: released by the FUSE layer: the descriptor goes when the last user lets go
+        self.forgotten = False
 
     @property
     def reopenable(self) -> bool:
@@ -53,52 +68,55 @@ class DescriptorPool:
 
     def __init__(self) -> None:
         self._nodes: OrderedDict[int, PosixNode] = OrderedDict()
-        #: bumped at the start of every backend operation; descriptors touched in
-        #: the current operation are never closed under it
-        self.epoch = 1
+        self.lock = threading.Lock()
+        self._budget = self._compute_budget()
 
-    def begin(self) -> None:
-        self.epoch += 1
-
-    def budget(self) -> int:
+    @staticmethod
+    def _compute_budget() -> int:
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft == resource.RLIM_INFINITY:
             soft = 1 << 20
         return max(16, soft - max(_RESERVE_MIN, soft // 4))
 
+    def budget(self) -> int:
+        return self._budget
+
+    def refresh_budget(self) -> None:
+        """After a change of RLIMIT_NOFILE (the daemon raises it at start)."""
+        self._budget = self._compute_budget()
+
     def __len__(self) -> int:
         return len(self._nodes)
 
     def admit(self, node: PosixNode) -> None:
-        node.touched = self.epoch
-        self._nodes[id(node)] = node
-        budget = self.budget()
-        if len(self._nodes) > budget:
-            # evict a batch at once: the budget check then passes for a while
-            self.evict(len(self._nodes) - budget + max(1, budget // 16))
-
-    def touch(self, node: PosixNode) -> None:
-        node.touched = self.epoch
-        key = id(node)
-        if key in self._nodes:
-            self._nodes.move_to_end(key)
+        with self.lock:
+            self._nodes[id(node)] = node
+            over = len(self._nodes) - self._budget
+            if over > 0:
+                # evict a batch at once: the budget check then passes for a while
+                self._evict_locked(over + max(1, self._budget // 16))
 
     def discard(self, node: PosixNode) -> None:
-        self._nodes.pop(id(node), None)
+        with self.lock:
+            self._nodes.pop(id(node), None)
 
     def evict(self, count: int = _EVICT_BATCH) -> int:
-        """Closes the descriptors of up to ``count`` least recently used reopenable nodes.
+        """Closes the descriptors of up to ``count`` least recently used idle nodes."""
+        with self.lock:
+            return self._evict_locked(count)
 
-        Walks from the old end and stops as soon as enough were closed: nodes
-        that cannot go now (in use by this operation, or not reopenable) are
-        rotated to the new end, so each is looked at most once per call.
+    def _evict_locked(self, count: int) -> int:
+        """Walks from the old end and stops as soon as enough were closed.
+
+        Nodes that cannot go now (held by a call, or not reopenable) are rotated
+        to the new end, so each is looked at most once per call.
         """
         closed = 0
         for _ in range(len(self._nodes)):
             if closed >= count or not self._nodes:
                 break
             key, node = next(iter(self._nodes.items()))
-            if not node.reopenable or node.touched == self.epoch:
+            if not node.reopenable or node.users:
                 self._nodes.move_to_end(key)
                 continue
             del self._nodes[key]
@@ -123,18 +141,97 @@ def open_at(name: str | bytes, dir_fd: int, flags: int = PATH_FLAGS, mode: int =
     return os.open(name, flags, mode, dir_fd=dir_fd)
 
 
+def _acquire(node: PosixNode) -> int:
+    """Holds the node's descriptor (reopened by name if it has none); see :func:`held`."""
+    with pool.lock:
+        if node.fd >= 0:
+            node.users += 1
+            if id(node) in pool._nodes:
+                pool._nodes.move_to_end(id(node))
+            return node.fd
+        parent, name = node.parent, node.name
+    if parent is None or name is None:
+        raise StaleObject("the object is gone")
+    with held(parent) as parent_fd:
+        fd = open_at(name, parent_fd)
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        raise
+    if (st.st_dev, st.st_ino) != node.key:
+        os.close(fd)
+        raise StaleObject(f"{name!r} was replaced on the volume")
+    with pool.lock:
+        node.users += 1
+        if node.fd >= 0:  # another call reopened it meanwhile
+            os.close(fd)
+            return node.fd
+        node.fd = fd
+        if node.reopenable and not node.forgotten:
+            pool._nodes[id(node)] = node
+            over = len(pool._nodes) - pool._budget
+            if over > 0:
+                pool._evict_locked(over + max(1, pool._budget // 16))
+        return fd
+
+
+def _let_go(node: PosixNode) -> None:
+    with pool.lock:
+        node.users -= 1
+        if node.users == 0 and node.forgotten and node.fd >= 0:
+            os.close(node.fd)
+            node.fd = -1
+
+
+@contextlib.contextmanager
+def held(node: PosixNode) -> Iterator[int]:
+    """The node's descriptor, never closed by eviction or forget while held."""
+    fd = _acquire(node)
+    try:
+        yield fd
+    finally:
+        _let_go(node)
+
+
+def node_fd(node: PosixNode) -> int:
+    """The node's descriptor without holding it: for nodes nothing can close (a root)."""
+    with held(node) as fd:
+        return fd
+
+
+def release(node: PosixNode) -> None:
+    """The FUSE layer forgot the node: close its descriptor (once nobody holds it)."""
+    with pool.lock:
+        pool._nodes.pop(id(node), None)
+        node.forgotten = True
+        if node.users == 0 and node.fd >= 0:
+            os.close(node.fd)
+            node.fd = -1
+
+
 class NodeNames:
-    """Which node is known under (parent, name), so renames and unlinks update nodes."""
+    """Which node is known under (parent, name), so renames and unlinks update nodes.
+
+    Several worker threads update it: every change of the map and of a node's
+    (parent, name) happens under one lock, never across a call to the volume.
+    """
 
     def __init__(self) -> None:
         self._by_name: weakref.WeakValueDictionary[tuple[int, str], PosixNode] = \
             weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
 
     def add(self, node: PosixNode) -> None:
         if node.parent is not None and node.name is not None:
-            self._by_name[(id(node.parent), node.name)] = node
+            with self._lock:
+                self._by_name[(id(node.parent), node.name)] = node
 
     def get(self, parent: PosixNode, name: str) -> PosixNode | None:
+        with self._lock:
+            return self._get_locked(parent, name)
+
+    def _get_locked(self, parent: PosixNode, name: str) -> PosixNode | None:
         node = self._by_name.get((id(parent), name))
         return node if node is not None and node.parent is parent else None
 
@@ -152,68 +249,54 @@ class NodeNames:
 
         The object may have been renamed or unlinked on the volume behind our back;
         the new lookup's name is valid now, so the known node takes it (and its
-        descriptor, if the known one was evicted).
+        descriptor, if the known one has none).
         """
-        if existing.parent is not None and existing.name is not None:
-            key = (id(existing.parent), existing.name)
-            if self._by_name.get(key) is existing:
-                del self._by_name[key]
-        existing.parent, existing.name = new.parent, new.name
-        if existing.fd < 0 and new.fd >= 0:
-            pool.discard(new)
-            existing.fd, new.fd = new.fd, -1
+        with self._lock:
+            if existing.parent is not None and existing.name is not None:
+                key = (id(existing.parent), existing.name)
+                if self._by_name.get(key) is existing:
+                    del self._by_name[key]
+            existing.parent, existing.name = new.parent, new.name
+            if existing.parent is not None and existing.name is not None:
+                self._by_name[(id(existing.parent), existing.name)] = existing
+        take = False
+        with pool.lock:
+            if existing.fd < 0 and new.fd >= 0 and new.users == 0:
+                pool._nodes.pop(id(new), None)
+                existing.fd, new.fd = new.fd, -1
+                take = True
+        if take:
             pool.admit(existing)
-        else:
-            release(new)
-        self.add(existing)
+        release(new)
 
     def removed(self, parent: PosixNode, name: str) -> None:
         """The name is gone: its node can no longer be reopened (keep its descriptor)."""
-        node = self.get(parent, name)
-        if node is not None:
+        with self._lock:
+            node = self._get_locked(parent, name)
+            if node is None:
+                return
             del self._by_name[(id(parent), name)]
             node.name = None
-            pool.discard(node)  # never evicted from now on
+        pool.discard(node)  # never evicted from now on
 
     def moved(self, old_parent: PosixNode, old_name: str, new_parent: PosixNode,
               new_name: str, exchange: bool) -> None:
-        src = self.get(old_parent, old_name)
-        dst = self.get(new_parent, new_name)
-        if src is not None:
-            del self._by_name[(id(old_parent), old_name)]
-        if dst is not None:
-            del self._by_name[(id(new_parent), new_name)]
-            if exchange:
-                dst.parent, dst.name = old_parent, old_name
-                self.add(dst)
-            else:
-                dst.name = None
-                pool.discard(dst)
-        if src is not None:
-            src.parent, src.name = new_parent, new_name
-            self.add(src)
-
-
-def node_fd(node: PosixNode) -> int:
-    """The node's descriptor, reopened by name if it was evicted."""
-    if node.fd >= 0:
-        pool.touch(node)
-        return node.fd
-    if node.parent is None or node.name is None:
-        raise StaleObject("the object is gone")
-    parent_fd = node_fd(node.parent)
-    fd = open_at(node.name, parent_fd)
-    st = os.fstat(fd)
-    if (st.st_dev, st.st_ino) != node.key:
-        os.close(fd)
-        raise StaleObject(f"{node.name!r} was replaced on the volume")
-    node.fd = fd
-    pool.admit(node)
-    return fd
-
-
-def release(node: PosixNode) -> None:
-    pool.discard(node)
-    if node.fd >= 0:
-        os.close(node.fd)
-        node.fd = -1
+        gone = None
+        with self._lock:
+            src = self._get_locked(old_parent, old_name)
+            dst = self._get_locked(new_parent, new_name)
+            if src is not None:
+                del self._by_name[(id(old_parent), old_name)]
+            if dst is not None:
+                del self._by_name[(id(new_parent), new_name)]
+                if exchange:
+                    dst.parent, dst.name = old_parent, old_name
+                    self._by_name[(id(old_parent), old_name)] = dst
+                else:
+                    dst.name = None
+                    gone = dst
+            if src is not None:
+                src.parent, src.name = new_parent, new_name
+                self._by_name[(id(new_parent), new_name)] = src
+        if gone is not None:
+            pool.discard(gone)

@@ -51,6 +51,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-dir", type=Path, help="blob sources: block cache directory")
     p.add_argument("--cache-bytes", type=parse_size, default=None,
                    help="blob sources: block cache size")
+    p.add_argument("--io-threads", type=_threads, default=None, metavar="N",
+                   help="directory sources: worker threads for the volume (default 32)")
+    p.add_argument("--metadata-deadline", type=_deadline, default=None, metavar="SECONDS",
+                   help="directory sources: longest a metadata call may take before it "
+                        "fails with ETIMEDOUT (default 10)")
+    p.add_argument("--data-deadline", type=_deadline, default=None, metavar="SECONDS",
+                   help="directory sources: same for read, write, fsync (default 30)")
+    p.add_argument("--io-mode", choices=("auto", "threads", "inline"), default=None,
+                   help="directory sources: calls in worker threads, or inline on the event "
+                        "loop (auto: inline only on a local filesystem)")
     p.add_argument("--foreground", "-f", action="store_true",
                    help="stay in the foreground, logging to stderr")
     p.add_argument("--log-file", default=None,
@@ -86,6 +96,33 @@ def _seconds(text: str) -> float:
     if not 0 <= value <= 3600:
         raise argparse.ArgumentTypeError("must be between 0 and 3600 seconds")
     return value
+
+
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1 <= value <= 1024:
+        raise argparse.ArgumentTypeError("must be between 1 and 1024")
+    return value
+
+
+def _deadline(text: str) -> float:
+    value = _seconds(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be more than 0 seconds")
+    return value
+
+
+def io_limits(args: argparse.Namespace):
+    """The volume I/O settings of the mount's flags (defaults for the others)."""
+    from azfs.volumes.io import IOLimits
+
+    given = {name: getattr(args, opt) for name, opt in (
+        ("threads", "io_threads"), ("metadata_deadline", "metadata_deadline"),
+        ("data_deadline", "data_deadline"), ("mode", "io_mode")) if getattr(args, opt) is not None}
+    return IOLimits(**given)
 
 
 def _count(text: str) -> int:
@@ -182,7 +219,7 @@ def _run_foreground(args: argparse.Namespace, mountpoint: Path) -> int:
         backend = open_backend(args.source, quota=Quota(args.quota_bytes, args.quota_files),
                                read_only=args.ro,
                                sas_file=args.sas_file, cache_dir=args.cache_dir,
-                               cache_bytes=args.cache_bytes)
+                               cache_bytes=args.cache_bytes, limits=io_limits(args))
     except AzfsError as exc:
         _report_ready(args.ready_fd, f"error: {exc}")
         raise
@@ -262,7 +299,8 @@ def _forwarded_options(args: argparse.Namespace) -> list[str]:
     out: list[str] = []
     if args.ro:
         out.append("--ro")
-    for opt in ("uid", "gid", "cache_timeout", "sas_file", "cache_dir", "cache_bytes"):
+    for opt in ("uid", "gid", "cache_timeout", "sas_file", "cache_dir", "cache_bytes",
+                "io_threads", "metadata_deadline", "data_deadline", "io_mode"):
         value = getattr(args, opt)
         if value is not None:
             out += [f"--{opt.replace('_', '-')}", str(value)]

@@ -25,6 +25,10 @@ from azfs.errors import StaleObject
 ROOT_INODE = 1
 
 
+class LookupUnderflow(Exception):
+    """The kernel forgot more lookups of an inode than it was given."""
+
+
 @dataclass(eq=False)
 class View:
     """One presentation of a backend in the namespace."""
@@ -72,6 +76,8 @@ class InodeTable:
         self._by_key: dict[tuple[int, Hashable], int] = {}
         #: backing key → inodes of it in every view (for cross-view invalidation)
         self._by_backing: dict[Hashable, set[int]] = {}
+        #: attached view roots (their key is the view's, not the backing object's)
+        self._view_roots: set[int] = set()
         self._next = itertools.count(ROOT_INODE + 1)
         self._view_ids = itertools.count(1)
         now = time.time_ns()
@@ -80,6 +86,14 @@ class InodeTable:
 
     def __len__(self) -> int:
         return len(self._inodes)
+
+    def __contains__(self, ino: int) -> bool:
+        return ino in self._inodes
+
+    def find(self, view: View, key: Hashable) -> Inode | None:
+        """The inode of a backing object in a view, if the kernel knows one."""
+        ino = self._by_key.get((view.id, key))
+        return self._inodes.get(ino) if ino is not None else None
 
     def get(self, ino: int) -> Inode:
         try:
@@ -124,6 +138,7 @@ class InodeTable:
         self._inodes[inode.ino] = inode
         view.inodes.add(inode.ino)
         parent.children[name] = inode.ino
+        self._view_roots.add(inode.ino)
         return inode
 
     def add_node(self, view: View, node: Node, attrs: Attributes) -> Inode:
@@ -144,11 +159,17 @@ class InodeTable:
 
     def siblings(self, inode: Inode) -> list[int]:
         """Inodes of the same backing object in *other* views of the same backend."""
-        if inode.view is None or inode.key is None:
+        if inode.view is None:
             return []
+        if inode.key is None:  # a view root: the other views' roots of its backend
+            candidates = self._view_roots if inode.ino in self._view_roots else ()
+        else:
+            candidates = self._by_backing.get(inode.key, ())
         out = []
-        for ino in self._by_backing.get(inode.key, ()):
-            other = self._inodes[ino]
+        for ino in candidates:
+            other = self._inodes.get(ino)
+            if other is None:
+                continue
             if other.view is not None and other.view is not inode.view \
                     and other.view.backend is inode.view.backend:
                 out.append(ino)
@@ -156,11 +177,30 @@ class InodeTable:
 
     # ---- release -----------------------------------------------------------------
     def forget(self, ino: int, count: int) -> None:
-        inode = self._inodes.get(ino)
-        if inode is None or ino == ROOT_INODE:
+        """The kernel dropped ``count`` lookups.
+
+        Raises :class:`LookupUnderflow` when it forgets more than it was given (or
+        an inode we do not know): the counts are wrong somewhere, and the caller
+        must say so; the inode is dropped all the same, as the kernel wants.
+        """
+        if ino == ROOT_INODE:
             return
-        inode.lookups = max(0, inode.lookups - count)
+        inode = self._inodes.get(ino)
+        if inode is None:
+            raise LookupUnderflow(f"forget of unknown inode {ino}")
+        if count > inode.lookups:
+            known = inode.lookups
+            inode.lookups = 0
+            self._maybe_drop(inode)
+            raise LookupUnderflow(f"inode {ino}: forget of {count} lookups, {known} known")
+        inode.lookups -= count
         self._maybe_drop(inode)
+
+    def drop_unreferenced(self, ino: int) -> None:
+        """An inode made for a reply the kernel did not take: gone if nothing else uses it."""
+        inode = self._inodes.get(ino)
+        if inode is not None:
+            self._maybe_drop(inode)
 
     def closed(self, inode: Inode) -> None:
         inode.opens -= 1
@@ -180,6 +220,7 @@ class InodeTable:
         view = inode.view
         assert view is not None
         del self._inodes[inode.ino]
+        self._view_roots.discard(inode.ino)
         view.inodes.discard(inode.ino)
         if inode.key is not None:
             self._by_key.pop((view.id, inode.key), None)
@@ -196,6 +237,7 @@ class InodeTable:
                 # a view root still attached: keep it reachable
                 self._inodes[inode.ino] = inode
                 view.inodes.add(inode.ino)
+                self._view_roots.add(inode.ino)
 
     def detach(self, parent: Inode, name: str) -> Inode | None:
         """Unlinks a child of a virtual directory; it lives on until forgotten."""

@@ -30,8 +30,9 @@ from azfs.backends.base import (
     FileHandle,
     StatFs,
 )
+from azfs.errors import NotFound, StaleObject
 from azfs.fs.errno_map import fuse_op
-from azfs.fs.inodes import ROOT_INODE, Inode, InodeTable, View
+from azfs.fs.inodes import ROOT_INODE, Inode, InodeTable, LookupUnderflow, View
 from azfs.fs.stats import OpStats
 
 log = logging.getLogger("azfs.fs")
@@ -54,6 +55,22 @@ def _name(raw: bytes) -> str:
     return os.fsdecode(raw)
 
 
+def _invalidate(inodes: list[int], entries: list[tuple[int, str]]) -> None:
+    """Runs in a thread: the kernel may wait on this very process to answer."""
+    for ino in inodes:
+        try:
+            pyfuse3.invalidate_inode(ino, False)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.EBADF):
+                log.debug("invalidate_inode(%d): %s", ino, exc)
+    for parent, name in entries:
+        try:
+            pyfuse3.invalidate_entry(parent, os.fsencode(name))
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.EBADF):
+                log.debug("invalidate_entry(%d, %r): %s", parent, name, exc)
+
+
 class _OpenFile:
     __slots__ = ("inode", "view", "handle")
 
@@ -64,7 +81,7 @@ class _OpenFile:
 
 
 class _OpenDir:
-    __slots__ = ("inode", "listing", "virtual", "read")
+    __slots__ = ("inode", "listing", "virtual", "read", "batch")
 
     def __init__(self, inode: Inode, listing: DirListing | None,
                  virtual: list[tuple[str, int]] | None) -> None:
@@ -73,6 +90,8 @@ class _OpenDir:
         self.virtual = virtual
         #: a listing was served already: offset 0 again means rewinddir()
         self.read = False
+        #: entries looked up per call to the volume (adapts to the kernel's buffer)
+        self.batch = 32
 
 
 class AzfsOperations(pyfuse3.Operations):
@@ -94,8 +113,14 @@ class AzfsOperations(pyfuse3.Operations):
         self._files: dict[int, _OpenFile] = {}
         self._dirs: dict[int, _OpenDir] = {}
         self._fh = itertools.count(1)
-        self._invalidate_send, self._invalidate_recv = trio.open_memory_channel[int](10000)
+        #: other views' inodes and entries to drop from the kernel's caches, coalesced:
+        #: an inode written a thousand times is invalidated once, and nothing is dropped
+        self._stale_inodes: dict[int, None] = {}
+        self._stale_entries: dict[tuple[int, str], None] = {}
+        self._stale_wakeup = trio.Event()
         self.stats = stats
+        #: kernel lookup counts that went below zero (a bookkeeping bug if ever > 0)
+        self.forget_underflows = 0
 
     # ---- namespace (agent) -------------------------------------------------------
     def attach(self, path: Sequence[str], view: View) -> int:
@@ -160,28 +185,28 @@ class AzfsOperations(pyfuse3.Operations):
 
     async def run_invalidator(self) -> None:
         """Background task: drops other views' caches of objects changed here."""
-        async for ino in self._invalidate_recv:
-            try:
-                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False)
-            except OSError as exc:
-                if exc.errno not in (errno.ENOENT, errno.EBADF):
-                    log.debug("invalidate_inode(%d): %s", ino, exc)
+        while True:
+            await self._stale_wakeup.wait()
+            self._stale_wakeup = trio.Event()
+            inodes, self._stale_inodes = self._stale_inodes, {}
+            entries, self._stale_entries = self._stale_entries, {}
+            if inodes or entries:
+                await trio.to_thread.run_sync(_invalidate, list(inodes), list(entries))
 
     async def run_housekeeping(self, interval: float = 0.5) -> None:
         """Background task: lets backends persist state (usage ledgers) periodically.
 
-        Each tick runs in a worker thread: it does file I/O on the volume, and a
-        hung volume must not stop the event loop (and with it every other vfolder).
-        A backend whose previous tick is still stuck is skipped.
+        A backend's tick does its I/O through its volume's workers (a hung volume
+        holds only its own threads); a backend whose previous tick is still
+        running is skipped.
         """
         busy: set[int] = set()
 
-        async def tick(backend: Backend, fn) -> None:
+        async def tick(backend: Backend) -> None:
             try:
-                await trio.to_thread.run_sync(fn, abandon_on_cancel=True,
-                                              limiter=_housekeeping_limiter)
-            except Exception:  # noqa: BLE001 - housekeeping must not end the fs
-                log.exception("housekeeping of %r failed", backend)
+                await backend.tick()
+            except Exception as exc:  # noqa: BLE001 - housekeeping must not end the fs
+                log.warning("housekeeping of %r failed: %s", backend, exc)
             finally:
                 busy.discard(id(backend))
 
@@ -189,18 +214,24 @@ class AzfsOperations(pyfuse3.Operations):
             while True:
                 await trio.sleep(interval)
                 for backend in {v.backend for v in self.views}:
-                    fn = getattr(backend, "tick", None)
-                    if fn is None or id(backend) in busy:
+                    if id(backend) in busy:
                         continue
                     busy.add(id(backend))
-                    nursery.start_soon(tick, backend, fn)
+                    nursery.start_soon(tick, backend)
 
     def _changed(self, inode: Inode) -> None:
-        for ino in self.table.siblings(inode):
-            try:
-                self._invalidate_send.send_nowait(ino)
-            except trio.WouldBlock:
-                pass
+        """The object's data or size changed: other views must not serve their cache."""
+        siblings = self.table.siblings(inode)
+        if siblings:
+            self._stale_inodes.update(dict.fromkeys(siblings))
+            self._stale_wakeup.set()
+
+    def _name_changed(self, parent: Inode, name: str) -> None:
+        """A name appeared or went: other views may cache it (as missing, or as it was)."""
+        siblings = self.table.siblings(parent)
+        if siblings:
+            self._stale_entries.update(dict.fromkeys((ino, name) for ino in siblings))
+            self._stale_wakeup.set()
 
     # ---- attribute presentation -------------------------------------------------
     def _entry(self, inode: Inode, attrs: Attributes) -> pyfuse3.EntryAttributes:
@@ -244,12 +275,25 @@ class AzfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         return inode, inode.view, inode.view.backend
 
-    def _remember(self, view: View, node, attrs: Attributes) -> pyfuse3.EntryAttributes:
+    def _remember(self, parent: Inode, view: View, node,
+                  attrs: Attributes) -> pyfuse3.EntryAttributes:
         inode = self.table.add_node(view, node, attrs)
         inode.lookups += 1
+        inode.parent = parent.ino
         return self._entry(inode, attrs)
 
     # ---- lookups and attributes -------------------------------------------------
+    def _missing(self) -> pyfuse3.EntryAttributes:
+        """A negative entry: the kernel remembers the name is missing for the timeout.
+
+        Programs probe many names that do not exist (imports, loaders, ``git``);
+        a name created through another view of the same vfolder invalidates it.
+        """
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = 0
+        e.entry_timeout = self.cache_timeout
+        return e
+
     @op
     async def lookup(self, parent_inode: int, name: bytes, ctx=None) -> pyfuse3.EntryAttributes:
         parent = self.table.get(parent_inode)
@@ -262,13 +306,22 @@ class AzfsOperations(pyfuse3.Operations):
             child.lookups += 1
             return self._entry(child, await self._attrs(child))
         assert parent.view is not None
-        node, attrs = await parent.view.backend.lookup(parent.node, sname)
-        return self._remember(parent.view, node, attrs)
+        try:
+            node, attrs = await parent.view.backend.lookup(parent.node, sname)
+        except (FileNotFoundError, NotFound):
+            if self.cache_timeout > 0:
+                return self._missing()
+            raise
+        return self._remember(parent, parent.view, node, attrs)
 
     @op
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, count in inode_list:
-            self.table.forget(ino, count)
+            try:
+                self.table.forget(ino, count)
+            except LookupUnderflow as exc:
+                self.forget_underflows += 1
+                log.error("inode bookkeeping is wrong: %s", exc)
 
     @op
     async def getattr(self, inode: int, ctx=None) -> pyfuse3.EntryAttributes:
@@ -343,6 +396,13 @@ class AzfsOperations(pyfuse3.Operations):
         self._dirs[fh] = entry
         return fh
 
+    def _dot(self, ino: int) -> pyfuse3.EntryAttributes:
+        """'.' and '..': the kernel takes only their inode number and type from a listing."""
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = ino
+        e.st_mode = stat.S_IFDIR | 0o755
+        return e
+
     @op
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         """Positions: 0 is '.', 1 is '..', 2+i the i-th entry of the opendir snapshot."""
@@ -352,10 +412,9 @@ class AzfsOperations(pyfuse3.Operations):
         d.read = True
         pos = start_id
         while pos < 2:
-            ino = d.inode.ino if pos == 0 else d.inode.parent if d.inode.is_virtual else None
-            dot = self.table.get(ino) if ino is not None else d.inode
-            if not pyfuse3.readdir_reply(token, b"." * (pos + 1),
-                                         self._entry(dot, await self._attrs(dot)), pos + 1):
+            ino = d.inode.ino if pos == 0 else (
+                d.inode.parent if d.inode.parent in self.table else d.inode.ino)
+            if not pyfuse3.readdir_reply(token, b"." * (pos + 1), self._dot(ino), pos + 1):
                 return
             pos += 1
         if d.virtual is not None:
@@ -363,8 +422,8 @@ class AzfsOperations(pyfuse3.Operations):
                 name, ino = d.virtual[i]
                 try:
                     child = self.table.get(ino)
-                except Exception:  # noqa: BLE001 - detached meanwhile
-                    continue
+                except StaleObject:
+                    continue  # detached meanwhile
                 if not pyfuse3.readdir_reply(token, os.fsencode(name),
                                              self._entry(child, await self._attrs(child)), i + 3):
                     return
@@ -374,20 +433,32 @@ class AzfsOperations(pyfuse3.Operations):
         view = d.inode.view
         backend = view.backend
         entries = d.listing.entries
-        for i in range(pos - 2, len(entries)):
-            name = entries[i].name
-            try:
-                node, attrs = await backend.lookup(d.inode.node, name)
-            except OSError as exc:
-                if exc.errno == errno.ENOENT:
+        i = pos - 2
+        while i < len(entries):
+            # many entries' attributes in one call to the volume; as many as fitted last time
+            names = [e.name for e in entries[i:i + d.batch]]
+            found = await backend.lookup_batch(d.inode.node, names)
+            for j, item in enumerate(found):
+                if item is None:
                     continue  # removed since opendir: not listed
-                raise
-            inode = self.table.add_node(view, node, attrs)
-            if not pyfuse3.readdir_reply(token, os.fsencode(name), self._entry(inode, attrs),
-                                         i + 3):
-                self.table.forget(inode.ino, 0)
-                return
-            inode.lookups += 1
+                node, attrs = item
+                inode = self.table.add_node(view, node, attrs)
+                inode.parent = d.inode.ino
+                if not pyfuse3.readdir_reply(token, os.fsencode(names[j]),
+                                             self._entry(inode, attrs), i + j + 3):
+                    self.table.drop_unreferenced(inode.ino)
+                    for rest in found[j + 1:]:
+                        if rest is not None:
+                            self._discard(view, rest[0], rest[1])
+                    d.batch = max(8, j + 4)
+                    return
+                inode.lookups += 1
+            i += len(names)
+
+    @staticmethod
+    def _discard(view: View, node, attrs: Attributes) -> None:
+        """A node fetched for a reply that did not fit: never given to the table."""
+        view.backend.forget(node)
 
     async def _refresh(self, d: _OpenDir) -> None:
         """A new snapshot for rewinddir(), which must see the directory as it is now."""
@@ -416,13 +487,15 @@ class AzfsOperations(pyfuse3.Operations):
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent, view, backend = self._writable(parent_inode)
         node, attrs = await backend.mkdir(parent.node, _name(name), mode & ~ctx.umask)
+        self._name_changed(parent, _name(name))
         attrs = await self._own(view, backend, node, attrs, ctx)
-        return self._remember(view, node, attrs)
+        return self._remember(parent, view, node, attrs)
 
     @op
     async def rmdir(self, parent_inode: int, name: bytes, ctx=None) -> None:
         parent, _, backend = self._writable(parent_inode)
         await backend.rmdir(parent.node, _name(name))
+        self._name_changed(parent, _name(name))
 
     # ---- names -----------------------------------------------------------------------
     async def _own(self, view: View, backend: Backend, node, attrs: Attributes,
@@ -442,16 +515,18 @@ class AzfsOperations(pyfuse3.Operations):
         parent, view, backend = self._writable(parent_inode)
         node, attrs = await backend.mknod(parent.node, _name(name),
                                           (mode & ~ctx.umask) | stat.S_IFMT(mode), rdev)
+        self._name_changed(parent, _name(name))
         attrs = await self._own(view, backend, node, attrs, ctx)
-        return self._remember(view, node, attrs)
+        return self._remember(parent, view, node, attrs)
 
     @op
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent, view, backend = self._writable(parent_inode)
         node, attrs = await backend.symlink(parent.node, _name(name), target)
+        self._name_changed(parent, _name(name))
         attrs = await self._own(view, backend, node, attrs, ctx)
-        return self._remember(view, node, attrs)
+        return self._remember(parent, view, node, attrs)
 
     @op
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
@@ -461,12 +536,14 @@ class AzfsOperations(pyfuse3.Operations):
         if parent.view is not view:
             raise pyfuse3.FUSEError(errno.EXDEV)
         new_node, attrs = await backend.link(node.node, parent.node, _name(new_name))
-        return self._remember(view, new_node, attrs)
+        self._name_changed(parent, _name(new_name))
+        return self._remember(parent, view, new_node, attrs)
 
     @op
     async def unlink(self, parent_inode: int, name: bytes, ctx=None) -> None:
         parent, _, backend = self._writable(parent_inode)
         await backend.unlink(parent.node, _name(name))
+        self._name_changed(parent, _name(name))
 
     @op
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
@@ -476,6 +553,8 @@ class AzfsOperations(pyfuse3.Operations):
         if new.view is not view:
             raise pyfuse3.FUSEError(errno.EXDEV)
         await backend.rename(old.node, _name(name_old), new.node, _name(name_new), flags)
+        self._name_changed(old, _name(name_old))
+        self._name_changed(new, _name(name_new))
 
     # ---- files -------------------------------------------------------------------------
     def _keep_cache(self, inode: Inode, attrs: Attributes) -> bool:
@@ -492,13 +571,25 @@ class AzfsOperations(pyfuse3.Operations):
         else:
             node, view, backend = self._node(inode)
         handle = await backend.open(node.node, flags)
+        try:
+            attrs = await backend.getattr(node.node)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self._release_quietly(backend, handle)
+            raise
         node.opens += 1
         fh = next(self._fh)
         self._files[fh] = _OpenFile(node, view, handle)
-        attrs = await backend.getattr(node.node)
         if flags & os.O_TRUNC:
             self._changed(node)
         return pyfuse3.FileInfo(fh=fh, keep_cache=self._keep_cache(node, attrs))
+
+    @staticmethod
+    async def _release_quietly(backend: Backend, handle: FileHandle) -> None:
+        try:
+            await backend.release(handle)
+        except Exception as exc:  # noqa: BLE001 - the first error is the one to report
+            log.warning("release after a failed open: %s", exc)
 
     @op
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
@@ -507,9 +598,10 @@ class AzfsOperations(pyfuse3.Operations):
         parent, view, backend = self._writable(parent_inode)
         node, attrs, handle = await backend.create(parent.node, _name(name),
                                                    mode & ~ctx.umask, flags)
-        if getattr(handle, "created", True):  # an existing file keeps its owner
+        if handle.created:  # an existing file keeps its owner
+            self._name_changed(parent, _name(name))
             attrs = await self._own(view, backend, node, attrs, ctx)
-        entry = self._remember(view, node, attrs)
+        entry = self._remember(parent, view, node, attrs)
         inode = self.table.get(entry.st_ino)
         inode.opens += 1
         inode.stamp = (attrs.mtime_ns, attrs.size)
@@ -553,15 +645,15 @@ class AzfsOperations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         f = self._files.pop(fh)
         try:
-            await f.view.backend.release(f.handle)
-        finally:
             if f.inode.stamp is None and f.view.alive:
                 # writes went through our page cache: it matches the file now
-                try:
-                    attrs = await f.view.backend.getattr(f.inode.node)
+                attrs = await f.view.backend.release_attrs(f.handle)
+                if attrs is not None:
                     f.inode.stamp = (attrs.mtime_ns, attrs.size)
-                except OSError:
-                    pass
+            else:
+                await f.view.backend.release(f.handle)
+        finally:
+            # whatever the volume answered, the kernel's handle is gone
             self.table.closed(f.inode)
 
     # ---- xattrs --------------------------------------------------------------------------

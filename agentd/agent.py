@@ -52,7 +52,8 @@ class Agent:
         self.spec = FuseHostSpec(
             mountpoint=config.mountpoint, socket_path=config.fusehost_socket,
             pid_file=config.fusehost_pid_file, log_file=config.fusehost_log,
-            cache_dir=config.cache_dir, cache_bytes=config.cache_bytes, debug=config.debug)
+            cache_dir=config.cache_dir, cache_bytes=config.cache_bytes,
+            volume_io=config.volume_io, debug=config.debug)
         self.mounter = HostMounter(config.state_dir, uid=config.volume_uid,
                                    gid=config.volume_gid)
         self.journal = Journal.load(config.journal_path)
@@ -119,8 +120,10 @@ class Agent:
         except (FuseHostUnavailable, FuseHostError) as exc:
             fusehost = {"ok": False, "error": str(exc)}
         state = await trio.to_thread.run_sync(mount_state, self.config.mountpoint)
+        volume_io = fusehost.pop("volumes", {})
+        degraded = sorted(name for name, v in volume_io.items() if v.get("state") != "healthy")
         ok = fusehost["ok"] and state == "healthy" and not self.service.startup_failures \
-            and not self.service.unrestored
+            and not self.service.unrestored and not degraded
         return {
             "status": "ok" if ok else "degraded",
             "agent_id": self.config.agent_id,
@@ -131,6 +134,9 @@ class Agent:
             "volumes": self.service.volume_refcounts(),
             "startup_failures": self.service.startup_failures,
             "unrestored_views": self.service.unrestored,
+            #: each host volume's I/O as the FUSE process sees it (state, threads, timeouts)
+            "volume_io": volume_io,
+            "degraded_volumes": degraded,
         }
 
     async def shutdown(self, unmount: bool) -> None:

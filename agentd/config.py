@@ -20,6 +20,12 @@ Layering: defaults → the TOML file → command-line flags.  Example::
     dir = "/var/cache/azfs"
     size = "20G"
 
+    [volume_io]                               # each host volume's own worker threads
+    threads = 32                              # per volume: one hung share holds only these
+    metadata_deadline = 10.0                  # seconds; a call past it fails (ETIMEDOUT)
+    data_deadline = 30.0                      # read, write, fsync
+    mode = "auto"                             # threads; inline on a local filesystem
+
     [manager]                                 # optional: the manager on another host
     listen = "0.0.0.0:7520"
     secret_file = "/etc/azfs/agent.secret"    # bearer token, required with listen
@@ -41,6 +47,7 @@ from typing import Any
 from azfs.errors import UserError
 from azfs.secret import Secret
 from azfs.units import parse_size
+from azfs.volumes.io import IOLimits
 
 DEFAULT_CONFIG = Path("/etc/azfs/agent.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/azfs/agent")
@@ -72,6 +79,7 @@ class Config:
     volume_gid: int = 0
     registration_ttl: int = 30
     watchdog_interval: float = 2.0
+    volume_io: IOLimits = field(default_factory=IOLimits)
     debug: bool = False
 
     # ---- derived paths -----------------------------------------------------------
@@ -150,6 +158,8 @@ class Config:
         cache = _table(data.pop("cache", {}), f"{where}: [cache]", {"dir", "size"})
         manager = _table(data.pop("manager", {}), f"{where}: [manager]",
                          {"listen", "secret_file", "advertise"})
+        io = _table(data.pop("volume_io", {}), f"{where}: [volume_io]",
+                    {"threads", "metadata_deadline", "data_deadline", "mode"})
         simple = {"agent_id": str, "state_dir": Path, "fuse_mountpoint": Path, "socket": Path,
                   "socket_mode": _mode, "socket_group": str, "unmount_on_exit": bool,
                   "bind_startup_volumes": bool, "max_body_bytes": _size, "volume_uid": int,
@@ -178,6 +188,14 @@ class Config:
         if "secret_file" in manager:
             values["manager_secret_file"] = _convert(Path, manager["secret_file"],
                                                      f"{where}: manager.secret_file")
+        if io:
+            conv = {"threads": int, "metadata_deadline": float, "data_deadline": float,
+                    "mode": str}
+            given = {k: _convert(conv[k], v, f"{where}: volume_io.{k}") for k, v in io.items()}
+            try:
+                values["volume_io"] = IOLimits(**given)
+            except ValueError as exc:
+                raise UserError(f"{where}: [volume_io]: {exc}") from None
         return cls(**values).validated()
 
     def with_overrides(self, **overrides: Any) -> Config:

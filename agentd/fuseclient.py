@@ -26,13 +26,14 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from azfs.volumes.hostmount import is_stale, lazy_unmount
+from azfs.volumes.io import IOLimits
 from azfs.volumes.mountinfo import mounts_at
 
 log = logging.getLogger("agentd.fuseclient")
@@ -142,11 +143,15 @@ class FuseHostSpec:
     log_file: Path
     cache_dir: Path | None = None
     cache_bytes: int = 0
+    volume_io: IOLimits = field(default_factory=IOLimits)
     debug: bool = False
 
     def argv(self) -> list[str]:
+        io = self.volume_io
         argv = [sys.executable, "-m", "agentd.fusehost", "--mountpoint", str(self.mountpoint),
-                "--socket", str(self.socket_path)]
+                "--socket", str(self.socket_path), "--io-threads", str(io.threads),
+                "--metadata-deadline", str(io.metadata_deadline),
+                "--data-deadline", str(io.data_deadline), "--io-mode", io.mode]
         if self.cache_dir is not None and self.cache_bytes > 0:
             argv += ["--cache-dir", str(self.cache_dir), "--cache-bytes", str(self.cache_bytes)]
         if self.debug:

@@ -53,6 +53,7 @@ from azfs.fs.operations import AzfsOperations
 from azfs.logs import setup_logging
 from azfs.secret import Secret, redact
 from azfs.usage import Quota
+from azfs.volumes.io import IOLimits, Kind, VolumeIO
 
 log = logging.getLogger("agentd.fusehost")
 
@@ -90,9 +91,12 @@ class FuseHost:
     """The namespace of attached views and the backends behind them."""
 
     def __init__(self, ops: AzfsOperations, mountpoint: Path, cache_dir: Path | None = None,
-                 cache_bytes: int = 0) -> None:
+                 cache_bytes: int = 0, limits: IOLimits | None = None) -> None:
         self.ops = ops
         self.mountpoint = mountpoint
+        #: every host volume's own worker threads, deadlines and health, by its root
+        self.limits = limits or IOLimits()
+        self._volumes: dict[str, VolumeIO] = {}
         self.cache_dir = cache_dir
         self.cache_bytes = cache_bytes
         self.cache = None
@@ -175,7 +179,8 @@ class FuseHost:
                 "backends": len(self._backends)}
 
     def stats(self) -> dict:
-        out: dict[str, Any] = {"fs": self.ops.stats.snapshot(), "usage": {}, "blob": {}}
+        out: dict[str, Any] = {"fs": self.ops.stats.snapshot(), "usage": {}, "blob": {},
+                               "volumes": self.volumes()}
         for shared in self._backends.values():
             labels = sorted({self._attached[p].view.label for p in shared.users
                              if p in self._attached})
@@ -198,6 +203,7 @@ class FuseHost:
     def health(self) -> dict:
         return {"pid": os.getpid(), "mountpoint": str(self.mountpoint),
                 "views": len(self._attached), "backends": len(self._backends),
+                "volumes": self.volumes(),
                 "started": self.started,
                 "cache_dir": str(self.cache_dir) if self.cache_dir else None,
                 "cache_bytes": self.cache_bytes}
@@ -221,16 +227,19 @@ class FuseHost:
         quota = Quota(int(spec.get("quota_bytes") or 0), int(spec.get("quota_files") or 0))
         if not os.path.isabs(root):
             raise HostError("invalid", "volume_root must be an absolute path")
+        io = self._volume_io(root)
         try:
-            fd = await trio.to_thread.run_sync(open_beneath, root, rel)
+            fd, st = await io.run(Kind.METADATA, _open_vfolder, root, rel, blocking=True,
+                                  cleanup=lambda result: os.close(result[0]))
         except PathOutsideVolume as exc:
             raise HostError("path-outside-volume", str(exc)) from None
         except PathMissing as exc:
             raise HostError("vfolder-not-found", str(exc)) from None
         except OSError as exc:
             raise HostError("unavailable", f"{rel}: {exc.strerror}") from None
+        except AzfsError as exc:  # the volume is degraded or did not answer in time
+            raise HostError("unavailable", f"{rel}: {exc}") from None
         try:
-            st = os.fstat(fd)
             key = ("posix", st.st_dev, st.st_ino)
             async with self._key_locks.setdefault(key, trio.Lock()):
                 shared = self._backends.get(key)
@@ -238,13 +247,31 @@ class FuseHost:
                     shared.backend.ledger.quota = quota  # type: ignore[attr-defined]
                     return shared
                 # /proc/self/fd/N names exactly the directory reached without symlinks
-                backend = PosixBackend(f"/proc/self/fd/{fd}", quota=quota)
+                backend = PosixBackend(f"/proc/self/fd/{fd}", quota=quota, io=io)
                 backend.source = Path(root, rel)
                 await self._start(backend)
                 shared = self._backends[key] = _Shared(key, backend)
                 return shared
         finally:
             os.close(fd)
+
+    def _volume_io(self, root: str) -> VolumeIO:
+        io = self._volumes.get(root)
+        if io is None:
+            io = self._volumes[root] = VolumeIO.for_path(Path(root).name or root, root,
+                                                        self.limits)
+        return io
+
+    def volumes(self) -> dict[str, dict[str, Any]]:
+        """Each host volume's state, calls in flight, timeouts and latency (by its name)."""
+        out = {}
+        for root, io in sorted(self._volumes.items()):
+            entry = io.stats()
+            entry["root"] = root
+            entry["vfolders"] = sum(1 for s in self._backends.values()
+                                    if getattr(s.backend, "io", None) is io)
+            out[io.name] = entry
+        return out
 
     async def _blob(self, spec: dict) -> _Shared:
         from azfs.backends.blob import BlobBackend
@@ -379,6 +406,16 @@ class FuseHost:
             return {"ok": False, "code": "internal", "message": redact(str(exc))}
 
 
+def _open_vfolder(root: str, rel: str) -> tuple[int, os.stat_result]:
+    """Runs in the volume's worker: both calls may wait on the share."""
+    fd = open_beneath(root, rel)
+    try:
+        return fd, os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _check_path(path: Sequence[str]) -> tuple[str, ...]:
     if not isinstance(path, list | tuple) or not path or len(path) > 8:
         raise HostError("invalid", "path must be a list of 1-8 names")
@@ -417,6 +454,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--socket", type=Path, required=True)
     p.add_argument("--cache-dir", type=Path, default=None)
     p.add_argument("--cache-bytes", type=int, default=0)
+    p.add_argument("--io-threads", type=int, default=IOLimits.threads)
+    p.add_argument("--metadata-deadline", type=float, default=IOLimits.metadata_deadline)
+    p.add_argument("--data-deadline", type=float, default=IOLimits.data_deadline)
+    p.add_argument("--io-mode", choices=("auto", "threads", "inline"), default=IOLimits.mode)
     p.add_argument("--debug", action="store_true")
     return p
 
@@ -425,8 +466,10 @@ async def _run(args: argparse.Namespace) -> None:
     from azfs.fs.daemon import raise_fd_limit, serve
 
     raise_fd_limit()
+    limits = IOLimits(threads=args.io_threads, metadata_deadline=args.metadata_deadline,
+                      data_deadline=args.data_deadline, mode=args.io_mode)
     ops = AzfsOperations()
-    host = FuseHost(ops, args.mountpoint, args.cache_dir, args.cache_bytes)
+    host = FuseHost(ops, args.mountpoint, args.cache_dir, args.cache_bytes, limits)
 
     async def control() -> None:
         await host.serve_socket(args.socket)

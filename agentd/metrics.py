@@ -98,11 +98,42 @@ class _Snapshot:
                 family = kind(f"azfs_blob_cache_{key}", doc)
                 family.add_metric([], cache.get(key, 0))
                 yield family
+        yield from _volume_io(stats.get("volumes", {}))
         blob_http = CounterMetricFamily("azfs_blob_http_received_bytes",
                                         "bytes received from blob storage", labels=["dataset"])
         for label, b in sorted(stats.get("blob", {}).items()):
             blob_http.add_metric([label], b.get("http.bytes", 0))
         yield blob_http
+
+
+def _volume_io(volumes: dict[str, Any]):
+    """Per host volume: health, threads, calls in flight, timeouts and call latency."""
+    state = GaugeMetricFamily("azfs_volume_healthy", "1 while the host volume answers, "
+                              "0 while degraded", labels=["volume"])
+    gauges = {key: GaugeMetricFamily(f"azfs_volume_{key}", doc, labels=["volume"])
+              for key, doc in (("threads", "worker threads of the volume"),
+                               ("in_flight", "calls queued or running"),
+                               ("stuck", "calls abandoned at their deadline, still running"))}
+    counters = {key: CounterMetricFamily(f"azfs_volume_{key}", doc, labels=["volume"])
+                for key, doc in (("timeouts", "calls past their deadline"),
+                                 ("rejected", "calls refused at once while degraded"),
+                                 ("transitions", "changes between healthy and degraded"))}
+    hist = HistogramMetricFamily("azfs_volume_call_duration_seconds",
+                                 "time a call took in a volume's worker", labels=["volume"])
+    for name, v in sorted(volumes.items()):
+        state.add_metric([name], 1.0 if v.get("state") == "healthy" else 0.0)
+        for key, family in (*gauges.items(), *counters.items()):
+            family.add_metric([name], v.get(key, 0))
+        cumulative, buckets = 0, []
+        for bound, n in zip(BUCKETS, v.get("buckets", []), strict=False):
+            cumulative += n
+            buckets.append((repr(float(bound)), cumulative))
+        buckets.append(("+Inf", sum(v.get("buckets", []))))
+        hist.add_metric([name], buckets, sum_value=v.get("seconds", 0.0))
+    yield state
+    yield from gauges.values()
+    yield from counters.values()
+    yield hist
 
 
 def render_metrics(agent: Agent, stats: dict[str, Any] | None) -> tuple[bytes, str]:

@@ -69,21 +69,14 @@ class DescriptorPool:
     def __init__(self) -> None:
         self._nodes: OrderedDict[int, PosixNode] = OrderedDict()
         self.lock = threading.Lock()
-        self._budget = self._compute_budget()
 
     @staticmethod
-    def _compute_budget() -> int:
+    def budget() -> int:
+        """Read each time: the daemon raises its file limit after this module loads."""
         soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft == resource.RLIM_INFINITY:
             soft = 1 << 20
         return max(16, soft - max(_RESERVE_MIN, soft // 4))
-
-    def budget(self) -> int:
-        return self._budget
-
-    def refresh_budget(self) -> None:
-        """After a change of RLIMIT_NOFILE (the daemon raises it at start)."""
-        self._budget = self._compute_budget()
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -91,10 +84,14 @@ class DescriptorPool:
     def admit(self, node: PosixNode) -> None:
         with self.lock:
             self._nodes[id(node)] = node
-            over = len(self._nodes) - self._budget
-            if over > 0:
-                # evict a batch at once: the budget check then passes for a while
-                self._evict_locked(over + max(1, self._budget // 16))
+            self._trim_locked()
+
+    def _trim_locked(self) -> None:
+        budget = self.budget()
+        over = len(self._nodes) - budget
+        if over > 0:
+            # evict a batch at once: the budget check then passes for a while
+            self._evict_locked(over + max(1, budget // 16))
 
     def discard(self, node: PosixNode) -> None:
         with self.lock:
@@ -170,9 +167,7 @@ def _acquire(node: PosixNode) -> int:
         node.fd = fd
         if node.reopenable and not node.forgotten:
             pool._nodes[id(node)] = node
-            over = len(pool._nodes) - pool._budget
-            if over > 0:
-                pool._evict_locked(over + max(1, pool._budget // 16))
+            pool._trim_locked()
         return fd
 
 

@@ -84,9 +84,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     volumes = body.get("volumes", {})
     print("volumes    " + (", ".join(f"{n} ({r})" for n, r in sorted(volumes.items()))
                            or "none mounted"))
+    for line in volume_io_lines(body.get("volume_io", {})):
+        print(f"io         {line}")
     for name, error in sorted(body.get("startup_failures", {}).items()):
         print(f"failed     {name}: {error}")
     return 0 if status == 200 else 1
+
+
+def volume_io_lines(volume_io: dict) -> list[str]:
+    """One line per host volume: state, threads, calls in flight, timeouts, mean latency."""
+    lines = []
+    for name, v in sorted(volume_io.items()):
+        calls = sum(v.get("buckets", [])) or 0
+        mean = f"{v.get('seconds', 0) / calls * 1000:.2f} ms" if calls else "-"
+        lines.append(f"{name}  {v.get('state')}  {v.get('mode')}  threads "
+                     f"{v.get('threads', 0)}/{v.get('max_threads', 0)}  in flight "
+                     f"{v.get('in_flight', 0)}  stuck {v.get('stuck', 0)}  timeouts "
+                     f"{v.get('timeouts', 0)}  refused {v.get('rejected', 0)}  mean {mean}")
+    return lines
 
 
 def cmd_kernels(args: argparse.Namespace) -> int:

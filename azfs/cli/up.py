@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from azfs.cli.agent import volume_io_lines
 from azfs.node import deploy
 from azfs.node.layout import Layout
 
@@ -45,6 +46,12 @@ def _status(args: argparse.Namespace) -> int:
         state = ("ready" if row["ready"] else "not answering") if row["pid"] else "stopped"
         pid = f"pid {row['pid']}" if row["pid"] else ""
         print(f"{row['service']:<{width}}  {state:<14} {pid:<11} {row['log']}")
+    degraded = False
+    for name, volume in sorted(deploy.volume_io(deploy.state_dir(args)).items()):
+        degraded |= volume.get("state") != "healthy"
+        print(f"volume {volume_io_lines({name: volume})[0]}")
+    if degraded:
+        return 1
     return 0 if all(r["ready"] for r in rows if r["pid"]) and any(r["pid"] for r in rows) \
         else 1
 

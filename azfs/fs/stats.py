@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-#: latency histogram bucket bounds in seconds (Prometheus style, cumulative on export)
-BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
+# latency histogram bucket bounds in seconds (Prometheus style, cumulative on export),
+# the same for FUSE operations and for the calls of a volume's workers
+from azfs.volumes.io import BUCKETS
 
 
 @dataclass(slots=True)

@@ -236,6 +236,20 @@ def status(root: Path) -> list[dict]:
     return rows
 
 
+def volume_io(root: Path) -> dict[str, dict]:
+    """The host volumes' I/O state as the node's agent reports it ({} if it does not answer)."""
+    import httpx
+
+    layout = Layout(root)
+    try:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(layout.agent_socket)),
+                          timeout=5.0) as client:
+            body = client.get("http://agent/v1/health").json()
+    except (httpx.HTTPError, OSError, ValueError):
+        return {}
+    return body.get("volume_io", {}) if isinstance(body, dict) else {}
+
+
 def usage_hint(layout: Layout, settings: Settings, user: str | None = None) -> str:
     """How to use and stop the node (no secret, only the token files' paths)."""
     state = "" if layout.root == Path("/var/lib/azfs/node") else f" --state-dir {layout.root}"

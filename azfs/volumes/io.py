@@ -117,6 +117,18 @@ def fstype_of_fd(fd: int) -> str | None:
     return None
 
 
+def fstype_of_path(path: str) -> str | None:
+    """The filesystem type of the mount holding ``path`` (from the mount table only)."""
+    path = os.path.abspath(path)
+    best: tuple[int, str] | None = None
+    for entry in read_mountinfo():
+        mp = entry.mount_point
+        if path == mp or path.startswith(mp.rstrip("/") + "/"):
+            if best is None or len(mp) >= best[0]:
+                best = (len(mp), entry.fstype)
+    return best[1] if best else None
+
+
 class _Job:
     __slots__ = ("fn", "args", "task", "token", "cleanup", "lock", "state", "submitted")
 
@@ -174,6 +186,16 @@ class VolumeIO:
         else:
             inline = limits.mode == "inline"
         return cls(name, limits, probe=probe, inline=inline)
+
+    @classmethod
+    def for_path(cls, name: str, root: str, limits: IOLimits | None = None) -> VolumeIO:
+        """A host volume mounted at (or containing) ``root``; probed by its statvfs."""
+        limits = limits or IOLimits()
+        if limits.mode == "auto":
+            inline = fstype_of_path(root) in LOCAL_FSTYPES
+        else:
+            inline = limits.mode == "inline"
+        return cls(name, limits, probe=lambda: os.statvfs(root), inline=inline)
 
     # ---- calls ------------------------------------------------------------------------
     async def run(self, kind: Kind, fn: Callable[..., T], *args: Any,

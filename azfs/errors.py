@@ -57,3 +57,11 @@ class TemporaryFailure(AzfsError):
 
 class BackendUnavailable(AzfsError):
     """The store could not be reached within the deadline (retries exhausted)."""
+
+
+class VolumeTimeout(BackendUnavailable):
+    """A call on a host volume did not return within its deadline (``ETIMEDOUT``)."""
+
+
+class VolumeDegraded(BackendUnavailable):
+    """A degraded host volume: calls are refused at once until a probe succeeds (``EIO``)."""

@@ -31,6 +31,8 @@ _ERRNO: dict[type[errors.AzfsError], int] = {
     errors.NotSupported: errno.EOPNOTSUPP,
     errors.InvalidArgument: errno.EINVAL,
     errors.TemporaryFailure: errno.EAGAIN,
+    errors.VolumeTimeout: errno.ETIMEDOUT,
+    errors.VolumeDegraded: errno.EIO,
     errors.BackendUnavailable: errno.EIO,
 }
 
@@ -66,7 +68,9 @@ def fuse_op(stats: OpStats) -> Callable[[F], F]:
             except _EXPECTED as exc:
                 code = to_errno(exc)
                 stats.error(name, code)
-                if code in (errno.EIO, errno.EACCES, errno.ESTALE):
+                if code in (errno.EIO, errno.EACCES, errno.ESTALE, errno.ETIMEDOUT) \
+                        and not isinstance(exc, errors.VolumeDegraded):
+                    # (refusals of a degraded volume: its transition was logged once)
                     log.warning("%s: %s", name, exc)
                 raise pyfuse3.FUSEError(code) from None
             except Exception:

@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 import outcome
 import trio
 
-from azfs.errors import BackendUnavailable
+from azfs.errors import VolumeDegraded, VolumeTimeout
 from azfs.volumes.mountinfo import read_mountinfo
 
 log = logging.getLogger("azfs.volumes.io")
@@ -56,12 +56,7 @@ BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0)
 _IDLE_EXIT = 30.0
 
 
-class VolumeTimeout(BackendUnavailable):
-    """A call on the volume did not return within its deadline."""
-
-
-class VolumeDegraded(BackendUnavailable):
-    """The volume is degraded: calls are refused at once until a probe succeeds."""
+__all__ = ["IOLimits", "Kind", "VolumeDegraded", "VolumeIO", "VolumeTimeout"]
 
 
 class Kind(enum.Enum):

@@ -69,7 +69,8 @@ class AgentHarness:
         self.volumes_file.write_text("\n".join(lines) + "\n")
 
     def write_config(self, etcd: str | None = None, manager: dict | None = None,
-                     cache: dict | None = None, **extra: object) -> None:
+                     cache: dict | None = None, volume_io: dict | None = None,
+                     **extra: object) -> None:
         """The agent's TOML; the volume store is the YAML file unless ``etcd`` is given."""
         values = {"agent_id": "test-node", "state_dir": str(self.state_dir),
                   "socket": str(self.socket), "watchdog_interval": 0.5, **extra}
@@ -78,7 +79,8 @@ class AgentHarness:
             text += f"[store]\netcd = {json.dumps(etcd)}\n"
         else:
             text += f"[store]\nvolumes_file = {json.dumps(str(self.volumes_file))}\n"
-        for table, values in (("manager", manager), ("cache", cache)):
+        for table, values in (("manager", manager), ("cache", cache),
+                              ("volume_io", volume_io)):
             if values:
                 text += f"[{table}]\n" + "".join(f"{k} = {json.dumps(v)}\n"
                                                  for k, v in values.items())

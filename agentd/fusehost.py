@@ -180,7 +180,7 @@ class FuseHost:
 
     def stats(self) -> dict:
         out: dict[str, Any] = {"fs": self.ops.stats.snapshot(), "usage": {}, "blob": {},
-                               "volumes": self.volumes()}
+                               "volumes": self.volumes(), "table": self._bookkeeping()}
         for shared in self._backends.values():
             labels = sorted({self._attached[p].view.label for p in shared.users
                              if p in self._attached})
@@ -199,6 +199,12 @@ class FuseHost:
                             "entries": c.entries, "max_bytes": c.max_bytes,
                             "evictions": c.evictions}
         return out
+
+    def _bookkeeping(self) -> dict[str, int]:
+        from azfs.backends.posix_nodes import pool
+
+        # descriptors held for inodes the kernel knows (open files have their own)
+        return {**self.ops.bookkeeping(), "descriptors": len(pool)}
 
     def health(self) -> dict:
         return {"pid": os.getpid(), "mountpoint": str(self.mountpoint),

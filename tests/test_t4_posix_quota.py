@@ -168,3 +168,16 @@ def test_quota_does_not_affect_reads_or_chmod(mounted):
     assert stat.S_IMODE(os.stat(m.mnt / "f").st_mode) == 0o600
     assert (m.mnt / "f").read_bytes() == b"a" * 10 * K
     os.setxattr(m.mnt / "f", "user.k", b"v")
+
+
+def test_create_of_a_name_that_exists_is_no_new_file_at_a_full_quota(mounted):
+    """SEMANTICS, Quotas: ``create`` of a name that exists already is not a new file."""
+    m = mounted("--quota-files", "1", "--cache-timeout", "30")
+    (m.mnt / "f").touch()  # the file quota is full
+    assert not os.path.exists(m.mnt / "g")  # the kernel remembers the name as missing
+    (m.source / "g").write_text("made on the volume")
+    # the kernel, sure the name is new, asks azfs to create it; azfs finds it
+    fd = os.open(m.mnt / "g", os.O_CREAT | os.O_WRONLY)
+    os.close(fd)
+    assert (m.source / "g").read_text() == "made on the volume"
+    assert errno_of(lambda: os.open(m.mnt / "h", os.O_CREAT | os.O_WRONLY)) == errno.EDQUOT

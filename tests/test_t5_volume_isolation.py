@@ -261,3 +261,31 @@ async def test_quota_and_usage_stay_exact_with_concurrent_writers(node: Node) ->
     assert 8 + sum(made) == 100
     stats = await FuseHostClient(node.agent.state_dir / "run" / "fusehost.sock").stats()
     assert next(iter(stats["usage"].values()))["files"] == 100
+
+
+async def test_bookkeeping_returns_to_baseline_after_the_kernel_forgets(node: Node) -> None:
+    """readdirplus, lookups and opens through a kernel view, then drop_caches: the
+    daemon's inode table and descriptors go back to what they were."""
+    client = FuseHostClient(node.agent.state_dir / "run" / "fusehost.sock")
+    await node.export("k3", vfolder("m", "fast"))
+    view = node.agent.fuse_path("k3", "m")
+    os.listdir(view)
+    Path("/proc/sys/vm/drop_caches").write_text("2\n")
+    baseline = (await client.stats())["table"]
+    for i in range(500):
+        (view / f"f{i}").write_bytes(b"x")
+    (view / "sub").mkdir()
+    subprocess.run(["ls", "-l", str(view)], check=True, capture_output=True)
+    with open(view / "f1", "rb") as f:
+        f.read()
+        grown = (await client.stats())["table"]
+        assert grown["inodes"] > baseline["inodes"] + 400 and grown["open_files"] == 1
+    deadline = time.monotonic() + 30
+    while True:
+        Path("/proc/sys/vm/drop_caches").write_text("2\n")
+        now = (await client.stats())["table"]
+        if now == baseline:
+            break
+        assert time.monotonic() < deadline, (baseline, now)
+        await trio.sleep(0.2)
+    assert now["forget_underflows"] == 0

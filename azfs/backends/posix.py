@@ -102,7 +102,8 @@ def check_name(name: str) -> None:
     """One path component; the kernel never sends others, but a bug must not escape."""
     if not name or name in (".", "..") or "/" in name or "\0" in name:
         raise InvalidArgument(f"invalid name {name!r}")
-    if len(name.encode("utf-8", "surrogateescape")) > 255:
+    # a character is at most 4 bytes: short names need no encoding to be measured
+    if len(name) > 63 and len(name.encode("utf-8", "surrogateescape")) > 255:
         raise OSError(errno.ENAMETOOLONG, "name too long")
 
 
@@ -363,8 +364,10 @@ class PosixBackend(Backend):
 
     async def flush(self, fh: PosixHandle) -> None:
         # close() of a duplicate reports deferred write errors (NFS, SMB)
-        # without closing the handle the kernel still uses.
-        await self.io.run(DATA, _flush_fd, fh.fd)
+        # without closing the handle the kernel still uses.  A local filesystem
+        # reports its errors at the write itself.
+        if not self.io.inline:
+            await self.io.run(DATA, _flush_fd, fh.fd)
 
     async def fsync(self, fh: PosixHandle, datasync: bool) -> None:
         await self.io.run(DATA, os.fdatasync if datasync else os.fsync, fh.fd)

@@ -25,14 +25,12 @@ not be reopened.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import resource
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator
 
 from azfs.backends.base import Node
 from azfs.errors import StaleObject
@@ -69,14 +67,16 @@ class DescriptorPool:
     def __init__(self) -> None:
         self._nodes: OrderedDict[int, PosixNode] = OrderedDict()
         self.lock = threading.Lock()
+        self._budget: int | None = None
 
-    @staticmethod
-    def budget() -> int:
-        """Read each time: the daemon raises its file limit after this module loads."""
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft == resource.RLIM_INFINITY:
-            soft = 1 << 20
-        return max(16, soft - max(_RESERVE_MIN, soft // 4))
+    def budget(self) -> int:
+        """Read at first use: the daemon raises its file limit before it serves."""
+        if self._budget is None:
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            if soft == resource.RLIM_INFINITY:
+                soft = 1 << 20
+            self._budget = max(16, soft - max(_RESERVE_MIN, soft // 4))
+        return self._budget
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -179,14 +179,23 @@ def _let_go(node: PosixNode) -> None:
             node.fd = -1
 
 
-@contextlib.contextmanager
-def held(node: PosixNode) -> Iterator[int]:
-    """The node's descriptor, never closed by eviction or forget while held."""
-    fd = _acquire(node)
-    try:
-        yield fd
-    finally:
-        _let_go(node)
+class held:
+    """``with held(node) as fd``: the node's descriptor, never closed while held.
+
+    A class rather than a generator: it runs for every call (the cheaper, the
+    better for a local volume).
+    """
+
+    __slots__ = ("node",)
+
+    def __init__(self, node: PosixNode) -> None:
+        self.node = node
+
+    def __enter__(self) -> int:
+        return _acquire(self.node)
+
+    def __exit__(self, *exc: object) -> None:
+        _let_go(self.node)
 
 
 def node_fd(node: PosixNode) -> int:

@@ -97,7 +97,7 @@ def volume_io_lines(volume_io: dict) -> list[str]:
     for name, v in sorted(volume_io.items()):
         calls = sum(v.get("buckets", [])) or 0
         mean = f"{v.get('seconds', 0) / calls * 1000:.2f} ms" if calls else "-"
-        lines.append(f"{name}  {v.get('state')}  {v.get('mode')}  threads "
+        lines.append(f"{name}  {v.get('state')}  {v.get('mode')}  workers "
                      f"{v.get('threads', 0)}/{v.get('max_threads', 0)}  in flight "
                      f"{v.get('in_flight', 0)}  stuck {v.get('stuck', 0)}  timeouts "
                      f"{v.get('timeouts', 0)}  refused {v.get('rejected', 0)}  mean {mean}")

@@ -233,6 +233,11 @@ class AzfsOperations(pyfuse3.Operations):
             self._stale_entries.update(dict.fromkeys((ino, name) for ino in siblings))
             self._stale_wakeup.set()
 
+    def bookkeeping(self) -> dict[str, int]:
+        """Sizes that must return to their baseline when the kernel forgets (tests, metrics)."""
+        return {"inodes": len(self.table), "open_files": len(self._files),
+                "open_dirs": len(self._dirs), "forget_underflows": self.forget_underflows}
+
     # ---- attribute presentation -------------------------------------------------
     def _entry(self, inode: Inode, attrs: Attributes) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -31,11 +32,7 @@ class OpStats:
         c = self.ops[op]
         c.count += 1
         c.seconds += seconds
-        for i, bound in enumerate(BUCKETS):
-            if seconds <= bound:
-                c.buckets[i] += 1
-                return
-        c.buckets[-1] += 1
+        c.buckets[bisect_left(BUCKETS, seconds)] += 1
 
     def error(self, op: str, code: int) -> None:
         self.ops[op].errors[code] += 1

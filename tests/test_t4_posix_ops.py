@@ -666,12 +666,15 @@ def test_open_with_o_nofollow(mounted):
 
 
 def test_statfs_of_a_hung_volume_fails_instead_of_hanging(mounted, tmp_path):
-    """The volume is itself a FUSE mount whose daemon is stopped (a dead SMB server)."""
+    """The volume is itself a FUSE mount whose daemon is stopped (a dead SMB server).
+
+    SEMANTICS, Concurrency: a call past its deadline fails with ETIMEDOUT.
+    """
     import signal
 
     volume = mounted()
     (volume.mnt / "vfolder").mkdir()
-    m = mounted(source=volume.mnt / "vfolder")
+    m = mounted("--metadata-deadline", "3", source=volume.mnt / "vfolder")
     (m.mnt / "f").write_text("x")  # the ledger has something to persist
     assert os.statvfs(m.mnt).f_bsize > 0
     result: list[int] = []
@@ -682,8 +685,8 @@ def test_statfs_of_a_hung_volume_fails_instead_of_hanging(mounted, tmp_path):
         t = threading.Thread(target=lambda: result.append(errno_of(lambda: os.statvfs(m.mnt))),
                              daemon=True)
         t.start()
-        t.join(15)  # the statfs timeout is 10 s
+        t.join(15)  # the metadata deadline is 3 s
     finally:
         os.kill(pid, signal.SIGCONT)  # always: a stopped volume would hang the teardown
     t.join(30)
-    assert result == [errno.EIO]
+    assert result == [errno.ETIMEDOUT]

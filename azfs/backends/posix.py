@@ -148,7 +148,8 @@ class PosixBackend(Backend):
         except Exception as exc:  # noqa: BLE001 - a degraded or hung volume
             log.error("usage ledger of %s not persisted: %s", self.source, exc)
             return
-        os.close(self._root.fd)
+        # closed once no call still holds it (a call stuck on a hung volume may)
+        release(self._root)
 
     async def tick(self) -> None:
         """Periodic housekeeping (persist usage); called by the filesystem's timer."""
@@ -179,9 +180,13 @@ class PosixBackend(Backend):
         self._names.add(node)
         return node, _attrs(st)
 
+    def _release(self, node: PosixNode) -> None:
+        self._names.discard(node)
+        release(node)
+
     def _forget_node(self, result: tuple) -> None:
         """Cleanup of a late lookup/mkdir/...: the FUSE layer never saw the node."""
-        release(result[0])
+        self._release(result[0])
 
     # ---- tree ----------------------------------------------------------------
     def root(self) -> PosixNode:
@@ -221,11 +226,10 @@ class PosixBackend(Backend):
                 out.append((node, _attrs(st)))
         return out
 
-    @staticmethod
-    def _forget_batch(result: list[tuple[PosixNode, Attributes] | None]) -> None:
+    def _forget_batch(self, result: list[tuple[PosixNode, Attributes] | None]) -> None:
         for item in result:
             if item is not None:
-                release(item[0])
+                self._release(item[0])
 
     async def getattr(self, node: PosixNode) -> Attributes:
         return await self.io.run(META, self._getattr_sync, node)
@@ -237,12 +241,12 @@ class PosixBackend(Backend):
 
     def forget(self, node: PosixNode) -> None:
         if node is not self._root:
-            release(node)
+            self._release(node)
 
     def adopt(self, existing: PosixNode, new: PosixNode) -> None:
         if existing is self._root or new is self._root:
             if new is not self._root:
-                release(new)
+                self._release(new)
             return
         self._names.adopt(existing, new)
 
@@ -451,11 +455,10 @@ class PosixBackend(Backend):
         return await self.io.run(META, self._create_sync, parent, name, mode, flags,
                                  cleanup=self._forget_created)
 
-    @staticmethod
-    def _forget_created(result: tuple[PosixNode, Attributes, PosixHandle]) -> None:
+    def _forget_created(self, result: tuple[PosixNode, Attributes, PosixHandle]) -> None:
         node, _, fh = result
         os.close(fh.fd)
-        release(node)
+        self._release(node)
 
     def _create_sync(self, parent: PosixNode, name: str, mode: int,
                      flags: int) -> tuple[PosixNode, Attributes, PosixHandle]:

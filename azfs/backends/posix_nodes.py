@@ -29,7 +29,6 @@ import errno
 import os
 import resource
 import threading
-import weakref
 from collections import OrderedDict
 
 from azfs.backends.base import Node
@@ -42,7 +41,7 @@ _EVICT_BATCH = 64
 
 
 class PosixNode(Node):
-    __slots__ = ("fd", "mode", "key", "parent", "name", "users", "forgotten", "__weakref__")
+    __slots__ = ("fd", "mode", "key", "parent", "name", "users", "forgotten")
 
     def __init__(self, fd: int, mode: int, key: tuple[int, int],
                  parent: PosixNode | None, name: str | None) -> None:
@@ -217,19 +216,32 @@ def release(node: PosixNode) -> None:
 class NodeNames:
     """Which node is known under (parent, name), so renames and unlinks update nodes.
 
-    Several worker threads update it: every change of the map and of a node's
+    A plain map (cheaper than weak references for every listed entry): a node
+    leaves it when it is released (:meth:`discard`) or its name goes.  Several
+    worker threads update it: every change of the map and of a node's
     (parent, name) happens under one lock, never across a call to the volume.
     """
 
     def __init__(self) -> None:
-        self._by_name: weakref.WeakValueDictionary[tuple[int, str], PosixNode] = \
-            weakref.WeakValueDictionary()
+        self._by_name: dict[tuple[int, str], PosixNode] = {}
         self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._by_name)
 
     def add(self, node: PosixNode) -> None:
         if node.parent is not None and node.name is not None:
             with self._lock:
                 self._by_name[(id(node.parent), node.name)] = node
+
+    def discard(self, node: PosixNode) -> None:
+        """The node is released: forget its name (if the name is still its own)."""
+        if node.parent is None or node.name is None:
+            return
+        key = (id(node.parent), node.name)
+        with self._lock:
+            if self._by_name.get(key) is node:
+                del self._by_name[key]
 
     def get(self, parent: PosixNode, name: str) -> PosixNode | None:
         with self._lock:

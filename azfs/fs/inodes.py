@@ -46,7 +46,7 @@ class View:
 
 class Inode:
     __slots__ = ("ino", "lookups", "opens", "view", "node", "key", "children", "name",
-                 "parent", "stamp", "attrs")
+                 "parent", "stamp", "attrs", "cached", "cached_at", "kids")
 
     def __init__(self, ino: int, view: View | None, node: Node | None,
                  key: Hashable | None) -> None:
@@ -64,6 +64,12 @@ class Inode:
         self.stamp: tuple[int, int] | None = None
         #: virtual directories (and view roots mounted in them): fixed attributes
         self.attrs: Attributes | None = None
+        #: the attributes last given to the kernel and when (monotonic): a listing
+        #: may repeat them while younger than the cache timeout
+        self.cached: Attributes | None = None
+        self.cached_at = 0.0
+        #: view directories: child name → inode, as last looked up or listed here
+        self.kids: dict[str, int] | None = None
 
     @property
     def is_virtual(self) -> bool:
@@ -89,6 +95,10 @@ class InodeTable:
 
     def __contains__(self, ino: int) -> bool:
         return ino in self._inodes
+
+    def find_ino(self, ino: int) -> Inode | None:
+        """The inode if it is still in the table (no error for a forgotten one)."""
+        return self._inodes.get(ino)
 
     def find(self, view: View, key: Hashable) -> Inode | None:
         """The inode of a backing object in a view, if the kernel knows one."""

@@ -17,6 +17,7 @@ import itertools
 import logging
 import os
 import stat
+import time
 from collections.abc import Sequence
 
 import pyfuse3
@@ -81,7 +82,7 @@ class _OpenFile:
 
 
 class _OpenDir:
-    __slots__ = ("inode", "listing", "virtual", "read", "batch")
+    __slots__ = ("inode", "listing", "virtual", "read", "batch", "sized")
 
     def __init__(self, inode: Inode, listing: DirListing | None,
                  virtual: list[tuple[str, int]] | None) -> None:
@@ -91,7 +92,9 @@ class _OpenDir:
         #: a listing was served already: offset 0 again means rewinddir()
         self.read = False
         #: entries looked up per call to the volume (adapts to the kernel's buffer)
-        self.batch = 32
+        self.batch = 128
+        #: the kernel's buffer overflowed once: ``batch`` is what fits
+        self.sized = False
 
 
 class AzfsOperations(pyfuse3.Operations):
@@ -221,15 +224,31 @@ class AzfsOperations(pyfuse3.Operations):
 
     def _changed(self, inode: Inode) -> None:
         """The object's data or size changed: other views must not serve their cache."""
+        inode.cached_at = 0.0
         siblings = self.table.siblings(inode)
         if siblings:
+            for ino in siblings:
+                other = self.table.find_ino(ino)
+                if other is not None:
+                    other.cached_at = 0.0
             self._stale_inodes.update(dict.fromkeys(siblings))
             self._stale_wakeup.set()
 
     def _name_changed(self, parent: Inode, name: str) -> None:
-        """A name appeared or went: other views may cache it (as missing, or as it was)."""
+        """A name appeared or went: other views may cache it (as missing, or as it was).
+
+        The directory's own times and link count changed too: no listing may
+        repeat its attributes from before.
+        """
+        parent.cached_at = 0.0
         siblings = self.table.siblings(parent)
         if siblings:
+            for ino in siblings:
+                other = self.table.find_ino(ino)
+                if other is not None:
+                    other.cached_at = 0.0
+                    if other.kids is not None:
+                        other.kids.pop(name, None)
             self._stale_entries.update(dict.fromkeys((ino, name) for ino in siblings))
             self._stale_wakeup.set()
 
@@ -240,6 +259,12 @@ class AzfsOperations(pyfuse3.Operations):
 
     # ---- attribute presentation -------------------------------------------------
     def _entry(self, inode: Inode, attrs: Attributes) -> pyfuse3.EntryAttributes:
+        """Fresh attributes for the kernel (remembered for listings that follow)."""
+        inode.cached = attrs
+        inode.cached_at = time.monotonic()
+        return self._build(inode, attrs)
+
+    def _build(self, inode: Inode, attrs: Attributes) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
         e.st_ino = inode.ino
         e.generation = 0
@@ -280,12 +305,26 @@ class AzfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         return inode, inode.view, inode.view.backend
 
-    def _remember(self, parent: Inode, view: View, node,
+    def _remember(self, parent: Inode, name: str, view: View, node,
                   attrs: Attributes) -> pyfuse3.EntryAttributes:
         inode = self.table.add_node(view, node, attrs)
         inode.lookups += 1
-        inode.parent = parent.ino
+        self._link(parent, name, inode)
         return self._entry(inode, attrs)
+
+    @staticmethod
+    def _link(parent: Inode, name: str, inode: Inode) -> None:
+        inode.parent = parent.ino
+        if parent.kids is None:
+            parent.kids = {}
+        parent.kids[name] = inode.ino
+
+    def _unlink_name(self, parent: Inode, name: str) -> None:
+        if parent.kids is not None:
+            ino = parent.kids.pop(name, None)
+            child = self.table.find_ino(ino) if ino is not None else None
+            if child is not None:
+                child.cached_at = 0.0  # its link count changed
 
     # ---- lookups and attributes -------------------------------------------------
     def _missing(self) -> pyfuse3.EntryAttributes:
@@ -317,7 +356,7 @@ class AzfsOperations(pyfuse3.Operations):
             if self.cache_timeout > 0:
                 return self._missing()
             raise
-        return self._remember(parent, parent.view, node, attrs)
+        return self._remember(parent, sname, parent.view, node, attrs)
 
     @op
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
@@ -436,34 +475,57 @@ class AzfsOperations(pyfuse3.Operations):
             return
         assert d.listing is not None and d.inode.view is not None
         view = d.inode.view
-        backend = view.backend
         entries = d.listing.entries
         i = pos - 2
         while i < len(entries):
-            # many entries' attributes in one call to the volume; as many as fitted last time
             names = [e.name for e in entries[i:i + d.batch]]
-            found = await backend.lookup_batch(d.inode.node, names)
+            found = await self._entries(d.inode, view, names)
             for j, item in enumerate(found):
                 if item is None:
                     continue  # removed since opendir: not listed
-                node, attrs = item
-                inode = self.table.add_node(view, node, attrs)
-                inode.parent = d.inode.ino
-                if not pyfuse3.readdir_reply(token, os.fsencode(names[j]),
-                                             self._entry(inode, attrs), i + j + 3):
+                inode, entry = item
+                if not pyfuse3.readdir_reply(token, os.fsencode(names[j]), entry, i + j + 3):
                     self.table.drop_unreferenced(inode.ino)
                     for rest in found[j + 1:]:
                         if rest is not None:
-                            self._discard(view, rest[0], rest[1])
-                    d.batch = max(8, j + 4)
+                            self.table.drop_unreferenced(rest[0].ino)
+                    d.batch, d.sized = max(8, j + 4), True
                     return
                 inode.lookups += 1
             i += len(names)
+            if not d.sized:  # all of it fitted: a bigger buffer than thought
+                d.batch = min(2 * d.batch, 1024)
 
-    @staticmethod
-    def _discard(view: View, node, attrs: Attributes) -> None:
-        """A node fetched for a reply that did not fit: never given to the table."""
-        view.backend.forget(node)
+    async def _entries(self, directory: Inode, view: View, names: list[str]
+                       ) -> list[tuple[Inode, pyfuse3.EntryAttributes] | None]:
+        """Inodes and entries of a listing's names, aligned with ``names``.
+
+        A name listed or looked up here within the cache timeout is answered
+        from what the kernel was told then (the kernel would trust it as long);
+        the others are looked up in one call to the volume.
+        """
+        out: list[tuple[Inode, pyfuse3.EntryAttributes] | None] = [None] * len(names)
+        missing: list[int] = []
+        kids = directory.kids or {}
+        fresh_after = time.monotonic() - self.cache_timeout
+        for j, name in enumerate(names):
+            ino = kids.get(name)
+            inode = self.table.find_ino(ino) if ino is not None else None
+            if inode is not None and inode.cached is not None and inode.cached_at > fresh_after:
+                out[j] = (inode, self._build(inode, inode.cached))
+            else:
+                missing.append(j)
+        if missing:
+            found = await view.backend.lookup_batch(directory.node,
+                                                    [names[j] for j in missing])
+            for j, item in zip(missing, found, strict=True):
+                if item is None:
+                    continue
+                node, attrs = item
+                inode = self.table.add_node(view, node, attrs)
+                self._link(directory, names[j], inode)
+                out[j] = (inode, self._entry(inode, attrs))
+        return out
 
     async def _refresh(self, d: _OpenDir) -> None:
         """A new snapshot for rewinddir(), which must see the directory as it is now."""
@@ -494,12 +556,13 @@ class AzfsOperations(pyfuse3.Operations):
         node, attrs = await backend.mkdir(parent.node, _name(name), mode & ~ctx.umask)
         self._name_changed(parent, _name(name))
         attrs = await self._own(view, backend, node, attrs, ctx)
-        return self._remember(parent, view, node, attrs)
+        return self._remember(parent, _name(name), view, node, attrs)
 
     @op
     async def rmdir(self, parent_inode: int, name: bytes, ctx=None) -> None:
         parent, _, backend = self._writable(parent_inode)
         await backend.rmdir(parent.node, _name(name))
+        self._unlink_name(parent, _name(name))
         self._name_changed(parent, _name(name))
 
     # ---- names -----------------------------------------------------------------------
@@ -522,7 +585,7 @@ class AzfsOperations(pyfuse3.Operations):
                                           (mode & ~ctx.umask) | stat.S_IFMT(mode), rdev)
         self._name_changed(parent, _name(name))
         attrs = await self._own(view, backend, node, attrs, ctx)
-        return self._remember(parent, view, node, attrs)
+        return self._remember(parent, _name(name), view, node, attrs)
 
     @op
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
@@ -531,7 +594,7 @@ class AzfsOperations(pyfuse3.Operations):
         node, attrs = await backend.symlink(parent.node, _name(name), target)
         self._name_changed(parent, _name(name))
         attrs = await self._own(view, backend, node, attrs, ctx)
-        return self._remember(parent, view, node, attrs)
+        return self._remember(parent, _name(name), view, node, attrs)
 
     @op
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
@@ -542,12 +605,13 @@ class AzfsOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EXDEV)
         new_node, attrs = await backend.link(node.node, parent.node, _name(new_name))
         self._name_changed(parent, _name(new_name))
-        return self._remember(parent, view, new_node, attrs)
+        return self._remember(parent, _name(new_name), view, new_node, attrs)
 
     @op
     async def unlink(self, parent_inode: int, name: bytes, ctx=None) -> None:
         parent, _, backend = self._writable(parent_inode)
         await backend.unlink(parent.node, _name(name))
+        self._unlink_name(parent, _name(name))
         self._name_changed(parent, _name(name))
 
     @op
@@ -558,8 +622,9 @@ class AzfsOperations(pyfuse3.Operations):
         if new.view is not view:
             raise pyfuse3.FUSEError(errno.EXDEV)
         await backend.rename(old.node, _name(name_old), new.node, _name(name_new), flags)
-        self._name_changed(old, _name(name_old))
-        self._name_changed(new, _name(name_new))
+        for directory, n in ((old, _name(name_old)), (new, _name(name_new))):
+            self._unlink_name(directory, n)
+            self._name_changed(directory, n)
 
     # ---- files -------------------------------------------------------------------------
     def _keep_cache(self, inode: Inode, attrs: Attributes) -> bool:
@@ -606,7 +671,7 @@ class AzfsOperations(pyfuse3.Operations):
         if handle.created:  # an existing file keeps its owner
             self._name_changed(parent, _name(name))
             attrs = await self._own(view, backend, node, attrs, ctx)
-        entry = self._remember(parent, view, node, attrs)
+        entry = self._remember(parent, _name(name), view, node, attrs)
         inode = self.table.get(entry.st_ino)
         inode.opens += 1
         inode.stamp = (attrs.mtime_ns, attrs.size)

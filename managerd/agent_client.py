@@ -1,13 +1,16 @@
 """HTTP client for a node agent's control API (the export contract of azfs.export).
 
 Same host: the agent's unix socket.  Other hosts: TCP with the shared secret
-as a bearer token.  Every call has a deadline; failures become
-``agent-unreachable`` (no answer) or ``agent-error`` (the agent refused).
+as a bearer token; over ``https://`` the agent's certificate is verified
+(against the manager's ``agent_ca_file``, else the system's trust).  Every
+call has a deadline; failures become ``agent-unreachable`` (no answer, or a
+certificate that does not verify) or ``agent-error`` (the agent refused).
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +30,8 @@ class AgentAddress:
     socket: Path | None = None
     url: str | None = None
     secret: Secret | None = None
+    #: verifying TLS context for https URLs (None: httpx's default, also verifying)
+    tls: ssl.SSLContext | None = None
 
 
 class AgentUnreachable(AgentError):
@@ -44,7 +49,8 @@ class AgentClient:
             transport = httpx.AsyncHTTPTransport(uds=str(self.address.socket))
             base = "http://agent"
         else:
-            transport = httpx.AsyncHTTPTransport()
+            transport = httpx.AsyncHTTPTransport(
+                verify=self.address.tls if self.address.tls is not None else True)
             base = str(self.address.url).rstrip("/")
             if self.address.secret:
                 headers["Authorization"] = f"Bearer {self.address.secret.reveal()}"

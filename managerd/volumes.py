@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 
 import trio
 
+from azfs.errors import UserError
+from azfs.hostdirs import ensure_private_dir
 from azfs.volumes.hostmount import STALE_ERRNOS
 from managerd.config import ManagerConfig
 from managerd.errors import ApiError, NotFound, Unavailable
@@ -154,6 +156,10 @@ class VolumePool:
 
     def _get_mounter(self) -> Any:
         if self._mounter is None:
+            try:  # only root may reach the vfolders below the manager's mounts
+                ensure_private_dir(self._config.mount_dir, "manager mount directory")
+            except UserError as exc:
+                raise VolumeUnavailable(str(exc)) from None
             self._mounter = _make_mounter(self._config.mount_dir, self.timeout)
         return self._mounter
 

@@ -19,6 +19,8 @@ Invariants:
   mount(8)'s message, secrets redacted.
 * Every blocking step (mount(8), umount, stat probes) runs in a thread with a
   timeout, so hung storage cannot hang the caller's event loop.
+* ``volumes/`` is root-only (0700, see :mod:`azfs.hostdirs`): no other user
+  of the host reaches the vfolders on a mounted volume.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from pathlib import Path
 import trio
 
 from azfs.errors import AzfsError
+from azfs.hostdirs import ensure_private_dir
 from azfs.secret import redact
 from azfs.volumes import mountinfo
 from azfs.volumes.model import (
@@ -243,7 +246,7 @@ class HostMounter:
                  mount_timeout: float = 60.0, probe_timeout: float = 10.0,
                  max_parallel: int = 4) -> None:
         state_dir = Path(state_dir)
-        state_dir.mkdir(parents=True, exist_ok=True)
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.state_dir = state_dir.resolve()
         self.volumes_dir = self.state_dir / "volumes"
         self.credentials_dir = self.state_dir / "credentials"
@@ -368,7 +371,8 @@ class HostMounter:
                 credentials_file = self._new_credentials_file(volume.name)
             plan = plan_mount(volume, path, self.uid, self.gid, credentials_file,
                               self.mount_binary)
-            path.mkdir(parents=True, exist_ok=True, mode=0o755)
+            ensure_private_dir(self.volumes_dir, "volume mount directory")
+            path.mkdir(exist_ok=True, mode=0o700)
             if credentials_file is not None and plan.credentials is not None:
                 with open(credentials_file, "w") as out:
                     out.write(plan.credentials)

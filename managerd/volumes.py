@@ -259,7 +259,9 @@ def _make_mounter(state_dir: Path, timeout: float) -> Any:
         from azfs.volumes.hostmount import HostMounter
     except ImportError:
         return _BindOnlyMounter()
-    return HostMounter(state_dir, probe_timeout=timeout, mount_timeout=max(timeout, 30.0))
+    # cifs files belong to root on the manager's host: it creates directories, nobody reads
+    return HostMounter(state_dir, uid=0, gid=0, probe_timeout=timeout,
+                       mount_timeout=max(timeout, 30.0))
 
 
 class _FileStore:

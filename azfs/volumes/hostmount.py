@@ -60,9 +60,13 @@ STALE_ERRNOS = frozenset({errno.ENOTCONN, errno.ESTALE, errno.EIO, errno.EHOSTDO
                           errno.ECONNABORTED})  # a FUSE mount whose daemon is dying
 #: The options Azure Files operators use for SMB (as the Azure Files CSI driver
 #: does); ``uid``/``gid`` are added from the mounter.  The config overrides any.
+#: Azure Files keeps no POSIX modes, so cifs shows every file with ``file_mode``:
+#: 0700 (not the CSI driver's 0777) keeps the share root's alone on the host,
+#: and files still executable for the kernels, to which the FUSE layer presents
+#: them as their own uid's.
 AZURE_FILES_DEFAULTS: tuple[tuple[str, str | None], ...] = (
     ("actimeo", "30"), ("mfsymlinks", None), ("nosharesock", None),
-    ("cache", "strict"), ("nobrl", None), ("file_mode", "0777"), ("dir_mode", "0777"),
+    ("cache", "strict"), ("nobrl", None), ("file_mode", "0700"), ("dir_mode", "0700"),
 )
 #: cifs options that go to the credentials file instead of the command line.
 _CREDENTIAL_KEYS = {"username": "username", "user": "username", "domain": "domain",

@@ -80,14 +80,25 @@ class AgentClient:
             raise AgentUnreachable(f"agent {name!r} did not answer in {self.timeout:g}s") \
                 from None
         except (httpx.HTTPError, OSError) as exc:
-            raise AgentUnreachable(f"agent {name!r} is unreachable: "
-                                   f"{redact(str(exc)) or type(exc).__name__}") from None
+            raise AgentUnreachable(f"agent {name!r} is unreachable: {_reason(exc)}") from None
         if response.status_code == 404 and missing_ok:
             return response
         if response.status_code >= 400:
             raise AgentError(f"agent {name!r} answered {response.status_code}: "
                              f"{_agent_message(response)}")
         return response
+
+
+def _reason(exc: BaseException) -> str:
+    """The first non-empty message down the chain (trio's TLS errors wrap the real one)."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            break
+        if str(seen):
+            return redact(str(seen))
+        seen = seen.__cause__ or seen.__context__
+    return type(exc).__name__
 
 
 def _agent_message(response: httpx.Response) -> str:

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import trio
 
-from azfs.errors import AzfsError
+from azfs.errors import AzfsError, UserError
 from azfs.hostdirs import ensure_private_dir
 from azfs.secret import redact
 from azfs.volumes import mountinfo
@@ -369,13 +369,16 @@ class HostMounter:
         if volume.mount.fstype == "bind" and not os.path.isdir(volume.mount.path):
             raise MountError(f"cannot mount volume {volume.name!r}: bind source "
                              f"{volume.mount.path} is not a directory")
+        try:  # only root may reach the vfolders on a mounted volume
+            ensure_private_dir(self.volumes_dir, "volume mount directory")
+        except UserError as exc:
+            raise MountError(f"cannot mount volume {volume.name!r}: {exc}") from None
         credentials_file: Path | None = None
         try:
             if volume.mount.fstype in CIFS_FSTYPES:
                 credentials_file = self._new_credentials_file(volume.name)
             plan = plan_mount(volume, path, self.uid, self.gid, credentials_file,
                               self.mount_binary)
-            ensure_private_dir(self.volumes_dir, "volume mount directory")
             path.mkdir(exist_ok=True, mode=0o700)
             if credentials_file is not None and plan.credentials is not None:
                 with open(credentials_file, "w") as out:

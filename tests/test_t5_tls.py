@@ -7,8 +7,8 @@ certificate).  A second CA stands for anyone else.  Requests work end to
 end (the CLI creates a vfolder, the manager exports it through the agent);
 an untrusted certificate on either side is refused before any request is
 made; a plain-HTTP request to a TLS port gets no HTTP answer, so no token
-crosses in clear; and no private key shows up in a log, an argv or an
-answer.
+crosses in clear; and no private key shows up in a log, an argv,
+``/proc/mounts`` or an answer.
 """
 
 from __future__ import annotations
@@ -198,6 +198,7 @@ def test_requests_over_tls_work_and_nothing_crosses_in_clear(cluster: Cluster) -
                 line = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
                 assert not any(b in line for b in bodies)
         texts = [cluster.manager_log.read_text(), cluster.agent.log.read_text(), agents,
+                 Path("/proc/self/mounts").read_text(),
                  made.stdout + made.stderr, listed.stdout, untrusted.stderr]
         for text in texts:
             assert not any(b in text for b in bodies)

@@ -324,3 +324,19 @@ def test_an_inspection_mount_is_roots_alone_unless_allow_other(open_root: Path,
                     assert seen[str(path)][0] == "ok" and seen[str(path)][1] != "ok", seen
     finally:
         cleanup_mount(m)
+
+
+def test_install_node_makes_its_state_directories_root_only(tmp_path: Path) -> None:
+    """What ``install-node.sh`` would do here (dry run: this machine is not a node)."""
+    done = subprocess.run([str(PACKAGING / "install-node.sh"), "--dry-run", "--prefix",
+                           str(tmp_path / "opt")], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    for directory in ("/var/lib/azfs", "/var/lib/azfs/agent", "/var/lib/azfs/managerd",
+                      "/var/cache/azfs", "/etc/azfs/tls", "/etc/azfs/cifs"):
+        path = Path(directory)
+        if not path.exists():
+            assert f"[dry-run] install -d -m 0700 -o root -g root {directory}\n" in done.stdout
+        elif _mode(path) != 0o700:
+            assert f"[dry-run] chmod 0700 {directory}\n" in done.stdout
+    assert not (tmp_path / "opt").exists()

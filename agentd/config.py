@@ -29,7 +29,10 @@ Layering: defaults → the TOML file → command-line flags.  Example::
     [manager]                                 # optional: the manager on another host
     listen = "0.0.0.0:7520"
     secret_file = "/etc/azfs/agent.secret"    # bearer token, required with listen
-    advertise = "http://node-17.cluster:7520" # what the etcd registration tells managers
+    cert_file = "/etc/azfs/tls/agent.pem"     # serve TLS (with key_file); the
+    key_file = "/etc/azfs/tls/agent.key"      #   manager checks it against its CA
+    client_ca_file = "/etc/azfs/tls/ca.pem"   # optional: require a manager certificate
+    advertise = "https://node-17.cluster:7520" # what the etcd registration tells managers
 
 Unknown keys are errors (a typo must not silently fall back to a default).
 """
@@ -71,6 +74,11 @@ class Config:
     manager_secret_file: Path | None = None
     #: the URL a manager on another host uses (registered in etcd); default from listen
     manager_advertise: str | None = None
+    #: TLS of the TCP listener: certificate chain and key (PEM files, the key 0600)
+    manager_cert_file: Path | None = None
+    manager_key_file: Path | None = None
+    #: mutual TLS: the CA whose certificates a manager must present (None: no client cert)
+    manager_client_ca_file: Path | None = None
     unmount_on_exit: bool = False
     bind_startup_volumes: bool = True
     max_body_bytes: int = DEFAULT_MAX_BODY
@@ -119,10 +127,16 @@ class Config:
             return self.manager_advertise
         if not self.manager_listen:
             return None
+        scheme = "https" if self.manager_tls else "http"
         host = self.manager_listen.rsplit(":", 1)[0].strip("[]")
         if host in ("0.0.0.0", "::", ""):
-            return f"http://{socket.gethostname()}:{self.manager_listen.rsplit(':', 1)[1]}"
-        return f"http://{self.manager_listen}"
+            return f"{scheme}://{socket.gethostname()}:{self.manager_listen.rsplit(':', 1)[1]}"
+        return f"{scheme}://{self.manager_listen}"
+
+    @property
+    def manager_tls(self) -> bool:
+        """True if the TCP listener serves TLS (a certificate and its key are configured)."""
+        return self.manager_cert_file is not None
 
     def manager_secret(self) -> Secret | None:
         if self.manager_secret_file is None:
@@ -157,7 +171,8 @@ class Config:
         store = _table(data.pop("store", {}), f"{where}: [store]", {"etcd", "volumes_file"})
         cache = _table(data.pop("cache", {}), f"{where}: [cache]", {"dir", "size"})
         manager = _table(data.pop("manager", {}), f"{where}: [manager]",
-                         {"listen", "secret_file", "advertise"})
+                         {"listen", "secret_file", "advertise", "cert_file", "key_file",
+                          "client_ca_file"})
         io = _table(data.pop("volume_io", {}), f"{where}: [volume_io]",
                     {"threads", "metadata_deadline", "data_deadline", "mode"})
         simple = {"agent_id": str, "state_dir": Path, "fuse_mountpoint": Path, "socket": Path,
@@ -185,9 +200,10 @@ class Config:
         if "advertise" in manager:
             values["manager_advertise"] = _convert(str, manager["advertise"],
                                                    f"{where}: manager.advertise")
-        if "secret_file" in manager:
-            values["manager_secret_file"] = _convert(Path, manager["secret_file"],
-                                                     f"{where}: manager.secret_file")
+        for key in ("secret_file", "cert_file", "key_file", "client_ca_file"):
+            if key in manager:
+                values[f"manager_{key}"] = _convert(Path, manager[key],
+                                                    f"{where}: manager.{key}")
         if io:
             conv = {"threads": int, "metadata_deadline": float, "data_deadline": float,
                     "mode": str}
@@ -218,6 +234,16 @@ class Config:
         if self.manager_listen and self.manager_secret_file is None:
             raise UserError("config: manager.listen needs manager.secret_file (TCP clients "
                             "must authenticate)")
+        if (self.manager_cert_file is None) != (self.manager_key_file is None):
+            raise UserError("config: manager.cert_file and manager.key_file go together")
+        if self.manager_client_ca_file is not None and not self.manager_tls:
+            raise UserError("config: manager.client_ca_file needs manager.cert_file and "
+                            "manager.key_file (client certificates are a TLS feature)")
+        for name in ("manager_cert_file", "manager_key_file", "manager_client_ca_file"):
+            value = getattr(self, name)
+            if value is not None and not value.is_absolute():
+                raise UserError(f"config: manager.{name[len('manager_'):]} must be an "
+                                "absolute path")
         if (self.cache_dir is None) != (self.cache_bytes <= 0):
             raise UserError("config: [cache] needs both dir and a positive size")
         if self.manager_advertise and not self.manager_advertise.startswith(

@@ -4,7 +4,13 @@ Start: read the config, take the state dir's lock (one agent per node), mount
 the ``startup`` volumes, reuse the running fusehost (or clean a stale FUSE
 mount and start a new one), restore the journal's exports, register in etcd
 (when configured), serve the control API on the unix socket (mode 0660) and,
-if configured, on TCP for a remote manager (bearer token).
+if configured, on TCP for a remote manager (bearer token; TLS when a
+certificate is configured, with client certificates for mutual TLS).
+
+Before anything else the directories under which the agent mounts (its
+state dir with the volume mounts, the FUSE mountpoint's parent, the block
+cache) are made root-only: a looser mode is fixed with a warning, a
+directory of another owner is refused.
 
 SIGTERM/SIGINT: stop taking requests (in-flight ones finish within a grace
 period), revoke the registration, keep the journal.  By default the FUSE
@@ -26,6 +32,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 from pathlib import Path
 
@@ -33,6 +40,7 @@ import trio
 
 from agentd.config import DEFAULT_CONFIG, Config
 from azfs.errors import AzfsError, UserError
+from azfs.hostdirs import ensure_private_dir
 from azfs.logs import setup_logging
 from azfs.secret import redact
 
@@ -117,10 +125,42 @@ def state_lock(config: Config):
         os.close(fd)
 
 
+def secure_host_dirs(config: Config) -> None:
+    """Root-only (0700) directories above every mount of the agent.
+
+    The FUSE mountpoint's parent is fixed only when it is inside the state dir;
+    one elsewhere belongs to the operator and a loose one is refused.
+    """
+    ensure_private_dir(config.state_dir, "agent state_dir")
+    ensure_private_dir(config.state_dir / "volumes", "agent volume mount directory")
+    parent = config.mountpoint.parent
+    ensure_private_dir(parent, "the FUSE mountpoint's parent directory",
+                       fix=config.state_dir in (parent, *parent.parents))
+    if config.cache_dir is not None:
+        ensure_private_dir(config.cache_dir, "block cache dir")
+
+
+def check_tls(config: Config) -> None:
+    """The TCP listener's TLS files load (or one clear error); plain TCP is warned about."""
+    if not config.manager_listen:
+        return
+    if not config.manager_tls:
+        log.warning("manager.listen %s without TLS: the bearer secret and the export "
+                    "requests cross the network in clear; set manager.cert_file and "
+                    "manager.key_file", config.manager_listen)
+        return
+    from azfs.tls import check_server_files
+
+    check_server_files(config.manager_cert_file, config.manager_key_file,
+                       config.manager_client_ca_file, "manager TLS")
+
+
 async def run(config: Config) -> None:
     from agentd.agent import Agent
     from agentd.registration import Registration
 
+    secure_host_dirs(config)
+    check_tls(config)
     with state_lock(config):
         agent = Agent(config)
         await agent.start()
@@ -205,9 +245,15 @@ async def serve_tcp(agent, stop: trio.Event,
 
     from agentd.api import BearerAuth, BodyLimit, create_app
 
-    secret = agent.config.manager_secret()
-    app = BearerAuth(BodyLimit(create_app(agent), agent.config.max_body_bytes), secret)
-    hc = _hypercorn_config(agent.config.manager_listen)
+    config = agent.config
+    secret = config.manager_secret()
+    app = BearerAuth(BodyLimit(create_app(agent), config.max_body_bytes), secret)
+    hc = _hypercorn_config(config.manager_listen)
+    if config.manager_tls:
+        hc.certfile, hc.keyfile = str(config.manager_cert_file), str(config.manager_key_file)
+        if config.manager_client_ca_file is not None:
+            hc.ca_certs = str(config.manager_client_ca_file)
+            hc.verify_mode = ssl.CERT_REQUIRED  # mutual TLS: no certificate, no request
     await serve(app, hc, shutdown_trigger=stop.wait, task_status=task_status)
 
 

@@ -1,13 +1,16 @@
 """HTTP client for a node agent's control API (the export contract of azfs.export).
 
 Same host: the agent's unix socket.  Other hosts: TCP with the shared secret
-as a bearer token.  Every call has a deadline; failures become
-``agent-unreachable`` (no answer) or ``agent-error`` (the agent refused).
+as a bearer token; over ``https://`` the agent's certificate is verified
+(against the manager's ``agent_ca_file``, else the system's trust).  Every
+call has a deadline; failures become ``agent-unreachable`` (no answer, or a
+certificate that does not verify) or ``agent-error`` (the agent refused).
 """
 
 from __future__ import annotations
 
 import logging
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +30,8 @@ class AgentAddress:
     socket: Path | None = None
     url: str | None = None
     secret: Secret | None = None
+    #: verifying TLS context for https URLs (None: httpx's default, also verifying)
+    tls: ssl.SSLContext | None = None
 
 
 class AgentUnreachable(AgentError):
@@ -44,7 +49,8 @@ class AgentClient:
             transport = httpx.AsyncHTTPTransport(uds=str(self.address.socket))
             base = "http://agent"
         else:
-            transport = httpx.AsyncHTTPTransport()
+            transport = httpx.AsyncHTTPTransport(
+                verify=self.address.tls if self.address.tls is not None else True)
             base = str(self.address.url).rstrip("/")
             if self.address.secret:
                 headers["Authorization"] = f"Bearer {self.address.secret.reveal()}"
@@ -74,14 +80,25 @@ class AgentClient:
             raise AgentUnreachable(f"agent {name!r} did not answer in {self.timeout:g}s") \
                 from None
         except (httpx.HTTPError, OSError) as exc:
-            raise AgentUnreachable(f"agent {name!r} is unreachable: "
-                                   f"{redact(str(exc)) or type(exc).__name__}") from None
+            raise AgentUnreachable(f"agent {name!r} is unreachable: {_reason(exc)}") from None
         if response.status_code == 404 and missing_ok:
             return response
         if response.status_code >= 400:
             raise AgentError(f"agent {name!r} answered {response.status_code}: "
                              f"{_agent_message(response)}")
         return response
+
+
+def _reason(exc: BaseException) -> str:
+    """The first non-empty message down the chain (trio's TLS errors wrap the real one)."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            break
+        if str(seen):
+            return redact(str(seen))
+        seen = seen.__cause__ or seen.__context__
+    return type(exc).__name__
 
 
 def _agent_message(response: httpx.Response) -> str:

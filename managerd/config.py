@@ -68,6 +68,19 @@ class ManagerConfig:
     log_level: str = "INFO"
     #: how agents reach this manager (for SAS renewal URLs); default from ``listen``.
     public_url: str | None = None
+    #: serve HTTPS: certificate chain and key (PEM files; the key 0600).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    #: the CA that signed the agents' certificates (default: the system's trust).
+    agent_ca_file: Path | None = None
+    #: mutual TLS: the certificate (and key) this manager presents to agents.
+    agent_cert_file: Path | None = None
+    agent_key_file: Path | None = None
+
+    @property
+    def tls(self) -> bool:
+        """True if the REST API is served over TLS."""
+        return self.tls_cert_file is not None
 
     @property
     def db_url(self) -> str:
@@ -81,7 +94,7 @@ class ManagerConfig:
         if self.listen_host in ("0.0.0.0", "::", ""):
             return None
         host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
-        return f"http://{host}:{self.listen_port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.listen_port}"
 
     @property
     def mount_dir(self) -> Path:
@@ -143,6 +156,10 @@ class ManagerConfig:
             raise UserError("listen port must be 1-65535")
         if config.db_threads < 1 or config.storage_timeout <= 0 or config.sas_ttl <= 0:
             raise UserError("db_threads, storage_timeout and sas_ttl must be positive")
+        if (config.tls_cert_file is None) != (config.tls_key_file is None):
+            raise UserError("tls_cert_file and tls_key_file go together")
+        if (config.agent_cert_file is None) != (config.agent_key_file is None):
+            raise UserError("agent_cert_file and agent_key_file go together")
         return config
 
     def with_(self, **changes: Any) -> ManagerConfig:

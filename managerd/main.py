@@ -6,6 +6,11 @@ worker until SIGTERM/SIGINT; ``migrate`` only migrates; ``create-user NAME
 first admin); ``issue-token NAME`` prints a new token for a user (a lost
 admin token).  The database URL (which may hold a password) is read from the
 config file or ``AZFS_MANAGERD_DATABASE_URL``, never from a flag.
+
+With ``tls_cert_file``/``tls_key_file`` the API is served over TLS only (the
+files are checked before anything starts).  The state dir, which holds the
+SQLite database and the manager's volume mounts, is made root-only (0700)
+at every start.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from azfs import __version__
 from azfs.errors import AzfsError
+from azfs.hostdirs import ensure_private_dir
 from azfs.logs import setup_logging
 from azfs.secret import redact
 from managerd.app import create_app
@@ -73,6 +79,10 @@ def load_config(args: argparse.Namespace) -> ManagerConfig:
 
 async def serve(config: ManagerConfig, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Runs the manager until SIGTERM/SIGINT (or cancellation)."""
+    if config.tls:
+        from azfs.tls import check_server_files
+
+        check_server_files(config.tls_cert_file, config.tls_key_file, None, "manager TLS")
     manager = Manager(config)
     await manager.start()
     hc = HypercornConfig()
@@ -82,6 +92,11 @@ async def serve(config: ManagerConfig, task_status=trio.TASK_STATUS_IGNORED) -> 
     hc.accesslog = None
     hc.errorlog = logging.getLogger("hypercorn.error")  # our handler only, not a second one
     hc.graceful_timeout = SHUTDOWN_GRACE
+    if config.tls:
+        hc.certfile, hc.keyfile = str(config.tls_cert_file), str(config.tls_key_file)
+    elif host not in ("127.0.0.1", "::1", "localhost"):
+        log.warning("serving on %s without TLS: bearer tokens cross the network in clear; "
+                    "set tls_cert_file and tls_key_file", hc.bind[0])
 
     async def shutdown_trigger() -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -111,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args)
         setup_logging(getattr(logging, config.log_level.upper(), logging.INFO))
+        ensure_private_dir(config.state_dir, "manager state_dir")
         command = args.command or "serve"
         if command == "migrate":
             Manager(config).migrate()

@@ -9,7 +9,7 @@ import trio
 from managerd.config import ManagerConfig
 from managerd.db import migrate
 from managerd.db.session import Database
-from managerd.services.agents import AgentDirectory
+from managerd.services.agents import AgentDirectory, agent_tls
 from managerd.services.datasets import DatasetService
 from managerd.services.kernels import KernelService
 from managerd.services.users import UserService
@@ -28,7 +28,9 @@ class Manager:
         self.vfolders = VfolderService(
             self.db, self.volumes, (config.default_quota_bytes, config.default_quota_files))
         self.agents = AgentDirectory(self.db, config.agents, config.agent_secret, config.etcd,
-                                     config.storage_timeout)
+                                     config.storage_timeout,
+                                     agent_tls(config.agent_ca_file, config.agent_cert_file,
+                                               config.agent_key_file))
         self.datasets = DatasetService(self.db, config.account_keys, config.sas_ttl,
                                        config.sas_max_ttl)
         self.kernels = KernelService(self.db, self.agents, self.datasets,

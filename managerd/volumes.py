@@ -19,6 +19,8 @@ from typing import Any, TypeVar
 
 import trio
 
+from azfs.errors import UserError
+from azfs.hostdirs import ensure_private_dir
 from azfs.volumes.hostmount import STALE_ERRNOS
 from managerd.config import ManagerConfig
 from managerd.errors import ApiError, NotFound, Unavailable
@@ -154,6 +156,10 @@ class VolumePool:
 
     def _get_mounter(self) -> Any:
         if self._mounter is None:
+            try:  # only root may reach the vfolders below the manager's mounts
+                ensure_private_dir(self._config.mount_dir, "manager mount directory")
+            except UserError as exc:
+                raise VolumeUnavailable(str(exc)) from None
             self._mounter = _make_mounter(self._config.mount_dir, self.timeout)
         return self._mounter
 
@@ -253,7 +259,9 @@ def _make_mounter(state_dir: Path, timeout: float) -> Any:
         from azfs.volumes.hostmount import HostMounter
     except ImportError:
         return _BindOnlyMounter()
-    return HostMounter(state_dir, probe_timeout=timeout, mount_timeout=max(timeout, 30.0))
+    # cifs files belong to root on the manager's host: it creates directories, nobody reads
+    return HostMounter(state_dir, uid=0, gid=0, probe_timeout=timeout,
+                       mount_timeout=max(timeout, 30.0))
 
 
 class _FileStore:

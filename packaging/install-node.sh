@@ -5,6 +5,8 @@
 #   * the systemd units azfs-agentd and azfs-managerd (not enabled or started),
 #   * /etc/azfs/{agent.toml,manager.toml,volumes.yaml,managerd.env} from
 #     packaging/examples, only where absent (an existing config is never touched),
+#   * root-only (0700) state, cache and key directories: /var/lib/azfs{,/agent,/managerd},
+#     /var/cache/azfs, /etc/azfs/{tls,cifs} (a looser mode is fixed, another owner refused),
 #   * the docs under $PREFIX/share/doc.
 # Usage: install-node.sh [--dry-run] [--prefix /opt/azfs] [--wheel FILE.whl]
 #   --dry-run   print what would be done, change nothing
@@ -20,7 +22,7 @@ while (( $# )); do
         --dry-run) DRY=1 ;;
         --prefix) PREFIX="${2:?--prefix needs a directory}"; shift ;;
         --wheel) WHEEL="${2:?--wheel needs a file}"; shift ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
         *) echo "install-node.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -41,6 +43,26 @@ install_file() {
     if [[ -f $2 ]] && cmp -s "$1" "$2"; then return 1; fi
     log "installing $2"
     run install -D -m "$3" "$1" "$2"
+}
+# private_dir DIR: DIR exists, owned by root, mode 0700 -- only root reaches what is below
+private_dir() {
+    if [[ ! -e $1 ]]; then
+        log "creating $1 (0700)"
+        run install -d -m 0700 -o root -g root "$1"
+        return
+    fi
+    local owner mode
+    owner="$(stat -L -c %u "$1")"
+    mode="$(stat -L -c %a "$1")"
+    if [[ $owner != 0 ]]; then
+        echo "install-node.sh: $1 is owned by uid $owner, not root; azfs mounts every" \
+             "user's vfolders below it: 'chown root: $1' first" >&2
+        exit 1
+    fi
+    if [[ $mode != 700 ]]; then
+        log "$1 had mode $mode; changing it to 0700"
+        run chmod 0700 "$1"
+    fi
 }
 # install_config SRC DEST MODE: copies only when DEST does not exist (operator's configs)
 install_config() {
@@ -107,8 +129,14 @@ for unit in azfs-agentd.service azfs-managerd.service; do
 done
 if [[ $reload == 1 ]]; then run systemctl daemon-reload; fi
 
-# 4. configs, only where absent
+# 4. configs, only where absent; root-only directories for what must stay private
 run install -d -m 0755 "$ETC"
+# vfolders live below the agent's and the manager's volume mounts and FUSE views,
+# dataset blocks in the cache, keys in tls/ and cifs/: no other user may enter them
+for dir in /var/lib/azfs /var/lib/azfs/agent /var/lib/azfs/managerd /var/cache/azfs \
+           "$ETC/tls" "$ETC/cifs"; do
+    private_dir "$dir"
+done
 install_config "$ROOT/packaging/examples/agent.toml" "$ETC/agent.toml" 0644
 install_config "$ROOT/packaging/examples/manager.toml" "$ETC/manager.toml" 0644
 install_config "$ROOT/packaging/examples/volumes.yaml" "$ETC/volumes.yaml" 0644

@@ -348,7 +348,7 @@ async def test_cifs_mount_invocation_and_credentials_file(state_dir: Path,
     assert call["argv"][5:] == ["//acct.file.core.windows.net/share", str(path)]
     options = call["argv"][4].split(",")
     assert options == ["vers=3.0", "sec=ntlmssp", "actimeo=30", "mfsymlinks", "nosharesock",
-                       "cache=strict", "nobrl", "file_mode=0777", "dir_mode=0777", "uid=1234",
+                       "cache=strict", "nobrl", "file_mode=0700", "dir_mode=0700", "uid=1234",
                        "gid=5678", f"credentials={call['credentials']}"]
     assert all(PASSWORD not in arg and "username" not in arg for arg in call["argv"])
     assert call["content"] == f"username=acct\npassword={PASSWORD}\n"
@@ -385,7 +385,7 @@ def test_cifs_config_overrides_the_azure_files_defaults(tmp_path: Path) -> None:
     plan = plan_mount(volume, tmp_path / "t", 1000, 1000, tmp_path / "cred")
     options = plan.argv[plan.argv.index("-o") + 1].split(",")
     assert options == ["vers=3.1.1", "actimeo=5", "cache=none", "uid=2000", "nomfsymlinks",
-                       "file_mode=0640", "nosharesock", "nobrl", "dir_mode=0777", "gid=1000",
+                       "file_mode=0640", "nosharesock", "nobrl", "dir_mode=0700", "gid=1000",
                        f"credentials={tmp_path / 'cred'}"]
     assert plan.credentials == f"username=acct\ndomain=CORP\npassword={PASSWORD}\n"
 

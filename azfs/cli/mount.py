@@ -4,6 +4,10 @@ Without ``--foreground`` the command starts the daemon as a child in its own
 session and returns only once the mount is ready (or with the daemon's error),
 so scripts can use the mountpoint as soon as the command succeeds.
 Everything is validated before anything is mounted.
+
+An inspection mount is the mounting user's alone (no ``allow_other``): other
+users of the host, whatever their uid, get ``EACCES``.  ``--allow-other``
+opens it to them, with the permissions the mount presents (``--uid``/``--gid``).
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--io-mode", choices=("auto", "threads", "inline"), default=None,
                    help="directory sources: calls in worker threads, or inline on the event "
                         "loop (auto: inline only on a local filesystem)")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let other users of the host in (default: only the mounting user)")
     p.add_argument("--foreground", "-f", action="store_true",
                    help="stay in the foreground, logging to stderr")
     p.add_argument("--log-file", default=None,
@@ -236,7 +242,8 @@ def _run_foreground(args: argparse.Namespace, mountpoint: Path) -> int:
         _report_ready(args.ready_fd, "ok")
 
     try:
-        trio.run(functools.partial(serve, ops, mountpoint, [backend], on_ready=ready))
+        trio.run(functools.partial(serve, ops, mountpoint, [backend], on_ready=ready,
+                                   allow_other=args.allow_other))
     except (RuntimeError, AzfsError) as exc:
         msg = f"cannot mount {mountpoint}: {exc}"
         _report_ready(args.ready_fd, f"error: {msg}")
@@ -299,6 +306,8 @@ def _forwarded_options(args: argparse.Namespace) -> list[str]:
     out: list[str] = []
     if args.ro:
         out.append("--ro")
+    if args.allow_other:
+        out.append("--allow-other")
     for opt in ("uid", "gid", "cache_timeout", "sas_file", "cache_dir", "cache_bytes",
                 "io_threads", "metadata_deadline", "data_deadline", "io_mode"):
         value = getattr(args, opt)

@@ -3,7 +3,10 @@
 Shared by the ``azfs`` commands that talk to ``azfs-managerd`` (folder,
 kernel, user, the dataset catalog).  The manager is ``--url`` or
 ``$AZFS_MANAGER_URL``; the token comes from ``--token-file`` or
-``$AZFS_TOKEN`` (never a flag value, so it stays out of ``ps``).  API errors
+``$AZFS_TOKEN`` (never a flag value, so it stays out of ``ps``).  Over
+``https://`` the manager's certificate and host name are always verified:
+against ``--ca-file`` or ``$AZFS_CA_FILE`` (a cluster's own CA), else the
+system's trust; there is no switch to turn verification off.  API errors
 become one-line :class:`UserError` messages ending in the API's stable code.
 """
 
@@ -31,10 +34,16 @@ DEFAULT_URL = "http://127.0.0.1:8630"
 class ManagerClient:
     """A thin synchronous client of the manager; API errors become :class:`UserError`."""
 
-    def __init__(self, url: str, token: Secret | None, timeout: float = 60.0) -> None:
+    def __init__(self, url: str, token: Secret | None, timeout: float = 60.0,
+                 ca_file: str | Path | None = None) -> None:
+        from azfs.tls import client_context
+
         self.url = url.rstrip("/")
         headers = {"Authorization": f"Bearer {token.reveal()}"} if token else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        verify = client_context(ca_file, what="manager TLS") \
+            if self.url.startswith("https://") else True
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout,
+                                  verify=verify)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ManagerClient:
@@ -52,12 +61,18 @@ class ManagerClient:
             token = Secret(os.environ["AZFS_TOKEN"].strip())
         if not token:
             raise UserError("no API token: set AZFS_TOKEN or pass --token-file")
-        return cls(url, token)
+        return cls(url, token, ca_file=getattr(args, "ca_file", None))
 
     def call(self, method: str, path: str, body: Any = None,
              params: dict[str, Any] | None = None) -> Any:
         try:
             response = self._http.request(method, path, json=body, params=params)
+        except httpx.ConnectError as exc:
+            reason = redact(str(exc)) or type(exc).__name__
+            if "CERTIFICATE_VERIFY_FAILED" in reason:
+                reason = (f"its TLS certificate is not trusted ({reason}); give the cluster's "
+                          "CA with --ca-file or $AZFS_CA_FILE")
+            raise UserError(f"cannot reach the manager at {self.url}: {reason}") from None
         except httpx.HTTPError as exc:
             raise UserError(f"cannot reach the manager at {self.url}: "
                             f"{redact(str(exc)) or type(exc).__name__}") from None
@@ -82,6 +97,9 @@ def ref_path(ref: str) -> str:
 def add_client_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", help=f"manager URL (default $AZFS_MANAGER_URL or {DEFAULT_URL})")
     parser.add_argument("--token-file", help="file holding the API token (default $AZFS_TOKEN)")
+    parser.add_argument("--ca-file", help="CA certificate(s) that signed the manager's TLS "
+                                          "certificate (default $AZFS_CA_FILE, else the "
+                                          "system's trust)")
     parser.add_argument("--json", action="store_true", help="print the API's JSON")
 
 

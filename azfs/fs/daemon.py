@@ -30,10 +30,13 @@ FSNAME = "azfs"
 READ_AHEAD_KB = 1024
 
 
-def mount_options(extra: Iterable[str] = ()) -> set[str]:
-    """``allow_other`` (containers run as another uid), kernel permission checks."""
+def mount_options(extra: Iterable[str] = (), allow_other: bool = True) -> set[str]:
+    """``allow_other`` (containers run as another uid; off for a mount that is the
+    mounting user's alone), kernel permission checks."""
     options = set(pyfuse3.default_options)
-    options |= {"allow_other", "default_permissions", f"fsname={FSNAME}", f"subtype={FSNAME}"}
+    options |= {"default_permissions", f"fsname={FSNAME}", f"subtype={FSNAME}"}
+    if allow_other:
+        options.add("allow_other")
     options |= set(extra)
     return options
 
@@ -56,7 +59,7 @@ def raise_fd_limit() -> None:
 
 
 async def serve(ops: AzfsOperations, mountpoint: str | Path, backends: list[Backend], *,
-                extra_options: Iterable[str] = (),
+                extra_options: Iterable[str] = (), allow_other: bool = True,
                 on_ready: Callable[[], None] | None = None,
                 tasks: Iterable[Callable[[], Awaitable[None]]] = ()) -> None:
     """Mounts ``ops`` at ``mountpoint`` and serves until unmounted or signalled."""
@@ -65,7 +68,7 @@ async def serve(ops: AzfsOperations, mountpoint: str | Path, backends: list[Back
         for backend in backends:
             await backend.start()
             started.append(backend)
-        pyfuse3.init(ops, str(mountpoint), mount_options(extra_options))
+        pyfuse3.init(ops, str(mountpoint), mount_options(extra_options, allow_other))
         mounted = True
     except BaseException:
         for backend in started:

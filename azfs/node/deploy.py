@@ -60,7 +60,7 @@ def up(root: Path, say: Say, **flags: object) -> Settings:
     # bad flags or no Azurite: an error before anything is created
     (layout.load_settings() or Settings()).merged(**flags).check()
     azurite_binary()
-    layout.root.mkdir(parents=True, exist_ok=True, mode=0o755)
+    layout.make_private_root()
     with _node_lock(layout):
         return _up(layout, say, flags)
 

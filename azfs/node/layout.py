@@ -5,7 +5,10 @@ and unmount, and ``rm -r`` of that directory (after ``down``) removes the
 whole node.  Secrets (the admin token, the storage key) live in
 ``secrets/`` (mode 0700, files 0600) and are never printed; the settings
 (ports, etcd endpoint) are in ``node.json`` so that a second ``azfs up``
-finds the same node.
+finds the same node.  The state directory itself is root-only (0700): below
+it are the share standing in for Azure Files, the manager's and the agent's
+volume mounts, the FUSE views, the block cache and Azurite's blobs -- every
+user's data -- so no other user of the machine may enter it.
 """
 
 from __future__ import annotations
@@ -204,15 +207,23 @@ class Layout:
     def save_settings(self, settings: Settings) -> None:
         write_file(self.settings_file, json.dumps(asdict(settings), indent=2) + "\n", 0o644)
 
+    def make_private_root(self) -> None:
+        """The state directory, created 0700 (a looser mode is fixed, with a warning)."""
+        from azfs.hostdirs import ensure_private_dir
+
+        ensure_private_dir(self.root, "node state dir")
+
     def make_dirs(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o755)
-        self.secrets.mkdir(exist_ok=True, mode=0o700)
-        self.secrets.chmod(0o700)
-        for path in (self.config, self.run, self.logs, self.manager_state, self.agent_state,
-                     self.share, self.azurite_data, self.block_cache, self.demo):
+        from azfs.hostdirs import ensure_private_dir
+
+        self.make_private_root()
+        # each directory that holds data or mounts is root-only by itself too, so that
+        # loosening the state dir by hand does not open them
+        for path in (self.secrets, self.manager_state, self.agent_state, self.share,
+                     self.azurite_data, self.block_cache, self.demo):
+            ensure_private_dir(path, "node directory")
+        for path in (self.config, self.run, self.logs):
             path.mkdir(exist_ok=True, mode=0o755)
-        # vfolder directories are created by the manager; kernels (uid 1000) write inside
-        self.share.chmod(0o755)
 
     def storage_key_secret(self) -> Secret:
         """The emulated storage account's key: random per node, made on first use."""

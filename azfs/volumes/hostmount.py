@@ -19,6 +19,8 @@ Invariants:
   mount(8)'s message, secrets redacted.
 * Every blocking step (mount(8), umount, stat probes) runs in a thread with a
   timeout, so hung storage cannot hang the caller's event loop.
+* ``volumes/`` is root-only (0700, see :mod:`azfs.hostdirs`): no other user
+  of the host reaches the vfolders on a mounted volume.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ from pathlib import Path
 
 import trio
 
-from azfs.errors import AzfsError
+from azfs.errors import AzfsError, UserError
+from azfs.hostdirs import ensure_private_dir
 from azfs.secret import redact
 from azfs.volumes import mountinfo
 from azfs.volumes.model import (
@@ -57,9 +60,13 @@ STALE_ERRNOS = frozenset({errno.ENOTCONN, errno.ESTALE, errno.EIO, errno.EHOSTDO
                           errno.ECONNABORTED})  # a FUSE mount whose daemon is dying
 #: The options Azure Files operators use for SMB (as the Azure Files CSI driver
 #: does); ``uid``/``gid`` are added from the mounter.  The config overrides any.
+#: Azure Files keeps no POSIX modes, so cifs shows every file with ``file_mode``:
+#: 0700 (not the CSI driver's 0777) keeps the share root's alone on the host,
+#: and files still executable for the kernels, to which the FUSE layer presents
+#: them as their own uid's.
 AZURE_FILES_DEFAULTS: tuple[tuple[str, str | None], ...] = (
     ("actimeo", "30"), ("mfsymlinks", None), ("nosharesock", None),
-    ("cache", "strict"), ("nobrl", None), ("file_mode", "0777"), ("dir_mode", "0777"),
+    ("cache", "strict"), ("nobrl", None), ("file_mode", "0700"), ("dir_mode", "0700"),
 )
 #: cifs options that go to the credentials file instead of the command line.
 _CREDENTIAL_KEYS = {"username": "username", "user": "username", "domain": "domain",
@@ -243,7 +250,7 @@ class HostMounter:
                  mount_timeout: float = 60.0, probe_timeout: float = 10.0,
                  max_parallel: int = 4) -> None:
         state_dir = Path(state_dir)
-        state_dir.mkdir(parents=True, exist_ok=True)
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.state_dir = state_dir.resolve()
         self.volumes_dir = self.state_dir / "volumes"
         self.credentials_dir = self.state_dir / "credentials"
@@ -362,13 +369,17 @@ class HostMounter:
         if volume.mount.fstype == "bind" and not os.path.isdir(volume.mount.path):
             raise MountError(f"cannot mount volume {volume.name!r}: bind source "
                              f"{volume.mount.path} is not a directory")
+        try:  # only root may reach the vfolders on a mounted volume
+            ensure_private_dir(self.volumes_dir, "volume mount directory")
+        except UserError as exc:
+            raise MountError(f"cannot mount volume {volume.name!r}: {exc}") from None
         credentials_file: Path | None = None
         try:
             if volume.mount.fstype in CIFS_FSTYPES:
                 credentials_file = self._new_credentials_file(volume.name)
             plan = plan_mount(volume, path, self.uid, self.gid, credentials_file,
                               self.mount_binary)
-            path.mkdir(parents=True, exist_ok=True, mode=0o755)
+            path.mkdir(exist_ok=True, mode=0o700)
             if credentials_file is not None and plan.credentials is not None:
                 with open(credentials_file, "w") as out:
                     out.write(plan.credentials)

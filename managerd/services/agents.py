@@ -5,13 +5,15 @@ agent's own key ``/azfs/agents/<name>`` (a JSON value under a lease, so a
 dead node disappears when its lease runs out); then registrations made
 through ``PUT /v1/agents/{name}`` (admin token), which expire after their
 TTL unless renewed.  TCP agents are reached with the manager's shared agent
-secret.
+secret; ``https://`` agents' certificates are checked with :attr:`AgentDirectory.tls`
+(the manager's ``agent_ca_file``, and its client certificate for mutual TLS).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import ssl
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -47,10 +49,11 @@ def _aware(value: datetime | None) -> datetime | None:
 class AgentDirectory:
     def __init__(self, db: Database, configured: Mapping[str, AgentConfig],
                  secret: Secret | None, etcd: str | None = None,
-                 timeout: float = 5.0) -> None:
+                 timeout: float = 5.0, tls: ssl.SSLContext | None = None) -> None:
         self.db = db
         self.configured = configured
         self.secret = secret
+        self.tls = tls
         self.etcd = etcd
         self.timeout = timeout
         self._etcd_client = None
@@ -59,7 +62,7 @@ class AgentDirectory:
         validate_name(name, "agent name")
         if name in self.configured:
             cfg = self.configured[name]
-            return AgentAddress(name, cfg.socket, cfg.url, cfg.secret or self.secret)
+            return AgentAddress(name, cfg.socket, cfg.url, cfg.secret or self.secret, self.tls)
         if self.etcd:
             found = await self._from_etcd(name)
             if found is not None:
@@ -73,7 +76,7 @@ class AgentDirectory:
         if agent is None or (expires is not None and expires < now()):
             raise AgentNotFound(f"no agent named {name!r} is registered")
         return AgentAddress(name, Path(agent.socket) if agent.socket else None, agent.url,
-                            self.secret)
+                            self.secret, self.tls)
 
     async def _from_etcd(self, name: str) -> AgentAddress | None:
         try:
@@ -95,7 +98,7 @@ class AgentDirectory:
             log.warning("malformed etcd registration of agent %s", name)
             return None
         if url:
-            return AgentAddress(name, None, str(url), self.secret)
+            return AgentAddress(name, None, str(url), self.secret, self.tls)
         if socket:
             return AgentAddress(name, Path(socket), None, None)
         return None
@@ -181,6 +184,17 @@ class AgentDirectory:
                 session.delete(agent)
 
         await self.db.run(work)
+
+
+def agent_tls(ca_file: Path | None, cert_file: Path | None,
+              key_file: Path | None) -> ssl.SSLContext | None:
+    """The context that verifies agents' certificates (None: none configured, httpx's
+    verifying default applies)."""
+    if ca_file is None and cert_file is None:
+        return None
+    from azfs.tls import client_context
+
+    return client_context(ca_file, cert_file, key_file, what="agent TLS")
 
 
 def _agent_dict(agent: Agent) -> dict[str, Any]:

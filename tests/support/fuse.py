@@ -87,9 +87,12 @@ class Mount:
     #: command prefix for the daemon (e.g. resource limits)
     prefix: Sequence[str] = ()
     pids: list[int] = field(default_factory=list)
+    #: ``--allow-other``: the tests act as other uids, as kernels do through the agent
+    allow_other: bool = True
 
     def mount(self) -> None:
-        res = azfs("mount", "--log-file", str(self.log), *self.options,
+        flags = ["--allow-other"] if self.allow_other else []
+        res = azfs("mount", "--log-file", str(self.log), *flags, *self.options,
                    str(self.source), str(self.mnt), env=self.env, prefix=self.prefix)
         if res.returncode != 0:
             raise RuntimeError(f"azfs mount failed ({res.returncode}): {res.stderr.strip()}\n"

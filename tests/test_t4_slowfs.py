@@ -56,6 +56,9 @@ def test_data_and_metadata_pass_through(slowfs) -> None:
     (src / "direct.txt").write_bytes(b"from the source")
     assert (mnt / "direct.txt").read_bytes() == b"from the source"
 
+    fd = os.open(mnt / "direct.txt", os.O_RDONLY | os.O_NOFOLLOW)  # as containment opens
+    assert os.read(fd, 4) == b"from"
+    os.close(fd)
     with open(mnt / "a.txt", "r+b") as f:
         f.seek(2)
         f.write(b"XY")

@@ -365,7 +365,9 @@ class SlowFS(pyfuse3.Operations):
     # ---- files ------------------------------------------------------------------------------
     @request
     def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        fd = os.open(_proc(self._fd(inode)), flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY))
+        # the kernel resolved the name already; O_NOFOLLOW would refuse the /proc link
+        fd = os.open(_proc(self._fd(inode)),
+                     flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW))
         self._files.add(fd)
         return pyfuse3.FileInfo(fh=fd)
 

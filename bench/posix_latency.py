@@ -5,7 +5,8 @@ The share is the slowfs fixture (tests/support/slowfs.py): a passthrough FUSE
 filesystem over a local directory that delays every request by --latency-ms,
 as a network share (Azure Files over SMB) does.  A vfolder directory on it is
 served three ways: through ``azfs mount``, through ``bindfs -o allow_other``
-(the C passthrough peer), and directly (the fixture itself).  P worker
+(the C passthrough peer; single-threaded by default, so also as ``bindfs-mt``
+with ``--multithreaded``), and directly (the fixture itself).  P worker
 processes, each in its own directory as separate containers would be, run at
 once; every cell starts from fresh mounts and dropped caches (cold):
 
@@ -14,9 +15,9 @@ once; every cell starts from fresh mounts and dropped caches (cold):
 * create: 200 files of 100 bytes each: create, write, close (files/s)
 
 Printed: files/s summed over the workers (all files / wall time from the
-first start to the last finish), the speed ratio azfs/bindfs, and each
-target's scaling, throughput at P over its throughput at P = 1 (>= 5 at P = 8
-is the goal for azfs).  Needs root, ``bindfs`` and ``fusermount3``.
+first start to the last finish), the speed ratios azfs/bindfs and
+azfs/bindfs-mt, and each target's scaling, throughput at P over its
+throughput at P = 1 (>= 5 at P = 8 is the goal for azfs).  Needs root, ``bindfs`` and ``fusermount3``.
 
     .venv/bin/python bench/posix_latency.py                 # P = 1, 8, 32
     .venv/bin/python bench/posix_latency.py --quick         # P = 1, 8, fewer files
@@ -48,7 +49,7 @@ from tests.support.slowfs import SlowVolume, slow_volume  # noqa: E402
 
 CHUNK = 1 << 20
 FAILED = float("nan")
-TARGETS = ("azfs", "bindfs", "fixture")
+TARGETS = ("azfs", "bindfs", "bindfs-mt", "fixture")
 
 
 # ---- environment (shared with posix_metadata.py) ------------------------------------
@@ -118,9 +119,10 @@ def azfs_mount(source: Path, mnt: Path, log: Path, options: list[str]) -> Iterat
 
 
 @contextlib.contextmanager
-def bindfs_mount(source: Path, mnt: Path) -> Iterator[Path]:
+def bindfs_mount(source: Path, mnt: Path, *options: str) -> Iterator[Path]:
     mnt.mkdir(exist_ok=True)
-    proc = subprocess.Popen(["bindfs", "-f", "-o", "allow_other", str(source), str(mnt)],
+    proc = subprocess.Popen(["bindfs", "-f", "-o", "allow_other", *options, str(source),
+                             str(mnt)],
                             stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_mounted(mnt, proc)
@@ -252,8 +254,9 @@ def stack(target: str, work: Path, args: argparse.Namespace) -> Iterator[Path]:
         vf = share.mountpoint / "vf"
         if target == "fixture":
             yield vf
-        elif target == "bindfs":
-            with bindfs_mount(vf, work / "via-bindfs") as mnt:
+        elif target.startswith("bindfs"):
+            options = ("--multithreaded",) if target == "bindfs-mt" else ()
+            with bindfs_mount(vf, work / "via-bindfs", *options) as mnt:
                 yield mnt
         else:
             with azfs_mount(vf, work / "via-azfs", work / "run" / "azfs.log",
@@ -323,16 +326,15 @@ def report(args: argparse.Namespace, workloads: list[str],
     labels = {"read": f"cold read {args.read_files} x {args.read_size // 1024} KiB",
               "ls": f"ls -l {args.ls_files} files", "create": f"create {args.create_files} files"}
     base = min(args.parallel)
-    head = ["workload", "P", *TARGETS, "azfs/bindfs", f"azfs P/P={base}",
-            f"bindfs P/P={base}"]
+    head = ["workload", "P", *TARGETS, "azfs/bindfs", "azfs/bindfs-mt",
+            *(f"{t} P/P={base}" for t in TARGETS[:3])]
     rows = []
     for workload in workloads:
         for workers in args.parallel:
             v = {t: results[workload, workers, t] for t in TARGETS}
             rows.append([labels[workload], str(workers), *(rate(v[t]) for t in TARGETS),
-                         ratio(v["azfs"], v["bindfs"]),
-                         ratio(v["azfs"], results[workload, base, "azfs"]),
-                         ratio(v["bindfs"], results[workload, base, "bindfs"])])
+                         ratio(v["azfs"], v["bindfs"]), ratio(v["azfs"], v["bindfs-mt"]),
+                         *(ratio(v[t], results[workload, base, t]) for t in TARGETS[:3])])
     return (f"\nMachine: {machine()}\nShare: slowfs, {args.latency_ms} ms per request, "
             f"kernel cache timeout {args.share_cache_timeout} s; fresh mounts and dropped "
             f"caches per cell; median of {args.repeat}; files/s summed over P workers "

@@ -17,7 +17,8 @@ once; every cell starts from fresh mounts and dropped caches (cold):
 Printed: files/s summed over the workers (all files / wall time from the
 first start to the last finish), the speed ratios azfs/bindfs and
 azfs/bindfs-mt, and each target's scaling, throughput at P over its
-throughput at P = 1 (>= 5 at P = 8 is the goal for azfs).  Needs root, ``bindfs`` and ``fusermount3``.
+throughput at P = 1 (>= 5 at P = 8 is the goal for azfs).  Needs root,
+``bindfs`` and ``fusermount3``.
 
     .venv/bin/python bench/posix_latency.py                 # P = 1, 8, 32
     .venv/bin/python bench/posix_latency.py --quick         # P = 1, 8, fewer files

@@ -260,6 +260,9 @@ def test_cleanup_leaves_nothing_mounted_even_frozen_and_busy(tmp_path: Path) -> 
                                f"f = open({str(frozen.mountpoint / 'held')!r})\n"
                                "print('open', flush=True)\ntime.sleep(600)"],
                               stdout=subprocess.PIPE, text=True)
+    copy = tmp_path / "bound"  # as an agent bind-mounts a volume
+    copy.mkdir()
+    subprocess.run(["mount", "--bind", str(frozen.mountpoint), str(copy)], check=True)
     try:
         assert holder.stdout.readline() == "open\n"
         frozen.freeze()
@@ -270,6 +273,7 @@ def test_cleanup_leaves_nothing_mounted_even_frozen_and_busy(tmp_path: Path) -> 
             vol.cleanup()
             assert not is_mounted(vol.mountpoint)
             assert vol.proc.poll() is not None, "daemon still running after cleanup"
+        assert not is_mounted(copy)
     finally:
         frozen.cleanup()
         holder.kill()

@@ -74,7 +74,8 @@ import pytest
 import trio
 from pyfuse3 import FUSEError
 
-from azfs.volumes.mountinfo import find_mount, is_mounted
+from azfs.volumes.hostmount import MountError, lazy_unmount
+from azfs.volumes.mountinfo import find_mount, is_mounted, read_mountinfo
 
 REPO = Path(__file__).resolve().parents[2]
 log = logging.getLogger("slowfs")
@@ -635,6 +636,8 @@ class SlowVolume:
     log: Path
     proc: subprocess.Popen[bytes] | None = None
     frozen: bool = False
+    #: "major:minor" of the mounted filesystem: finds its bind mounts at cleanup
+    device: str = ""
 
     @property
     def pid(self) -> int:
@@ -657,6 +660,8 @@ class SlowVolume:
                 self.cleanup()
                 raise RuntimeError(f"slowfs did not mount {self.mountpoint}:\n{self.log_text()}")
             time.sleep(0.02)
+        entry = find_mount(self.mountpoint)
+        self.device = entry.device if entry is not None else ""
 
     def freeze(self) -> None:
         """SIGSTOP: every call into the mount now blocks, as on a hung SMB server."""
@@ -703,7 +708,11 @@ class SlowVolume:
         return answer
 
     def cleanup(self) -> None:
-        """Thaws, unmounts lazily and ends the daemon, whatever state it is in."""
+        """Thaws, unmounts lazily and ends the daemon, whatever state it is in.
+
+        Bind mounts of this filesystem made elsewhere (an agent's volume mount
+        of it) go too: the daemon could not end while they exist.
+        """
         proc = self.proc
         if proc is not None and proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -714,6 +723,11 @@ class SlowVolume:
                 break
             subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)],
                            capture_output=True, timeout=30, check=False)
+        copies = [e.mount_point for e in read_mountinfo()
+                  if self.device and e.device == self.device and e.fstype == "fuse.slowfs"]
+        for path in sorted(copies, key=len, reverse=True):
+            with contextlib.suppress(OSError, MountError):
+                lazy_unmount(path)
         if proc is not None:
             # unmounted: the daemon ends by itself once the last user of the mount is gone
             try:

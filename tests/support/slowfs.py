@@ -588,6 +588,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s slowfs[%(process)d] %(levelname)s %(message)s")
     os.umask(0)  # the caller's umask comes with each request
+    # until the event loop listens, a control signal must not end the process
+    signal.signal(signal.SIGUSR1, lambda *_: None)
     fs = SlowFS(str(args.source), latency, args.cache_timeout)
     options = set(pyfuse3.default_options) - {"default_permissions"}
     options |= {"fsname=slowfs", "subtype=slowfs", "allow_other"}
@@ -662,6 +664,11 @@ class SlowVolume:
             time.sleep(0.02)
         entry = find_mount(self.mountpoint)
         self.device = entry.device if entry is not None else ""
+        try:
+            self.status()  # ready means answering control orders too
+        except BaseException:
+            self.cleanup()
+            raise
 
     def freeze(self) -> None:
         """SIGSTOP: every call into the mount now blocks, as on a hung SMB server."""
@@ -694,15 +701,18 @@ class SlowVolume:
         tmp.write_text(json.dumps({**order, "token": token}))
         tmp.replace(self.control)
         status_file = self.control.with_name(self.control.name + ".status")
-        os.kill(self.pid, signal.SIGUSR1)
         answer: dict[str, Any] = {}
-
-        def answered() -> bool:
-            nonlocal answer
-            with contextlib.suppress(OSError, ValueError):
-                answer = json.loads(status_file.read_text())
-            return answer.get("token") == token
-        _wait(answered, 10, "slowfs to answer its control file")
+        deadline = time.monotonic() + 15
+        while answer.get("token") != token:
+            # (re)sent: a signal that arrives before the daemon listens is lost
+            os.kill(self.pid, signal.SIGUSR1)
+            resend = time.monotonic() + 0.5
+            while answer.get("token") != token and time.monotonic() < resend:
+                time.sleep(0.01)
+                with contextlib.suppress(OSError, ValueError):
+                    answer = json.loads(status_file.read_text())
+            if time.monotonic() > deadline:
+                raise TimeoutError("slowfs did not answer its control file")
         if "error" in answer:
             raise ValueError(answer["error"])
         return answer

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from azfs.volumes.mountinfo import is_mounted
-from tests.support.slowfs import REPO, SlowVolume, _state, slowfs  # noqa: F401
+from tests.support.slowfs import REPO, SlowVolume, process_state, slow_volume, slowfs  # noqa: F401
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (FUSE allow_other)")
 
@@ -234,7 +234,7 @@ def test_freeze_blocks_callers_until_thaw(slowfs) -> None:
     vol = slowfs(latency_ms=1)
     (vol.source / "f").write_bytes(b"")
     vol.freeze()
-    assert _state(vol.pid) == "T"
+    assert process_state(vol.pid) == "T"
     with pytest.raises(RuntimeError, match="frozen"):
         vol.set_latency(2)
     caller = subprocess.Popen(["stat", str(vol.mountpoint / "f")], stdout=subprocess.DEVNULL,
@@ -252,7 +252,6 @@ def test_freeze_blocks_callers_until_thaw(slowfs) -> None:
 
 
 def test_cleanup_leaves_nothing_mounted_even_frozen_and_busy(tmp_path: Path) -> None:
-    from tests.support.slowfs import slow_volume
     frozen = slow_volume(tmp_path, 1)
     (frozen.mountpoint / "held").write_bytes(b"x")
     # another process keeps a file open (this one must not: closing it would block)
@@ -281,11 +280,10 @@ def test_cleanup_leaves_nothing_mounted_even_frozen_and_busy(tmp_path: Path) -> 
 
 
 def test_fixture_context_manager(tmp_path: Path) -> None:
-    from tests.support.slowfs import slow_volume
     with slow_volume(tmp_path, 0) as vol:
         assert isinstance(vol, SlowVolume)
         (vol.mountpoint / "x").write_text("y")
         pid = vol.pid
     assert not is_mounted(vol.mountpoint)
-    assert _state(pid) in ("", "Z")
+    assert process_state(pid) in ("", "Z")
     assert (vol.source / "x").read_text() == "y"

@@ -612,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ---- the test-side handle ------------------------------------------------------------------
-def _state(pid: int) -> str:
+def process_state(pid: int) -> str:
     """The process state letter from /proc (``T`` stopped, ``Z`` zombie), or ``""``."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -674,11 +674,11 @@ class SlowVolume:
         """SIGSTOP: every call into the mount now blocks, as on a hung SMB server."""
         os.kill(self.pid, signal.SIGSTOP)
         self.frozen = True
-        _wait(lambda: _state(self.pid) == "T", 10, "slowfs to stop")
+        _wait(lambda: process_state(self.pid) == "T", 10, "slowfs to stop")
 
     def thaw(self) -> None:
         os.kill(self.pid, signal.SIGCONT)
-        _wait(lambda: _state(self.pid) not in ("T", "t"), 10, "slowfs to continue")
+        _wait(lambda: process_state(self.pid) not in ("T", "t"), 10, "slowfs to continue")
         self.frozen = False
 
     def set_latency(self, ms: float) -> None:

@@ -248,7 +248,7 @@ class FuseHost:
 
     async def _blob(self, spec: dict) -> _Shared:
         from azfs.backends.blob import BlobBackend
-        from azfs.blob.sas import static_token_source
+        from azfs.blob.sas import static_token_source, url_token_source
 
         url = str(spec.get("url") or "")
         sas, sas_url = spec.get("sas"), spec.get("sas_url")
@@ -258,7 +258,7 @@ class FuseHost:
             if shared is not None:
                 return shared
             if sas_url:
-                token_source = _fetching_token_source(str(sas_url))
+                token_source = url_token_source(str(sas_url), timeout=SAS_FETCH_TIMEOUT)
             elif sas:
                 token_source = static_token_source(Secret(str(sas)))
             else:
@@ -387,26 +387,6 @@ def _check_path(path: Sequence[str]) -> tuple[str, ...]:
                 or "\0" in comp or len(comp) > 255:
             raise HostError("invalid", f"invalid path component {comp!r}")
     return tuple(path)
-
-
-def _fetching_token_source(sas_url: str):
-    """A token source that GETs a fresh SAS (plain text, or JSON with ``sas``)."""
-    import httpx
-
-    async def fetch() -> Secret:
-        async with httpx.AsyncClient(timeout=SAS_FETCH_TIMEOUT) as client:
-            response = await client.get(sas_url)
-        if response.status_code != 200:
-            from azfs.errors import AccessDenied
-
-            raise AccessDenied(f"the SAS source answered {response.status_code}")
-        text = response.text.strip()
-        if text.startswith("{"):
-            body = response.json()
-            text = str(body.get("sas") or body.get("token") or "")
-        return Secret(text)
-
-    return fetch
 
 
 # ---- process entry point ----------------------------------------------------------------

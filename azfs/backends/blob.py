@@ -7,7 +7,9 @@ SAS of :mod:`azfs.blob.sas`.
 
 Tree: directories are the ``/``-delimited prefixes of blob names, read one
 level at a time with a hierarchical listing and cached for
-``listing_ttl`` seconds (:meth:`BlobBackend.refresh` drops the cache).
+``listing_ttl`` seconds (:meth:`BlobBackend.refresh` drops the cache); the
+cache holds at most ``listing_cache_entries`` entries, least recently used
+listings dropped first (:mod:`azfs.blob.listings`).
 Directory markers -- zero-length blobs named ``dir/`` and blobs with
 ``hdi_isfolder=true`` metadata (ADLS Gen2) -- show as directories, never as
 files.  Names that cannot be a POSIX file name (empty components, ``.``,
@@ -42,6 +44,7 @@ from azfs.backends.base import (
     StatFs,
 )
 from azfs.blob.http import BlobHttp, BlobProps
+from azfs.blob.listings import ListingCache
 from azfs.blob.prefetch import DEFAULT_BUDGET, BlockReader, PrefetchBudget, ReadStats
 from azfs.blob.sas import SasManager, TokenSource, file_token_source, static_token_source
 from azfs.blob.url import BlobSource, parse_blob_url
@@ -75,6 +78,9 @@ class BlobOptions:
     list_page_size: int = 5000
     #: cache writes allowed in flight before new blocks skip the disk cache
     max_pending_cache_writes: int = 8
+    #: directory entries kept in cached listings, LRU beyond: about 0.6 KiB each, so
+    #: at most 60 MiB per dataset, beside the 256 MiB read-ahead budget of the process
+    listing_cache_entries: int = 100_000
 
 
 class BlobNode(Node):
@@ -185,7 +191,8 @@ class BlobBackend(Backend):
         self.read_stats = ReadStats()
         self.fetch_limiter = trio.CapacityLimiter(self.options.max_requests)
         self._root = BlobNode("", True)
-        self._dirs: dict[str, _Dir] = {}
+        self._dirs: ListingCache[_Dir] = ListingCache(self.options.listing_cache_entries)
+        #: one lock per directory being listed right now (dropped when nobody waits)
         self._dir_locks: dict[str, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
         self._stop = trio.Event()
@@ -304,9 +311,9 @@ class BlobBackend(Backend):
             self._dirs.clear()
             return
         path = path.strip("/")
-        for key in [k for k in self._dirs if k == path or k.startswith(path + "/")
+        for key in [k for k in self._dirs.paths() if k == path or k.startswith(path + "/")
                     or not path]:
-            del self._dirs[key]
+            self._dirs.pop(key)
 
     def _attrs(self, path: str, entry: _Entry) -> Attributes:
         props = entry.props
@@ -325,15 +332,20 @@ class BlobBackend(Backend):
         if cached is not None and cached.expires > now:
             return cached
         lock = self._dir_locks.setdefault(path, trio.Lock())
-        async with lock:
-            cached = self._dirs.get(path)
-            if cached is not None and cached.expires > trio.current_time():
-                return cached
-            listing = await self.http.list_level(self._blob_prefix(path))
-            entries = _entries(self._blob_prefix(path), listing.prefixes, listing.blobs)
-            result = _Dir(entries, trio.current_time() + self.options.listing_ttl)
-            self._dirs[path] = result
-            return result
+        try:
+            async with lock:
+                cached = self._dirs.get(path)
+                if cached is not None and cached.expires > trio.current_time():
+                    return cached
+                listing = await self.http.list_level(self._blob_prefix(path))
+                entries = _entries(self._blob_prefix(path), listing.prefixes, listing.blobs)
+                result = _Dir(entries, trio.current_time() + self.options.listing_ttl)
+                self._dirs.put(path, result, len(entries))
+                return result
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting \
+                    and self._dir_locks.get(path) is lock:
+                del self._dir_locks[path]
 
     def _blob_prefix(self, path: str) -> str:
         return self.source.prefix + (f"{path}/" if path else "")
@@ -473,6 +485,9 @@ class BlobBackend(Backend):
             "sas.renewals": self.sas.renewals,
             "sas.failed_renewals": self.sas.failed_renewals,
             "open_files": len(self._open_files),
+            "listings.dirs": len(self._dirs),
+            "listings.entries": self._dirs.entries,
+            "listings.evictions": self._dirs.evictions,
         })
         if self.cache is not None:
             c = self.cache.stats()

@@ -26,6 +26,7 @@ from azfs.node.configs import write_configs
 from azfs.node.layout import Layout, Settings
 from azfs.volumes.model import load_yaml_file
 from managerd.config import ManagerConfig
+from tests.support.services import missing_service
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGING = REPO / "packaging"
@@ -139,7 +140,7 @@ def test_wheel_builds_and_installs_into_a_clean_venv(tmp_path: Path) -> None:
                str(src)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
     if done.returncode != 0 and "Could not find a version" in done.stderr:
-        pytest.skip("the build backend cannot be fetched here")
+        missing_service("the build backend (setuptools, wheel) cannot be fetched here")
     assert done.returncode == 0, done.stderr[-2000:]
     wheels = list(dist.glob("azfs-*.whl"))
     assert [w.name for w in wheels] == [f"azfs-{__version__}-py3-none-any.whl"]

@@ -214,6 +214,11 @@ class SasManager:
         left = (when - dt.datetime.now(dt.UTC)).total_seconds() - self.renew_before
         return max(0.0, left)
 
+    def _short_sas_pause(self) -> float:
+        when = self.expiry
+        left = (when - dt.datetime.now(dt.UTC)).total_seconds() if when else 0.0
+        return min(self.retry_interval, max(1.0, left / 2))
+
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Background task: renews ahead of expiry for as long as the backend lives.
 
@@ -232,6 +237,9 @@ class SasManager:
             if self._source is not None:
                 reason = "expired" if self.expired() else "ahead of expiry"
                 if await self.renew(reason):
+                    if self.seconds_until_renewal() <= 0:
+                        # a SAS that lives less than renew_before: do not spin on the source
+                        await trio.sleep(self._short_sas_pause())
                     continue
             if delays is None:
                 delays = RetryPolicy(base=1.0, cap=self.retry_interval).delays()

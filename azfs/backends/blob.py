@@ -7,9 +7,9 @@ SAS of :mod:`azfs.blob.sas`.
 
 Tree: directories are the ``/``-delimited prefixes of blob names, read one
 level at a time with a hierarchical listing and cached for
-``listing_ttl`` seconds (:meth:`BlobBackend.refresh` drops the cache); the
-cache holds at most ``listing_cache_entries`` entries, least recently used
-listings dropped first (:mod:`azfs.blob.listings`).
+``listing_ttl`` seconds (:meth:`BlobBackend.refresh` drops the cache) in the
+process's bounded :mod:`~azfs.blob.listings` cache, least recently used
+listings dropped first.
 Directory markers -- zero-length blobs named ``dir/`` and blobs with
 ``hdi_isfolder=true`` metadata (ADLS Gen2) -- show as directories, never as
 files.  Names that cannot be a POSIX file name (empty components, ``.``,
@@ -44,7 +44,7 @@ from azfs.backends.base import (
     StatFs,
 )
 from azfs.blob.http import BlobHttp, BlobProps
-from azfs.blob.listings import ListingCache
+from azfs.blob.listings import DEFAULT_LISTINGS, ListingCache
 from azfs.blob.prefetch import DEFAULT_BUDGET, BlockReader, PrefetchBudget, ReadStats
 from azfs.blob.sas import SasManager, TokenSource, file_token_source, static_token_source
 from azfs.blob.url import BlobSource, parse_blob_url
@@ -78,9 +78,6 @@ class BlobOptions:
     list_page_size: int = 5000
     #: cache writes allowed in flight before new blocks skip the disk cache
     max_pending_cache_writes: int = 8
-    #: directory entries kept in cached listings, LRU beyond: about 0.6 KiB each, so
-    #: at most 60 MiB per dataset, beside the 256 MiB read-ahead budget of the process
-    listing_cache_entries: int = 100_000
 
 
 class BlobNode(Node):
@@ -173,7 +170,8 @@ class BlobBackend(Backend):
 
     def __init__(self, source: BlobSource, *, token_source: TokenSource | None = None,
                  cache: BlockCache | None = None, budget: PrefetchBudget | None = None,
-                 options: BlobOptions | None = None) -> None:
+                 options: BlobOptions | None = None,
+                 listings: ListingCache | None = None) -> None:
         self.source = source
         self.options = options or BlobOptions()
         self.cache = cache
@@ -191,7 +189,8 @@ class BlobBackend(Backend):
         self.read_stats = ReadStats()
         self.fetch_limiter = trio.CapacityLimiter(self.options.max_requests)
         self._root = BlobNode("", True)
-        self._dirs: ListingCache[_Dir] = ListingCache(self.options.listing_cache_entries)
+        #: cached listings, in a cache shared by every blob backend of the process
+        self.listings: ListingCache = listings if listings is not None else DEFAULT_LISTINGS
         #: one lock per directory being listed right now (dropped when nobody waits)
         self._dir_locks: dict[str, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
@@ -206,7 +205,8 @@ class BlobBackend(Backend):
                  token_source: TokenSource | None = None, cache: BlockCache | None = None,
                  cache_dir: Path | None = None, cache_bytes: int = 10 * 1024 * MiB,
                  budget: PrefetchBudget | None = None,
-                 options: BlobOptions | None = None) -> BlobBackend:
+                 options: BlobOptions | None = None,
+                 listings: ListingCache | None = None) -> BlobBackend:
         """A backend for ``https://ACCOUNT.blob.core.windows.net/CONTAINER[/PREFIX][?SAS]``.
 
         The SAS comes from ``token_source`` (agent), else ``sas_file`` (re-read
@@ -228,7 +228,7 @@ class BlobBackend(Backend):
         if cache is None and cache_dir is not None:
             cache = BlockCache.shared(Path(cache_dir), cache_bytes)
         return cls(source, token_source=token_source, cache=cache, budget=budget,
-                   options=options)
+                   options=options, listings=listings)
 
     @property
     def cache_timeout(self) -> float:
@@ -299,6 +299,7 @@ class BlobBackend(Backend):
         self._stop.set()
         if self._nursery is not None:
             await self._stopped.wait()
+        self.listings.drop(self)
         await trio.to_thread.run_sync(self.http.close)
 
     # ---- tree ----------------------------------------------------------------------
@@ -308,12 +309,12 @@ class BlobBackend(Backend):
     def refresh(self, path: str | None = None) -> None:
         """Forgets cached listings (all, or of ``path`` and below): the explicit refresh."""
         if path is None:
-            self._dirs.clear()
+            self.listings.drop(self)
             return
         path = path.strip("/")
-        for key in [k for k in self._dirs.paths() if k == path or k.startswith(path + "/")
-                    or not path]:
-            self._dirs.pop(key)
+        for key in [k for k in self.listings.paths(self)
+                    if k == path or k.startswith(path + "/") or not path]:
+            self.listings.pop(self, key)
 
     def _attrs(self, path: str, entry: _Entry) -> Attributes:
         props = entry.props
@@ -327,20 +328,20 @@ class BlobBackend(Backend):
                           ctime_ns=mtime)
 
     async def _dir(self, path: str) -> _Dir:
-        cached = self._dirs.get(path)
+        cached = self.listings.get(self, path)
         now = trio.current_time()
         if cached is not None and cached.expires > now:
             return cached
         lock = self._dir_locks.setdefault(path, trio.Lock())
         try:
             async with lock:
-                cached = self._dirs.get(path)
+                cached = self.listings.get(self, path)
                 if cached is not None and cached.expires > trio.current_time():
                     return cached
                 listing = await self.http.list_level(self._blob_prefix(path))
                 entries = _entries(self._blob_prefix(path), listing.prefixes, listing.blobs)
                 result = _Dir(entries, trio.current_time() + self.options.listing_ttl)
-                self._dirs.put(path, result, len(entries))
+                self.listings.put(self, path, result, len(entries))
                 return result
         finally:
             if not lock.locked() and not lock.statistics().tasks_waiting \
@@ -408,7 +409,7 @@ class BlobBackend(Backend):
     def _update_entry(self, path: str, props: BlobProps) -> None:
         """Keeps the cached listing in step with what an open just saw."""
         parent, _, name = path.rpartition("/")
-        cached = self._dirs.get(parent)
+        cached = self.listings.get(self, parent)
         if cached is not None:
             entry = cached.entries.get(name)
             if entry is not None and not entry.is_dir:
@@ -485,9 +486,8 @@ class BlobBackend(Backend):
             "sas.renewals": self.sas.renewals,
             "sas.failed_renewals": self.sas.failed_renewals,
             "open_files": len(self._open_files),
-            "listings.dirs": len(self._dirs),
-            "listings.entries": self._dirs.entries,
-            "listings.evictions": self._dirs.evictions,
+            "listings.dirs": self.listings.owned(self)[0],
+            "listings.entries": self.listings.owned(self)[1],
         })
         if self.cache is not None:
             c = self.cache.stats()

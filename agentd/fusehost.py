@@ -281,7 +281,7 @@ class FuseHost:
 
     async def _blob(self, spec: dict) -> _Shared:
         from azfs.backends.blob import BlobBackend
-        from azfs.blob.sas import static_token_source
+        from azfs.blob.sas import static_token_source, url_token_source
 
         url = str(spec.get("url") or "")
         sas, sas_url = spec.get("sas"), spec.get("sas_url")
@@ -291,7 +291,7 @@ class FuseHost:
             if shared is not None:
                 return shared
             if sas_url:
-                token_source = _fetching_token_source(str(sas_url))
+                token_source = url_token_source(str(sas_url), timeout=SAS_FETCH_TIMEOUT)
             elif sas:
                 token_source = static_token_source(Secret(str(sas)))
             else:
@@ -384,16 +384,21 @@ class FuseHost:
 
     async def _dispatch(self, line: bytes) -> dict:
         try:
-            request = json.loads(line)
+            try:
+                request = json.loads(line)
+            except ValueError as exc:  # bad JSON or bad UTF-8
+                raise HostError("invalid", f"a request must be one JSON object: {exc}") \
+                    from None
             if not isinstance(request, dict):
                 raise HostError("invalid", "a request must be a JSON object")
             op = request.get("op")
+            _check_request(op, request)
             if op == "attach":
-                result = await self.attach(request.get("path") or [], request.get("view") or {},
-                                           request.get("backend") or {},
+                result = await self.attach(request["path"], request.get("view") or {},
+                                           request["backend"],
                                            str(request.get("digest") or ""))
             elif op == "detach":
-                result = await self.detach(request.get("path") or [])
+                result = await self.detach(request["path"])
             elif op == "list":
                 result = self.list()
             elif op == "stats":
@@ -405,9 +410,8 @@ class FuseHost:
             return {"ok": True, "result": result}
         except HostError as exc:
             return {"ok": False, "code": exc.code, "message": redact(str(exc))}
-        except (ValueError, TypeError) as exc:
-            return {"ok": False, "code": "invalid", "message": redact(str(exc))}
         except Exception as exc:  # noqa: BLE001 - the socket must outlive any request
+            # input was validated above: anything else is a fault of this process
             log.exception("request failed")
             return {"ok": False, "code": "internal", "message": redact(str(exc))}
 
@@ -422,7 +426,56 @@ def _open_vfolder(root: str, rel: str) -> tuple[int, os.stat_result]:
         raise
 
 
-def _check_path(path: Sequence[str]) -> tuple[str, ...]:
+#: the fields each backend kind reads, with their JSON types (None is always allowed)
+_BACKEND_FIELDS: dict[str, dict[str, type]] = {
+    "posix": {"volume_root": str, "path": str, "quota_bytes": int, "quota_files": int},
+    "blob": {"url": str, "sas": str, "sas_url": str},
+}
+_VIEW_FIELDS: dict[str, type] = {"label": str, "read_only": bool, "uid": int, "gid": int}
+
+
+def _check_request(op: object, request: dict) -> None:
+    """Checks the type of every field ``op`` reads, so that only bad input is ``invalid``."""
+    if op not in ("attach", "detach"):
+        return
+    _check_path(request.get("path"))
+    if op == "detach":
+        return
+    _check_fields(request, {"digest": str}, "")
+    view = request.get("view")
+    if view is not None:
+        _check_fields(_object(view, "view"), _VIEW_FIELDS, "view.")
+    backend = _object(request.get("backend"), "backend")
+    kind = backend.get("kind")
+    fields = _BACKEND_FIELDS.get(kind) if isinstance(kind, str) else None
+    if fields is None:
+        raise HostError("invalid", f"unknown backend kind {kind!r}")
+    _check_fields(backend, fields, "backend.")
+
+
+def _object(value: object, name: str) -> dict:
+    if not isinstance(value, dict):
+        raise HostError("invalid", f"{name} must be a JSON object")
+    return value
+
+
+def _check_fields(obj: dict, fields: dict[str, type], prefix: str) -> None:
+    for name, kind in fields.items():
+        value = obj.get(name)
+        if value is None:
+            continue
+        # JSON true/false are bools, and bool is an int in Python: keep them apart
+        if kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        else:
+            ok = isinstance(value, kind)
+        if not ok:
+            what = {str: "a string", bool: "true or false",
+                    int: "a non-negative integer"}[kind]
+            raise HostError("invalid", f"{prefix}{name} must be {what}")
+
+
+def _check_path(path: object) -> tuple[str, ...]:
     if not isinstance(path, list | tuple) or not path or len(path) > 8:
         raise HostError("invalid", "path must be a list of 1-8 names")
     for comp in path:
@@ -430,26 +483,6 @@ def _check_path(path: Sequence[str]) -> tuple[str, ...]:
                 or "\0" in comp or len(comp) > 255:
             raise HostError("invalid", f"invalid path component {comp!r}")
     return tuple(path)
-
-
-def _fetching_token_source(sas_url: str):
-    """A token source that GETs a fresh SAS (plain text, or JSON with ``sas``)."""
-    import httpx
-
-    async def fetch() -> Secret:
-        async with httpx.AsyncClient(timeout=SAS_FETCH_TIMEOUT) as client:
-            response = await client.get(sas_url)
-        if response.status_code != 200:
-            from azfs.errors import AccessDenied
-
-            raise AccessDenied(f"the SAS source answered {response.status_code}")
-        text = response.text.strip()
-        if text.startswith("{"):
-            body = response.json()
-            text = str(body.get("sas") or body.get("token") or "")
-        return Secret(text)
-
-    return fetch
 
 
 # ---- process entry point ----------------------------------------------------------------

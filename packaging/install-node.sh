@@ -106,7 +106,7 @@ fi
 if [[ "$(cat "$VENV/.azfs-source" 2>/dev/null || true)" != "$want" ]]; then
     log "installing azfs from $SOURCE into $VENV"
     run "$VENV/bin/pip" install -q --upgrade pip
-    run "$VENV/bin/pip" install -q --upgrade "$SOURCE"
+    run "$VENV/bin/pip" install -q --upgrade "$SOURCE${AZFS_EXTRAS:+[$AZFS_EXTRAS]}"
     if [[ $DRY == 1 ]]; then printf '[dry-run] record %s in %s\n' "$want" "$VENV/.azfs-source"
     else echo "$want" > "$VENV/.azfs-source"; fi
 else

@@ -57,12 +57,15 @@ if [[ ! -x "$VENV/bin/python" ]]; then
     "$PYTHON" -m venv "$VENV"
 fi
 stamp="$VENV/.azfs-installed"
-extras=""
-[[ $WITH_TEST == 1 ]] && extras="[test]"
-want="$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)$extras"
+# this environment runs a whole node, manager included (`azfs up`), so it always
+# gets the manager's extra; a compute node installed by install-node.sh does not
+extras="[manager]"
+[[ $WITH_TEST == 1 ]] && extras="[manager,test]"
+hash="$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+want="$hash$extras"
 have="$(cat "$stamp" 2>/dev/null || true)"
 # an install with the test extras also serves a runtime-only request
-if [[ "$have" != "$want" && "$have" != "$want[test]" ]]; then
+if [[ "$have" != "$want" && "$have" != "$hash[manager,test]" ]]; then
     log "installing azfs$extras into $VENV"
     "$VENV/bin/pip" install -q --upgrade pip >/dev/null
     "$VENV/bin/pip" install -q -e "$ROOT$extras"

@@ -15,6 +15,7 @@ import trio
 
 from azfs.backends.base import AttrChanges
 from azfs.backends.blob import BlobBackend, BlobOptions
+from azfs.blob.listings import ListingCache
 from azfs.blob.prefetch import PrefetchBudget
 from azfs.cache.block import BlockCache
 from azfs.errors import NotFound, ReadOnly
@@ -146,6 +147,62 @@ async def test_listing_cache_ttl_and_refresh(dataset):
     finally:
         await backend.close()
         dataset.service_client().get_blob_client("dataset", "late.txt").delete_blob()
+
+
+def test_listing_cache_drops_least_recently_used_and_keeps_the_newest():
+    one, two = object(), object()
+    cache: ListingCache[str] = ListingCache(10)
+    cache.put(one, "a", "A", 4)
+    cache.put(two, "a", "B", 4)  # same path, another owner: another listing
+    assert cache.get(one, "a") == "A"  # one's a is now more recent than two's
+    cache.put(one, "c", "C", 4)
+    assert cache.get(two, "a") is None and cache.get(one, "c") == "C"
+    assert cache.entries == 8 and cache.evictions == 1 and cache.owned(two) == (0, 0)
+    cache.put(two, "huge", "H", 50)  # larger than the bound alone: kept, all others go
+    assert len(cache) == 1 and cache.paths(two) == ["huge"] and cache.entries == 50
+    cache.drop(two)
+    assert len(cache) == 0 and cache.entries == 0
+
+
+async def test_a_walk_of_many_folders_keeps_the_listing_cache_bounded(azurite):  # noqa: F811
+    """10 folders x 12 subfolders x 2 files, walked twice by two backends that share a
+    40-entry listing cache (as every dataset of a daemon shares one).
+
+    The cache never holds more than its bound, a listing dropped from it is
+    read again when needed, every file is found with its size and bytes, no
+    per-directory lock outlives its listing, and a closed backend leaves nothing.
+    """
+    blobs = {f"f{i}/s{j}/{k}.txt": f"{i}/{j}/{k}".encode()
+             for i in range(10) for j in range(12) for k in range(2)}
+    azurite.upload("walk", blobs)
+    bound = 40
+    listings: ListingCache = ListingCache(bound)
+    url = azurite.container_url("walk", sas=azurite.container_sas("walk"))
+    backends = [await started(url, listings=listings, options=options(listing_ttl=3600))
+                for _ in range(2)]
+    try:
+        for _ in range(2):
+            for backend in backends:
+                found: dict[str, bytes] = {}
+                for top in sorted(await names(backend, backend.root())):
+                    assert listings.entries <= bound
+                    for sub in sorted(await names(backend, await node_at(backend, top))):
+                        folder = await node_at(backend, f"{top}/{sub}")
+                        for name in sorted(await names(backend, folder)):
+                            path = f"{top}/{sub}/{name}"
+                            attrs = await backend.getattr(await node_at(backend, path))
+                            found[path] = await read_all(backend, path)
+                            assert attrs.size == len(found[path])
+                            assert listings.entries <= bound
+                assert found == blobs
+                assert backend._dir_locks == {}
+        assert listings.evictions > 0
+        assert sum(b.stats()["listings.entries"] for b in backends) == listings.entries
+        assert listings.entries <= bound and len(listings) < 10 * 12
+    finally:
+        for backend in backends:
+            await backend.close()
+    assert len(listings) == 0 and listings.entries == 0
 
 
 async def test_byte_exact_reads_at_random_offsets(dataset):

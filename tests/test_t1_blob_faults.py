@@ -7,6 +7,7 @@ forged cases are refused by the service, not by azfs.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import random
@@ -16,10 +17,13 @@ import trio
 
 from azfs.backends.blob import BlobBackend, BlobOptions
 from azfs.blob.prefetch import PrefetchBudget
-from azfs.errors import AccessDenied, BackendUnavailable, StaleObject
+from azfs.blob.sas import sas_expiry
+from azfs.errors import AccessDenied, BackendUnavailable, StaleObject, TemporaryFailure
 from azfs.retry import RetryPolicy
 from azfs.secret import Secret
 from tests.support.azurite import azurite, azurite_fn  # noqa: F401
+from tests.support.poll import until
+from tests.support.sas_source import SasSource
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -66,9 +70,12 @@ async def test_sas_is_renewed_ahead_of_expiry_while_a_file_is_open(dataset):
     try:
         fh = await open_file(backend, "data.bin")
         assert await backend.read(fh, 0, 1000) == DATA[:1000]
-        await trio.sleep(5)  # past the first SAS's expiry
-        assert backend.sas.renewals == 1 and issued
+        await until(lambda: backend.sas.renewals == 1, timeout=30, what="a renewal")
+        assert issued
         assert backend.sas.current == Secret(fresh)
+        expiry = sas_expiry(short)
+        await until(lambda: dt.datetime.now(dt.UTC) > expiry, timeout=30,
+                    what="the first SAS's expiry")
         assert await backend.read(fh, 2 * MiB, 4 * KiB) == DATA[2 * MiB:2 * MiB + 4 * KiB]
         await backend.release(fh)
     finally:
@@ -102,7 +109,7 @@ async def test_expired_sas_gives_access_denied_and_a_log_line(dataset, caplog):
     try:
         fh = await open_file(backend, "data.bin")
         assert await backend.read(fh, 0, 100) == DATA[:100]
-        await trio.sleep(3)
+        await until(backend.sas.expired, timeout=30, what="the SAS expiring")
         with pytest.raises(AccessDenied, match="expired"):
             await backend.read(fh, MiB, 100)
         assert "expired" in caplog.text and "EACCES" in caplog.text
@@ -236,46 +243,57 @@ async def test_blob_deleted_while_open_is_stale(dataset):
         await backend.close()
 
 
-async def test_sas_from_a_url_token_source(dataset):
-    """The agent's form: a URL that answers a fresh SAS (here a local HTTP server)."""
-    import http.server
-    import json
-    import threading
-
+async def test_url_token_source_reads_json_and_classifies_failures(dataset):
+    """The manager's form: JSON ``{"sas": ...}``; unreachable is temporary, never the URL."""
     from azfs.blob.sas import url_token_source
 
     fresh = dataset.container_sas("faults", seconds=7200)
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-            body = json.dumps({"sas": fresh}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    source = SasSource(fresh).start()
     try:
-        source = url_token_source(f"http://127.0.0.1:{server.server_port}/sas")
-        backend = BlobBackend.from_url(dataset.container_url("faults"), token_source=source,
-                                       options=options())
-        await backend.start()  # no SAS in the URL: the first one comes from the source
-        try:
-            assert backend.sas.current == Secret(fresh)
-            fh = await open_file(backend, "other.bin")
-            assert await backend.read(fh, 0, 10) == DATA[:10]
-            await backend.release(fh)
-        finally:
-            await backend.close()
-        dead = url_token_source("http://127.0.0.1:1/sas", timeout=2)
-        with pytest.raises(AccessDenied, match="did not answer"):
-            await dead()
+        assert await url_token_source(source.url)() == Secret(fresh)
+        port = source.port
     finally:
-        server.shutdown()
-        server.server_close()
+        source.stop()
+    dead = url_token_source(f"http://127.0.0.1:{port}/sas?key=kernel-key", timeout=2)
+    with pytest.raises(TemporaryFailure, match="did not answer") as info:
+        await dead()
+    assert "kernel-key" not in str(info.value)
+
+
+async def test_sas_renewal_outlives_an_outage_of_the_sas_source(dataset, tmp_path, caplog):
+    """The product's path: the node's FUSE host builds the backend from ``sas_url``.
+
+    The source serves a SAS whose renewal is due in a few seconds, goes down
+    (connections refused) when renewal starts, and comes back later with a
+    fresh SAS: the renewer keeps retrying through the outage and swaps it in.
+    """
+    from agentd.fusehost import FuseHost
+    from azfs.backends.blob import BlobOptions as Defaults
+    from azfs.fs.operations import AzfsOperations
+
+    renew_before = Defaults().renew_before  # the fusehost uses the default options
+    short = dataset.container_sas("faults", seconds=renew_before + 3)
+    fresh = dataset.container_sas("faults", seconds=7200)
+    source = SasSource(short).start()
+    host = FuseHost(AzfsOperations(), tmp_path)
+    try:
+        shared = await host._backend_for({"kind": "blob", "url": dataset.container_url("faults"),
+                                          "sas_url": source.url})
+        backend = shared.backend
+        assert backend.sas.current == Secret(short)
+        source.stop()
+        await until(lambda: backend.sas.failed_renewals >= 2, timeout=30,
+                    what="renewal attempts while the source is down")
+        assert backend.sas.current == Secret(short)
+        source.sas = fresh
+        source.start()
+        await until(lambda: backend.sas.current == Secret(fresh), timeout=60,
+                    what="the fresh SAS after the source came back")
+        fh = await open_file(backend, "other.bin")
+        assert await backend.read(fh, 0, 10) == DATA[:10]
+        await backend.release(fh)
+        assert "background task failed" not in caplog.text
+        assert "kernel-key" not in caplog.text
+    finally:
+        await host.close_all()
+        source.stop()

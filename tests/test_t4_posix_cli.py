@@ -35,8 +35,16 @@ def assert_refused(res: subprocess.CompletedProcess[str], *words: str) -> None:
         assert word in lines[-1], lines[-1]
 
 
-def assert_one_line(res: subprocess.CompletedProcess[str]) -> None:
+#: exit statuses of the CLI: a refused request, a command line argparse rejects
+REFUSED, USAGE = 1, 2
+
+
+def assert_one_line(res: subprocess.CompletedProcess[str], status: int, *mnts: Path) -> None:
+    """One stderr line, exactly ``status``, and nothing mounted on (or serving) ``mnts``."""
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert res.returncode == status, (res.returncode, res.stderr)
+    for mnt in mnts:
+        assert nothing_left(mnt), f"{mnt} is still mounted or served"
 
 
 @pytest.fixture
@@ -73,10 +81,7 @@ def test_bad_paths_are_refused(tmp_path, dirs, case):
     }[case]
     res = mount_cmd(*map(str, args), log=tmp_path / "log")
     assert_refused(res, *words)
-    assert_one_line(res)
-    for p in args:
-        if Path(p).is_dir():
-            assert nothing_left(Path(p))
+    assert_one_line(res, REFUSED, *(Path(p) for p in args if Path(p).is_dir()))
 
 
 def _mkdir(p: Path) -> Path:
@@ -103,14 +108,14 @@ def test_bad_options_are_refused(tmp_path, dirs, options, words):
     src, mnt = dirs
     res = mount_cmd(*options, str(src), str(mnt), log=tmp_path / "log")
     assert_refused(res, *words)
-    assert nothing_left(mnt)
+    assert_one_line(res, USAGE, mnt)
     assert os.listdir(src) == []  # not even a ledger
 
 
 def test_bad_options_give_one_line(tmp_path, dirs):
     src, mnt = dirs
     res = mount_cmd("--quota-bytes", "10X", str(src), str(mnt), log=tmp_path / "log")
-    assert_one_line(res)
+    assert_one_line(res, USAGE, mnt)
 
 
 def test_negative_cache_timeout_is_refused(tmp_path, dirs, mounted):
@@ -131,7 +136,8 @@ def test_mountpoint_already_mounted(mounted, tmp_path):
     other.mkdir()
     res = mount_cmd(str(other), str(m.mnt), log=tmp_path / "log2")
     assert_refused(res, "already in use")
-    assert_one_line(res)
+    assert len(res.stderr.strip().splitlines()) == 1 and res.returncode == REFUSED, res
+    assert not daemon_pids(other) and is_mounted(m.mnt)
     assert (m.mnt / "f").read_text() == "first"  # the first mount is unharmed
     assert os.listdir(other) == []
 
@@ -202,8 +208,8 @@ def test_umount_busy_and_lazy(mounted):
     with open(m.mnt / "f") as f:
         res = azfs("umount", str(m.mnt), env=m.env)
         assert_refused(res, "busy")
-        assert_one_line(res)
-        assert is_mounted(m.mnt)
+        assert len(res.stderr.strip().splitlines()) == 1 and res.returncode == REFUSED, res
+        assert is_mounted(m.mnt) and alive(pid)  # a refused umount leaves the mount alone
         res = azfs("umount", "--lazy", str(m.mnt), env=m.env)
         assert res.returncode == 0, res.stderr
         assert not is_mounted(m.mnt)
@@ -214,10 +220,10 @@ def test_umount_busy_and_lazy(mounted):
 def test_umount_errors(tmp_path):
     res = azfs("umount", str(tmp_path))
     assert_refused(res, "not mounted")
-    assert_one_line(res)
+    assert_one_line(res, REFUSED, tmp_path)
     res = azfs("umount", "/proc")
     assert_refused(res, "not an azfs mount")
-    assert_one_line(res)
+    assert len(res.stderr.strip().splitlines()) == 1 and res.returncode == REFUSED, res
     assert is_mounted("/proc")
 
 

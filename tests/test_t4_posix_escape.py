@@ -15,7 +15,6 @@ import errno
 import os
 import stat
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ import pytest
 from azfs.backends.posix import PosixBackend
 from azfs.errors import InvalidArgument
 from tests.support.fuse import as_user, errno_of
+from tests.support.poll import wait_until
 
 
 @pytest.fixture
@@ -152,8 +152,8 @@ def test_directory_swapped_for_symlink_during_a_walk(mounted, layout):
     assert (src / "moved" / "e" / "deep").exists()
     assert (src / "moved" / "sub").is_dir()
     # a fresh path walk sees the link, followed in our namespace (where it is missing)
-    time.sleep(0.3)
-    assert stat.S_ISLNK(os.lstat(m.mnt / "d").st_mode)
+    wait_until(lambda: stat.S_ISLNK(os.lstat(m.mnt / "d").st_mode), timeout=10,
+               what="the link once the cached entry expired")
     assert errno_of(lambda: open(m.mnt / "d" / "x", "w")) == errno.ENOENT
     assert snapshot(outside) == before
 
@@ -166,22 +166,31 @@ def test_parent_swapped_during_lookups(mounted, layout):
     (src / "d" / "own").write_text("own")
     before = snapshot(outside)
     seen: set[str] = set()
+    outcomes: dict[bool, list[int]] = {True: [], False: []}  # swapped → errnos (0 = ok)
     for i in range(30):
-        if i % 2:
+        swapped = bool(i % 2)
+        if swapped:
             os.rename(src / "d", src / "real")
             os.symlink("../outside", src / "d")
-        else:
-            if os.path.islink(src / "d"):
-                os.unlink(src / "d")
-                os.rename(src / "real", src / "d")
-        try:
+        elif os.path.islink(src / "d"):
+            os.unlink(src / "d")
+            os.rename(src / "real", src / "d")
+
+        def walk() -> None:
             seen.update(os.listdir(m.mnt / "d"))
             with open(m.mnt / "d" / "probe", "a") as f:
                 f.write("x")
-        except OSError as exc:
-            assert exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ESTALE), exc
+
+        outcomes[swapped].append(errno_of(walk))
     assert "victim" not in seen
     assert snapshot(outside) == before
+    # swapped in: the link is followed in our namespace, where it leads nowhere
+    assert set(outcomes[True]) <= {errno.ENOENT, errno.ENOTDIR, errno.ESTALE}, outcomes
+    assert 0 not in outcomes[True]
+    # the real directory back in place: listed and written every time
+    assert outcomes[False] == [0] * 15, outcomes
+    assert seen == {"own", "probe"}
+    assert (src / "real" / "probe").read_text() == "x" * 15  # the last round swapped
 
 
 @pytest.mark.parametrize("name", ["a/b", "..", ".", "", "x\0y", "../outside", "/etc"])
@@ -300,6 +309,8 @@ def test_evicted_directories_are_never_reopened_through_a_swapped_in_link(mounte
             os.stat(m.mnt / "many" / name)
         os.rename(src / "d", src / "moved")
         os.symlink("../outside", src / "d")
+        # e's descriptor was evicted: reopening it by name meets the link, so every
+        # operation through it is ESTALE, and nothing reaches the outside
         for attempt in (
             lambda: os.close(os.open("new", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=held_e)),
             lambda: os.mkdir("sub", dir_fd=held_e),
@@ -307,11 +318,19 @@ def test_evicted_directories_are_never_reopened_through_a_swapped_in_link(mounte
             lambda: os.open("victim", os.O_RDONLY, dir_fd=held_e),
         ):
             err = errno_of(attempt)
-            assert err in (0, errno.ESTALE, errno.ENOENT), os.strerror(err)
+            assert err == errno.ESTALE, os.strerror(err) if err else "succeeded"
+        assert snapshot(outside) == before
+        # with the real directory back in its place, the same handle works again
+        os.unlink(src / "d")
+        os.rename(src / "moved", src / "d")
+        os.close(os.open("new", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=held_e))
+        os.mkdir("sub", dir_fd=held_e)
+        assert sorted(os.listdir(held_e)) == ["new", "sub"]
     finally:
         os.close(held_e)
     assert snapshot(outside) == before
     assert not (outside / "new").exists() and not (outside / "sub").exists()
+    assert (src / "d" / "e" / "new").is_file() and (src / "d" / "e" / "sub").is_dir()
 
 
 def test_many_files_with_a_tight_descriptor_budget(mounted):

@@ -19,6 +19,7 @@ import pytest
 
 from azfs.volumes.mountinfo import find_mount
 from tests.support.fuse import as_user, errno_of
+from tests.support.poll import wait_until
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -420,14 +421,15 @@ def test_changes_in_the_source_are_seen_after_the_cache_timeout(mounted):
     (m.source / "f").write_bytes(b"bbbbbbbb")
     (m.source / "new").touch()
     os.chmod(m.source / "f", 0o600)
-    time.sleep(0.5)
-    assert os.stat(m.mnt / "f").st_size == 8
+    wait_until(lambda: os.stat(m.mnt / "f").st_size == 8, timeout=10,
+               what="the new size once the attribute cache expired")
     assert stat.S_IMODE(os.stat(m.mnt / "f").st_mode) == 0o600
     assert (m.mnt / "f").read_bytes() == b"bbbbbbbb"
-    assert sorted(os.listdir(m.mnt)) == ["f", "new"]
+    wait_until(lambda: sorted(os.listdir(m.mnt)) == ["f", "new"], timeout=10,
+               what="the new entry in the listing")
     os.unlink(m.source / "new")
-    time.sleep(0.5)
-    assert not (m.mnt / "new").exists()
+    wait_until(lambda: not (m.mnt / "new").exists(), timeout=10,
+               what="the removed entry gone once the entry cache expired")
 
 
 @pytest.mark.parametrize("count", [300])
@@ -617,8 +619,15 @@ def test_evicted_node_follows_changes_made_in_the_source(mounted, change):
             os.rename(m.source / "a", m.source / "b")
         else:
             os.unlink(m.source / "a")
-        time.sleep(0.5)
-        assert (m.mnt / "b").read_text() == "data"
+
+        def read_b() -> str | None:
+            try:
+                return (m.mnt / "b").read_text()
+            except OSError:
+                return None  # until the kernel's cached entry expires
+
+        wait_until(lambda: read_b() == "data", timeout=10,
+                   what="the file under its new name after the cache timeout")
     finally:
         os.close(pin)
 
@@ -641,9 +650,10 @@ def test_evicted_open_file_survives_its_unlink(mounted):
     try:
         _evict_descriptors(m)
         os.unlink(m.mnt / "f")
-        time.sleep(0.4)  # past the attribute cache: the kernel asks the daemon again
+        # past the attribute cache the kernel asks the daemon again
+        wait_until(lambda: os.fstat(fd).st_nlink == 0, timeout=10,
+                   what="the link count of the unlinked file")
         assert os.pread(fd, 10, 0) == b"data"
-        assert os.fstat(fd).st_nlink == 0
     finally:
         os.close(fd)
 
@@ -681,7 +691,9 @@ def test_statfs_of_a_hung_volume_fails_instead_of_hanging(mounted, tmp_path):
     pid = volume.pids[0]
     os.kill(pid, signal.SIGSTOP)
     try:
-        time.sleep(2)  # past the ledger's flush interval (a change is pending)
+        # the pending change's flush (due within a second) gets stuck on the volume
+        wait_until(lambda: _blocked_in_fuse(m.pids), timeout=10,
+                   what="the daemon's ledger flush waiting on the stopped volume")
         t = threading.Thread(target=lambda: result.append(errno_of(lambda: os.statvfs(m.mnt))),
                              daemon=True)
         t.start()
@@ -690,3 +702,16 @@ def test_statfs_of_a_hung_volume_fails_instead_of_hanging(mounted, tmp_path):
         os.kill(pid, signal.SIGCONT)  # always: a stopped volume would hang the teardown
     t.join(30)
     assert result == [errno.ETIMEDOUT]
+
+
+def _blocked_in_fuse(pids: list[int]) -> bool:
+    """True when a thread of ``pids`` waits in the kernel for a FUSE daemon's answer."""
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            try:
+                wchan = (task / "wchan").read_text()
+            except OSError:
+                continue
+            if wchan == "request_wait_answer":  # fs/fuse/dev.c
+                return True
+    return False

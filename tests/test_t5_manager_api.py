@@ -5,9 +5,12 @@ test's own trio loop and reached with httpx; the database is a real SQLite
 file or a real PostgreSQL 15 server; host volumes are ``bind`` volumes of
 temp directories, mounted by the manager through the library's host mounter.
 
-The node agent is out of scope here except for its HTTP contract: a small
-FastAPI app served by hypercorn on a real unix socket stands in for it,
-records every request and answers per ``azfs.export``.
+Where a test is about the manager-agent contract (exports, unexports, the
+agent's failures, TCP with the shared secret) the manager talks to a real
+``azfs-agentd`` (``tests/support/agent.py``) that shares its host volumes.
+Tests that inspect the exact body the manager sends use :class:`FakeAgent`, a
+small FastAPI app on a real unix socket that records every request and
+answers as the real agent does (its codes and statuses).
 """
 
 from __future__ import annotations
@@ -25,8 +28,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, Request, Response
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
@@ -36,8 +38,10 @@ from managerd.app import create_app
 from managerd.config import AgentConfig, ManagerConfig
 from managerd.services.users import create_user
 from managerd.state import Manager
+from tests.support.agent import AgentHarness
 from tests.support.azurite import ACCOUNT, KEY
 from tests.support.postgres import postgres  # noqa: F401
+from tests.support.services import free_port
 
 # -- fixtures -------------------------------------------------------------------
 
@@ -48,7 +52,6 @@ class FakeAgent:
 
     socket: Path
     requests: list[tuple[str, str, Any]] = field(default_factory=list)
-    fail_next: bool = False
     exports: dict[str, ExportRequest] = field(default_factory=dict)
 
     def app(self) -> FastAPI:
@@ -58,10 +61,6 @@ class FakeAgent:
         async def put(kernel_id: str, request: Request) -> Any:
             body = await request.json()
             self.requests.append(("PUT", kernel_id, body))
-            if self.fail_next:
-                self.fail_next = False
-                return JSONResponse({"error": {"code": "mount-failed",
-                                               "message": "volume would not mount"}}, 500)
             export = ExportRequest.model_validate(body)
             self.exports[kernel_id] = export
             return {"kernel_id": kernel_id, "mounts": [
@@ -72,10 +71,8 @@ class FakeAgent:
         @app.delete("/v1/kernels/{kernel_id}")
         async def delete(kernel_id: str) -> Any:
             self.requests.append(("DELETE", kernel_id, None))
-            if self.exports.pop(kernel_id, None) is None:
-                return JSONResponse({"error": {"code": "not-found", "message": "no kernel"}},
-                                    404)
-            return JSONResponse(None, 204)
+            self.exports.pop(kernel_id, None)
+            return Response(status_code=204)  # the real agent: 204, also when already gone
 
         return app
 
@@ -116,8 +113,12 @@ def _unmount_under(root: Path) -> None:
 
 @contextlib.asynccontextmanager
 async def running_manager(tmp: Path, database_url: str, backend: str,
-                          volumes: int = 2, **extra: Any) -> AsyncIterator[Server]:
+                          volumes: int = 2, node: AgentHarness | None = None,
+                          **extra: Any) -> AsyncIterator[Server]:
+    """A manager on ``tmp``; agent ``node1`` is ``node`` (a real agent) or a FakeAgent."""
     vol_dirs = {f"vol{i}": tmp / f"vol{i}" for i in range(1, volumes + 1)}
+    if node is not None:
+        vol_dirs["vol1"] = node.sources["vol1"]  # the agent exports from the same directory
     for path in vol_dirs.values():
         path.mkdir(exist_ok=True)
     volumes_file = tmp / "volumes.yaml"
@@ -125,15 +126,18 @@ async def running_manager(tmp: Path, database_url: str, backend: str,
         f"  - name: {name}\n    mount: {{at: requested, fstype: bind, path: {path}}}\n"
         for name, path in vol_dirs.items()))
     agent = FakeAgent(tmp / "agent.sock")
+    agent_socket = node.socket if node is not None else agent.socket
     config = ManagerConfig(state_dir=tmp / "state", database_url=database_url,
                            volumes_file=volumes_file, db_threads=8, storage_timeout=10,
-                           agents={"node1": AgentConfig("node1", socket=agent.socket)},
+                           agents={"node1": AgentConfig("node1", socket=agent_socket)},
                            account_keys={ACCOUNT: Secret(KEY)}, **extra)
     manager = Manager(config)
     try:
         async with trio.open_nursery() as nursery:
             await manager.start()
-            agent_stop, _ = await _serve(nursery, agent.app(), f"unix:{agent.socket}")
+            agent_stop = trio.Event()
+            if node is None:
+                agent_stop, _ = await _serve(nursery, agent.app(), f"unix:{agent.socket}")
             app_stop, binds = await _serve(nursery, create_app(manager), "127.0.0.1:0")
             port = int(binds[0].rsplit(":", 1)[1])
             manager.kernels.public_url = f"http://127.0.0.1:{port}"
@@ -176,6 +180,37 @@ async def server(request, tmp_dir) -> AsyncIterator[Server]:
 @pytest.fixture
 async def sqlite_server(tmp_dir) -> AsyncIterator[Server]:
     async with running_manager(tmp_dir, f"sqlite:///{tmp_dir / 'manager.db'}", "sqlite") as srv:
+        yield srv
+
+
+AGENT_SECRET = "s3cret-agent-for-tcp"
+
+
+@pytest.fixture
+def node(tmp_dir: Path) -> Any:
+    """A real agent: volumes vol1 (shared with the manager) and vol2, whose source is
+    missing (so mounting it fails as a dead storage server would), plus a TCP listener
+    that wants the shared secret."""
+    harness = AgentHarness(tmp_dir / "node", volumes={"vol1": "requested",
+                                                      "vol2": "requested"})
+    secret = tmp_dir / "node" / "agent.secret"
+    secret.write_text(AGENT_SECRET)
+    harness.tcp_port = free_port()  # type: ignore[attr-defined]
+    harness.write_config(manager={"listen": f"127.0.0.1:{harness.tcp_port}",
+                                  "secret_file": str(secret)})
+    shutil.rmtree(harness.sources["vol2"])
+    try:
+        harness.start()
+        yield harness
+    finally:
+        harness.cleanup()
+    assert harness.mounts() == [], "mounts left behind after teardown"
+
+
+@pytest.fixture
+async def node_server(tmp_dir, node) -> AsyncIterator[Server]:
+    async with running_manager(tmp_dir, f"sqlite:///{tmp_dir / 'manager.db'}", "sqlite",
+                               node=node) as srv:
         yield srv
 
 
@@ -460,7 +495,7 @@ async def test_kernel_export_and_never_delete_in_use(server: Server) -> None:
         assert r.status_code == 409 and r.json()["error"]["code"] == "vfolder-bad-state"
 
 
-async def test_kernel_modes_targets_and_agent_failure(sqlite_server: Server) -> None:
+async def test_kernel_modes_and_targets(sqlite_server: Server) -> None:
     srv = sqlite_server
     async with srv.client("olive") as c:
         vf = (await c.post("/v1/vfolders", json={"alias": "shared"})).json()
@@ -475,14 +510,6 @@ async def test_kernel_modes_targets_and_agent_failure(sqlite_server: Server) -> 
         assert r.status_code == 422
         r = await c.post("/v1/kernels", json={"kernel_id": "k3", "agent": "nowhere"})
         assert r.status_code == 404 and r.json()["error"]["code"] == "agent-not-found"
-        # the agent fails: nothing stays recorded and the vfolder is free again
-        srv.agent.fail_next = True
-        r = await c.post("/v1/kernels", json={"kernel_id": "k4", "agent": "node1",
-                                              "vfolders": [{"vfolder": "a"}]})
-        assert r.status_code == 502 and r.json()["error"]["code"] == "agent-error"
-        assert "would not mount" in r.json()["error"]["message"]
-        assert (await c.get("/v1/kernels")).json() == []
-        assert (await c.get("/v1/vfolders/a")).json()["status"] == "ready"
     async with srv.client("rhea") as c:
         r = await c.post("/v1/kernels", json={"kernel_id": "k5", "agent": "node1",
                                               "vfolders": [{"vfolder": vf["id"], "mode": "rw"}]})
@@ -642,44 +669,84 @@ async def test_slow_purge_finishes_in_the_background(sqlite_server: Server) -> N
         service.remove_tree = real_remove
 
 
-async def test_agent_over_tcp_with_shared_secret(sqlite_server: Server) -> None:
+async def test_kernel_lifecycle_through_the_real_agent(node_server: Server,
+                                                      node: AgentHarness) -> None:
+    """Create → the agent serves the vfolder at the path it answered; destroy → gone."""
+    srv = node_server
+    async with srv.client("olive") as c:
+        vf = (await c.post("/v1/vfolders", json={"alias": "work", "volume": "vol1"})).json()
+        assert vf["volume"] == "vol1", vf
+        r = await c.post("/v1/kernels", json={"kernel_id": "k1", "agent": "node1",
+                                              "vfolders": [{"vfolder": "work",
+                                                            "target": "src"}]})
+        assert r.status_code == 201, r.text
+        (mount,) = r.json()["mounts"]
+        assert mount["destination"] == "/home/work/src"
+        served = Path(mount["source"])
+        assert served == node.fuse_path("k1", "work")
+        (served / "hello.txt").write_text("through the agent")
+        on_volume = node.sources["vol1"] / vf["path"] / "hello.txt"
+        assert on_volume.read_text() == "through the agent"
+        async with node.client() as agent_http:
+            (kernel,) = (await agent_http.get("/v1/kernels")).json()["kernels"]
+            assert kernel["kernel_id"] == "k1"
+        assert (await c.get("/v1/vfolders/work")).json()["status"] == "mounted"
+        assert (await c.delete("/v1/kernels/k1")).status_code == 204
+        assert not served.exists()
+        async with node.client() as agent_http:
+            assert (await agent_http.get("/v1/kernels")).json()["kernels"] == []
+        # the agent already forgot it: a second destroy is fine on both sides
+        assert (await c.delete("/v1/kernels/k1")).status_code == 204
+        assert (await c.get("/v1/vfolders/work")).json()["status"] == "ready"
+        assert on_volume.read_text() == "through the agent"
+
+
+async def test_agent_failure_through_the_real_agent(node_server: Server,
+                                                    node: AgentHarness) -> None:
+    """The agent cannot mount the vfolder's volume: 502 agent-error with the agent's
+    reason, nothing recorded, the vfolder free again, and the agent left clean."""
+    srv = node_server
+    async with srv.client("olive") as c:
+        vf = (await c.post("/v1/vfolders", json={"alias": "a", "volume": "vol2"})).json()
+        assert vf["volume"] == "vol2", vf
+        r = await c.post("/v1/kernels", json={"kernel_id": "k4", "agent": "node1",
+                                              "vfolders": [{"vfolder": "a"}]})
+        assert r.status_code == 502, r.text
+        error = r.json()["error"]
+        assert error["code"] == "agent-error"
+        assert "answered 503" in error["message"], error
+        assert (await c.get("/v1/kernels")).json() == []
+        assert (await c.get("/v1/vfolders/a")).json()["status"] == "ready"
+    async with node.client() as agent_http:
+        assert (await agent_http.get("/v1/kernels")).json()["kernels"] == []
+    assert not node.fuse_path("k4", "a").exists()
+
+
+async def test_agent_over_tcp_with_shared_secret(node_server: Server,
+                                                 node: AgentHarness) -> None:
     """A remote agent: TCP, and every call carries the manager's shared secret."""
-    srv = sqlite_server
-    remote = FakeAgent(srv.agent.socket)  # same contract, served on TCP below
-    inner = remote.app()
-    seen: list[str] = []
-
-    async def guarded(scope, receive, send) -> None:
-        if scope["type"] == "http":
-            auth = dict(scope["headers"]).get(b"authorization", b"").decode()
-            seen.append(auth)
-            if auth != "Bearer s3cret-agent":
-                await JSONResponse({"error": {"code": "unauthenticated",
-                                              "message": "bad secret"}}, 401)(scope, receive, send)
-                return
-        await inner(scope, receive, send)
-
-    srv.manager.agents.secret = Secret("s3cret-agent")
-    async with trio.open_nursery() as nursery:
-        stop, binds = await _serve(nursery, guarded, "127.0.0.1:0")
-        url = binds[0]
-        async with srv.client("admin") as admin:
-            r = await admin.put("/v1/agents/remote1", json={"url": url, "ttl": 60})
-            assert r.status_code == 200
-        async with srv.client("olive") as c:
-            await c.post("/v1/vfolders", json={"alias": "r"})
-            r = await c.post("/v1/kernels", json={"kernel_id": "kt", "agent": "remote1",
-                                                  "vfolders": [{"vfolder": "r"}]})
-            assert r.status_code == 201, r.text
-            assert (await c.delete("/v1/kernels/kt")).status_code == 204
-            assert [m for m, *_ in remote.requests] == ["PUT", "DELETE"]
-            srv.manager.agents.secret = Secret("wrong")
-            r = await c.post("/v1/kernels", json={"kernel_id": "kt2", "agent": "remote1",
-                                                  "vfolders": [{"vfolder": "r"}]})
-            assert r.status_code == 502 and r.json()["error"]["code"] == "agent-error"
-            assert "wrong" not in r.text
-        stop.set()
-    assert seen[:2] == ["Bearer s3cret-agent"] * 2
+    srv = node_server
+    url = f"http://127.0.0.1:{node.tcp_port}"  # type: ignore[attr-defined]
+    srv.manager.agents.secret = Secret(AGENT_SECRET)
+    async with srv.client("admin") as admin:
+        r = await admin.put("/v1/agents/remote1", json={"url": url, "ttl": 60})
+        assert r.status_code == 200
+    async with srv.client("olive") as c:
+        await c.post("/v1/vfolders", json={"alias": "r", "volume": "vol1"})
+        r = await c.post("/v1/kernels", json={"kernel_id": "kt", "agent": "remote1",
+                                              "vfolders": [{"vfolder": "r"}]})
+        assert r.status_code == 201, r.text
+        assert node.fuse_path("kt", "r").is_dir()
+        assert (await c.delete("/v1/kernels/kt")).status_code == 204
+        assert not node.fuse_path("kt", "r").exists()
+        srv.manager.agents.secret = Secret("wrong")
+        r = await c.post("/v1/kernels", json={"kernel_id": "kt2", "agent": "remote1",
+                                              "vfolders": [{"vfolder": "r"}]})
+        assert r.status_code == 502 and r.json()["error"]["code"] == "agent-error"
+        assert "answered 401" in r.json()["error"]["message"]
+        assert "wrong" not in r.text and AGENT_SECRET not in r.text
+        assert (await c.get("/v1/kernels")).json() == []
+    assert AGENT_SECRET not in node.log.read_text()
 
 
 async def test_dead_volume_mount_is_remounted(tmp_dir: Path, mounted) -> None:

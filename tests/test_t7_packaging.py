@@ -26,6 +26,7 @@ from azfs.node.configs import write_configs
 from azfs.node.layout import Layout, Settings
 from azfs.volumes.model import load_yaml_file
 from managerd.config import ManagerConfig
+from tests.support.services import missing_service
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGING = REPO / "packaging"
@@ -121,6 +122,81 @@ def test_scripts_parse_and_install_dry_run_changes_nothing(tmp_path: Path) -> No
     assert bad.returncode == 2 and "unknown option --nope" in bad.stderr
 
 
+#: imports refused in the subprocess below: the manager's extra is not installed
+_NODE_CHECK = r"""
+import importlib, importlib.abc, pkgutil, runpy, sys
+
+BLOCKED = ("sqlalchemy", "alembic", "psycopg")
+
+class NoManagerExtra(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r} (manager extra absent)")
+        return None
+
+sys.meta_path.insert(0, NoManagerExtra())
+import agentd, azfs
+count = 0
+for pkg in (azfs, agentd):
+    for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
+        importlib.import_module(info.name)
+        count += 1
+try:
+    import managerd.db.session
+except ModuleNotFoundError as exc:
+    print("manager refused:", exc)
+print("imported", count)
+for module in ("agentd.main", "agentd.fusehost", "azfs.cli.main"):
+    sys.argv = [module, "--help"]
+    try:
+        runpy.run_module(module, run_name="__main__")
+    except SystemExit as exc:
+        assert exc.code in (0, None), (module, exc.code)
+print("ran", module)
+"""
+
+
+def test_a_compute_node_needs_no_manager_extra(tmp_path: Path) -> None:
+    """Every module of azfs and agentd imports, and the agent, its FUSE process and the
+    CLI start, with SQLAlchemy, alembic and psycopg refused at import."""
+    done = subprocess.run([sys.executable, "-c", _NODE_CHECK], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path, check=False,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "manager refused: No module named 'sqlalchemy'" in done.stdout, done.stdout
+    assert int(done.stdout.split("imported ")[1].split()[0]) > 50, done.stdout
+    assert "ran azfs.cli.main" in done.stdout
+
+
+def test_declared_dependencies_match_the_imports() -> None:
+    """Roles: the database stack only in the extra ``manager``; grpc declared because it
+    is imported; nothing declared that is never imported."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    base = {_dist(d) for d in project["dependencies"]}
+    manager = {_dist(d) for d in project["optional-dependencies"]["manager"]}
+    assert manager == {"sqlalchemy", "alembic", "psycopg"}
+    assert not base & manager
+    assert "grpcio" in base and "azure-storage-file-share" not in base
+    sources = "\n".join(p.read_text() for root in ("azfs", "agentd", "managerd")
+                        for p in (REPO / root).rglob("*.py"))
+    imported_as = {"azure-storage-blob": "azure.storage.blob", "grpcio": "grpc",
+                   "hypercorn": "hypercorn", "pyyaml": "yaml", "tomli-w": "tomli_w",
+                   "prometheus-client": "prometheus_client", "pyfuse3": "pyfuse3",
+                   "psycopg": None, "protobuf": None}  # None: loaded by another package
+    for dist in base | manager:
+        module = imported_as.get(dist, dist.replace("-", "_"))
+        if module is not None:
+            assert f"import {module}" in sources or f"from {module}" in sources, dist
+
+
+def _dist(requirement: str) -> str:
+    import re
+
+    return re.split(r"[\[<>=!~ ;]", requirement, maxsplit=1)[0].lower()
+
+
 def _copy_sources(dest: Path) -> None:
     skip = shutil.ignore_patterns(".venv", ".cache", ".git", "build", "dist", "*.egg-info",
                                   "__pycache__", "tests", "bench", ".pytest_cache",
@@ -139,10 +215,22 @@ def test_wheel_builds_and_installs_into_a_clean_venv(tmp_path: Path) -> None:
                str(src)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, check=False)
     if done.returncode != 0 and "Could not find a version" in done.stderr:
-        pytest.skip("the build backend cannot be fetched here")
+        missing_service("the build backend (setuptools, wheel) cannot be fetched here")
     assert done.returncode == 0, done.stderr[-2000:]
     wheels = list(dist.glob("azfs-*.whl"))
     assert [w.name for w in wheels] == [f"azfs-{__version__}-py3-none-any.whl"]
+    # the roles in the wheel's metadata: the database stack only with the manager extra
+    import zipfile
+
+    with zipfile.ZipFile(wheels[0]) as whl:
+        meta = whl.read(f"azfs-{__version__}.dist-info/METADATA").decode()
+    requires = [line.split(":", 1)[1].strip() for line in meta.splitlines()
+                if line.startswith("Requires-Dist:")]
+    assert any(r.lower().startswith("grpcio") and "extra" not in r for r in requires)
+    for dist_name in ("sqlalchemy", "alembic", "psycopg"):
+        (req,) = [r for r in requires if _dist(r) == dist_name]
+        assert 'extra == "manager"' in req, req
+    assert not any(_dist(r) == "azure-storage-file-share" for r in requires)
 
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
                    timeout=60)

@@ -67,7 +67,7 @@ def mounted(state: Path) -> list[str]:
 def state(tmp_path: Path) -> Iterator[Path]:
     """A node state dir that is always brought down, even if the test failed."""
     require_runc()
-    azurite_binary()  # skips when Azurite is not installed
+    azurite_binary()  # fails (or skips on request) when Azurite is not installed
     root = tmp_path / "node"
     try:
         yield root

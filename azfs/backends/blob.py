@@ -7,7 +7,9 @@ SAS of :mod:`azfs.blob.sas`.
 
 Tree: directories are the ``/``-delimited prefixes of blob names, read one
 level at a time with a hierarchical listing and cached for
-``listing_ttl`` seconds (:meth:`BlobBackend.refresh` drops the cache).
+``listing_ttl`` seconds (:meth:`BlobBackend.refresh` drops the cache) in the
+process's bounded :mod:`~azfs.blob.listings` cache, least recently used
+listings dropped first.
 Directory markers -- zero-length blobs named ``dir/`` and blobs with
 ``hdi_isfolder=true`` metadata (ADLS Gen2) -- show as directories, never as
 files.  Names that cannot be a POSIX file name (empty components, ``.``,
@@ -42,6 +44,7 @@ from azfs.backends.base import (
     StatFs,
 )
 from azfs.blob.http import BlobHttp, BlobProps
+from azfs.blob.listings import DEFAULT_LISTINGS, ListingCache
 from azfs.blob.prefetch import DEFAULT_BUDGET, BlockReader, PrefetchBudget, ReadStats
 from azfs.blob.sas import SasManager, TokenSource, file_token_source, static_token_source
 from azfs.blob.url import BlobSource, parse_blob_url
@@ -167,7 +170,8 @@ class BlobBackend(Backend):
 
     def __init__(self, source: BlobSource, *, token_source: TokenSource | None = None,
                  cache: BlockCache | None = None, budget: PrefetchBudget | None = None,
-                 options: BlobOptions | None = None) -> None:
+                 options: BlobOptions | None = None,
+                 listings: ListingCache | None = None) -> None:
         self.source = source
         self.options = options or BlobOptions()
         self.cache = cache
@@ -185,7 +189,9 @@ class BlobBackend(Backend):
         self.read_stats = ReadStats()
         self.fetch_limiter = trio.CapacityLimiter(self.options.max_requests)
         self._root = BlobNode("", True)
-        self._dirs: dict[str, _Dir] = {}
+        #: cached listings, in a cache shared by every blob backend of the process
+        self.listings: ListingCache = listings if listings is not None else DEFAULT_LISTINGS
+        #: one lock per directory being listed right now (dropped when nobody waits)
         self._dir_locks: dict[str, trio.Lock] = {}
         self._nursery: trio.Nursery | None = None
         self._stop = trio.Event()
@@ -199,7 +205,8 @@ class BlobBackend(Backend):
                  token_source: TokenSource | None = None, cache: BlockCache | None = None,
                  cache_dir: Path | None = None, cache_bytes: int = 10 * 1024 * MiB,
                  budget: PrefetchBudget | None = None,
-                 options: BlobOptions | None = None) -> BlobBackend:
+                 options: BlobOptions | None = None,
+                 listings: ListingCache | None = None) -> BlobBackend:
         """A backend for ``https://ACCOUNT.blob.core.windows.net/CONTAINER[/PREFIX][?SAS]``.
 
         The SAS comes from ``token_source`` (agent), else ``sas_file`` (re-read
@@ -221,7 +228,7 @@ class BlobBackend(Backend):
         if cache is None and cache_dir is not None:
             cache = BlockCache.shared(Path(cache_dir), cache_bytes)
         return cls(source, token_source=token_source, cache=cache, budget=budget,
-                   options=options)
+                   options=options, listings=listings)
 
     @property
     def cache_timeout(self) -> float:
@@ -292,6 +299,7 @@ class BlobBackend(Backend):
         self._stop.set()
         if self._nursery is not None:
             await self._stopped.wait()
+        self.listings.drop(self)
         await trio.to_thread.run_sync(self.http.close)
 
     # ---- tree ----------------------------------------------------------------------
@@ -301,12 +309,12 @@ class BlobBackend(Backend):
     def refresh(self, path: str | None = None) -> None:
         """Forgets cached listings (all, or of ``path`` and below): the explicit refresh."""
         if path is None:
-            self._dirs.clear()
+            self.listings.drop(self)
             return
         path = path.strip("/")
-        for key in [k for k in self._dirs if k == path or k.startswith(path + "/")
-                    or not path]:
-            del self._dirs[key]
+        for key in [k for k in self.listings.paths(self)
+                    if k == path or k.startswith(path + "/") or not path]:
+            self.listings.pop(self, key)
 
     def _attrs(self, path: str, entry: _Entry) -> Attributes:
         props = entry.props
@@ -320,20 +328,25 @@ class BlobBackend(Backend):
                           ctime_ns=mtime)
 
     async def _dir(self, path: str) -> _Dir:
-        cached = self._dirs.get(path)
+        cached = self.listings.get(self, path)
         now = trio.current_time()
         if cached is not None and cached.expires > now:
             return cached
         lock = self._dir_locks.setdefault(path, trio.Lock())
-        async with lock:
-            cached = self._dirs.get(path)
-            if cached is not None and cached.expires > trio.current_time():
-                return cached
-            listing = await self.http.list_level(self._blob_prefix(path))
-            entries = _entries(self._blob_prefix(path), listing.prefixes, listing.blobs)
-            result = _Dir(entries, trio.current_time() + self.options.listing_ttl)
-            self._dirs[path] = result
-            return result
+        try:
+            async with lock:
+                cached = self.listings.get(self, path)
+                if cached is not None and cached.expires > trio.current_time():
+                    return cached
+                listing = await self.http.list_level(self._blob_prefix(path))
+                entries = _entries(self._blob_prefix(path), listing.prefixes, listing.blobs)
+                result = _Dir(entries, trio.current_time() + self.options.listing_ttl)
+                self.listings.put(self, path, result, len(entries))
+                return result
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting \
+                    and self._dir_locks.get(path) is lock:
+                del self._dir_locks[path]
 
     def _blob_prefix(self, path: str) -> str:
         return self.source.prefix + (f"{path}/" if path else "")
@@ -396,7 +409,7 @@ class BlobBackend(Backend):
     def _update_entry(self, path: str, props: BlobProps) -> None:
         """Keeps the cached listing in step with what an open just saw."""
         parent, _, name = path.rpartition("/")
-        cached = self._dirs.get(parent)
+        cached = self.listings.get(self, parent)
         if cached is not None:
             entry = cached.entries.get(name)
             if entry is not None and not entry.is_dir:
@@ -473,6 +486,8 @@ class BlobBackend(Backend):
             "sas.renewals": self.sas.renewals,
             "sas.failed_renewals": self.sas.failed_renewals,
             "open_files": len(self._open_files),
+            "listings.dirs": self.listings.owned(self)[0],
+            "listings.entries": self.listings.owned(self)[1],
         })
         if self.cache is not None:
             c = self.cache.stats()

@@ -2,13 +2,17 @@
 
 A :class:`SasManager` holds the current SAS (a :class:`~azfs.secret.Secret`)
 and a *token source*: any callable, sync or async, that returns a fresh SAS
-(a query string or a full SAS URL) -- the agent passes one that asks the
-manager; ``azfs mount`` passes the SAS of its command line or one that
-re-reads ``--sas-file``.  Invariants:
+(a query string or a full SAS URL) -- the node's FUSE process passes
+:func:`url_token_source` with the manager's renewal URL; ``azfs mount``
+passes the SAS of its command line or one that re-reads ``--sas-file``.
+Invariants:
 
 * a new SAS replaces the current one only after a probe request with it
   succeeded, and the swap is a single assignment (readers see the old or the
   new token, never a mix); a failed probe keeps the old one;
+* a failed renewal (source unreachable, refused, or a bad SAS) keeps the
+  current SAS and is retried with back-off until one succeeds, also after
+  the current SAS has expired;
 * a refused request triggers at most one renewal at a time; if none helps,
   the caller gets :class:`~azfs.errors.AccessDenied` and one log line per
   minute says why (expired or refused); the daemon keeps running.
@@ -18,16 +22,18 @@ from __future__ import annotations
 
 import datetime as dt
 import inspect
+import json
 import logging
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import trio
 
 from azfs.blob.url import normalize_sas
-from azfs.errors import AccessDenied, AzfsError, UserError
-from azfs.secret import Secret
+from azfs.errors import AccessDenied, AzfsError, TemporaryFailure, UserError
+from azfs.retry import TRANSIENT_STATUS, RetryPolicy
+from azfs.secret import Secret, redact
 
 log = logging.getLogger(__name__)
 
@@ -65,37 +71,37 @@ def file_token_source(path: Path) -> TokenSource:
     return read
 
 
-def url_token_source(url: str, *, timeout: float = 10.0,
+def url_token_source(url: str, *, timeout: float = 30.0,
                      headers: dict[str, str] | None = None) -> TokenSource:
-    """GETs ``url`` (e.g. the manager's SAS endpoint) for a fresh SAS.
+    """GETs ``url`` (the manager's per-kernel SAS endpoint) for a fresh SAS.
 
     The answer is the SAS itself (query string or SAS URL) as text, or JSON
-    with a ``sas`` or ``sas_url`` field.  Any failure is AccessDenied with the
-    reason (never the SAS).
+    with a ``sas`` or ``sas_url`` field.  A source that cannot be reached, times
+    out or answers 5xx/429 is :class:`~azfs.errors.TemporaryFailure` (the
+    renewer retries it); any other refusal is :class:`~azfs.errors.AccessDenied`.
+    Messages never carry the URL: its query holds the kernel's key.
     """
-    import json
-    import urllib.error
-    import urllib.request
-
-    def fetch() -> Secret:
-        request = urllib.request.Request(url, headers=headers or {})
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as resp:
-                body = resp.read(65536).decode()
-                ctype = resp.headers.get("Content-Type", "")
-        except (urllib.error.URLError, OSError, UnicodeDecodeError) as exc:
-            reason = getattr(exc, "reason", None) or exc
-            raise AccessDenied(f"the SAS source did not answer: {reason}") from None
-        if "json" in ctype:
-            try:
-                data = json.loads(body)
-                body = data.get("sas") or data.get("sas_url") or ""
-            except (ValueError, AttributeError):
-                raise AccessDenied("the SAS source sent malformed JSON") from None
-        return Secret(body.strip())
+    import httpx
 
     async def read() -> Secret:
-        return await trio.to_thread.run_sync(fetch)
+        try:
+            async with httpx.AsyncClient(timeout=timeout) as client:
+                response = await client.get(url, headers=headers or {})
+        except httpx.HTTPError as exc:
+            raise TemporaryFailure(
+                f"the SAS source did not answer ({type(exc).__name__})") from None
+        if response.status_code in TRANSIENT_STATUS:
+            raise TemporaryFailure(f"the SAS source answered {response.status_code}")
+        if response.status_code != 200:
+            raise AccessDenied(f"the SAS source answered {response.status_code}")
+        text = response.text.strip()
+        if "json" in response.headers.get("Content-Type", "") or text.startswith("{"):
+            try:
+                data = json.loads(text)
+                text = str(data.get("sas") or data.get("sas_url") or "")
+            except (ValueError, AttributeError):
+                raise AccessDenied("the SAS source sent malformed JSON") from None
+        return Secret(text.strip())
     return read
 
 
@@ -112,6 +118,8 @@ class SasManager:
         self._last_denied_log = -1e9
         self.renew_before = renew_before
         self.retry_interval = retry_interval
+        #: a token source that takes longer than this counts as a failed renewal
+        self.fetch_timeout = 60.0
         self.renewals = 0
         self.failed_renewals = 0
 
@@ -151,19 +159,26 @@ class SasManager:
                 raise AccessDenied(f"no usable SAS for {self._what}")
 
     async def renew(self, reason: str) -> bool:
-        """Fetches, probes and swaps in a new SAS; True if the SAS changed."""
+        """Fetches, probes and swaps in a new SAS; True if the SAS changed.
+
+        Never raises for a failed renewal (it is counted and logged): the
+        token source may be unreachable for a while, and the caller retries.
+        """
         async with self._lock:
             old = self._current
             try:
-                new = await self._fetch()
-                if new == old:
-                    return False
-                if self._probe is not None:
-                    await self._probe(new)
-            except AzfsError as exc:
+                with trio.fail_after(self.fetch_timeout):
+                    new = await self._fetch()
+                    if new == old:
+                        return False
+                    if self._probe is not None:
+                        await self._probe(new)
+            except Exception as exc:  # noqa: BLE001 - any source failure keeps the old SAS
                 self.failed_renewals += 1
+                why = str(exc) if isinstance(exc, AzfsError) else \
+                    f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 log.warning("SAS renewal for %s (%s) failed, keeping the current SAS: %s",
-                            self._what, reason, exc)
+                            self._what, reason, redact(why))
                 return False
             self._current = new
             self.renewals += 1
@@ -199,15 +214,33 @@ class SasManager:
         left = (when - dt.datetime.now(dt.UTC)).total_seconds() - self.renew_before
         return max(0.0, left)
 
+    def _short_sas_pause(self) -> float:
+        when = self.expiry
+        left = (when - dt.datetime.now(dt.UTC)).total_seconds() if when else 0.0
+        return min(self.retry_interval, max(1.0, left / 2))
+
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Background task: renews ahead of expiry, retrying until it succeeds."""
+        """Background task: renews ahead of expiry for as long as the backend lives.
+
+        A failed renewal is retried with jittered exponential back-off capped
+        at ``retry_interval``, before expiry and after it: a manager that was
+        down for an hour gives a working dataset again as soon as it answers.
+        """
         task_status.started()
+        delays: Iterator[float] | None = None
         while True:
-            await trio.sleep(self.seconds_until_renewal())
-            if self._source is None:
-                await trio.sleep(self.retry_interval)
+            due = self.seconds_until_renewal()
+            if due > 0:
+                delays = None  # renewed (here or by a refused request): a fresh schedule
+                await trio.sleep(due)
                 continue
-            before = self._current
-            await self.renew("ahead of expiry")
-            if self._current == before:
-                await trio.sleep(self.retry_interval)
+            if self._source is not None:
+                reason = "expired" if self.expired() else "ahead of expiry"
+                if await self.renew(reason):
+                    if self.seconds_until_renewal() <= 0:
+                        # a SAS that lives less than renew_before: do not spin on the source
+                        await trio.sleep(self._short_sas_pause())
+                    continue
+            if delays is None:
+                delays = RetryPolicy(base=1.0, cap=self.retry_interval).delays()
+            await trio.sleep(next(delays))

@@ -21,7 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.services import free_port, port_open, stop_process, wait_until
+from tests.support.services import (
+    free_port,
+    missing_service,
+    port_open,
+    stop_process,
+    wait_until,
+)
 
 ACCOUNT = "devstoreaccount1"
 #: The published development key of Azurite's default account (not a secret).
@@ -38,8 +44,7 @@ def azurite_binary() -> str:
     local = _REPO / ".cache" / "node" / "node_modules" / ".bin" / "azurite-blob"
     if local.exists():
         return str(local)
-    pytest.skip("azurite-blob is not installed (run packaging/setup-env.sh --test)")
-    raise AssertionError("unreachable")
+    missing_service("azurite-blob is not installed (run packaging/setup-env.sh --test)")
 
 
 class Azurite:

@@ -25,14 +25,15 @@ import pytest
 from azfs.containers.rootfs import build_busybox_rootfs
 from azfs.containers.runc import Runc
 from azfs.volumes.mountinfo import is_within, read_mountinfo
+from tests.support.services import missing_service
 
 
 def require_runc() -> None:
-    """Skips unless runc can run containers here (root, runc installed)."""
+    """Fails (or skips on request, see :func:`missing_service`) unless runc can run here."""
     if os.geteuid() != 0:
-        pytest.skip("runc containers need root")
+        missing_service("runc containers need root")
     if shutil.which("runc") is None:
-        pytest.skip("runc is not installed (Debian package runc)")
+        missing_service("runc is not installed (Debian package runc)")
 
 
 def container_id(prefix: str = "t") -> str:

@@ -30,7 +30,7 @@ import etcd3.etcdrpc as etcdrpc
 import pytest
 from etcd3.etcdrpc import auth_pb2
 
-from tests.support.services import free_port, stop_process, wait_until
+from tests.support.services import free_port, missing_service, stop_process, wait_until
 
 ETCD_BINARY = shutil.which("etcd") or "/usr/bin/etcd"
 
@@ -109,6 +109,8 @@ class EtcdServer:
     def start(self, timeout: float = 30.0) -> None:
         if self.proc is not None and self.proc.poll() is None:
             return
+        if not Path(ETCD_BINARY).exists():
+            missing_service(f"etcd is not installed ({ETCD_BINARY}; Debian package etcd-server)")
         peer = f"http://127.0.0.1:{self.peer_port}"
         cmd = [
             ETCD_BINARY, "--name", "test", "--data-dir", str(self.data_dir),

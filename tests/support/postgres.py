@@ -28,7 +28,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.services import free_port, port_open, stop_process, wait_until
+from tests.support.services import (
+    free_port,
+    missing_service,
+    port_open,
+    stop_process,
+    wait_until,
+)
 
 PG_BIN = Path(os.environ.get("AZFS_PG_BIN", "/usr/lib/postgresql/15/bin"))
 SUPERUSER = "azfs"
@@ -51,7 +57,7 @@ class Postgres:
             try:
                 pw = pwd.getpwnam("postgres")
             except KeyError:
-                pytest.skip("running as root and there is no 'postgres' user")
+                missing_service("running as root and there is no 'postgres' user")
             os.chown(workdir, pw.pw_uid, pw.pw_gid)
             self._run_as = ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}",
                             "--clear-groups", "--"]
@@ -62,7 +68,7 @@ class Postgres:
 
     def start(self) -> None:
         if not (PG_BIN / "postgres").exists():
-            pytest.skip(f"PostgreSQL binaries not found in {PG_BIN}")
+            missing_service(f"PostgreSQL binaries not found in {PG_BIN}")
         if not self.data.exists():
             subprocess.run([*self._run_as, str(PG_BIN / "initdb"), "-D", str(self.data),
                             "-U", SUPERUSER, "--auth=trust", "-E", "UTF8", "--no-sync",

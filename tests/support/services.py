@@ -2,6 +2,12 @@
 
 Services listen on loopback on free ports, keep their data in temp dirs, and
 are always stopped by the fixture that started them.
+
+A service that is not installed is a test *failure* (:func:`missing_service`),
+so a broken install step cannot give a green run.  A developer without, say,
+PostgreSQL may ask for skips instead with ``AZFS_ALLOW_MISSING_SERVICES=1``;
+that request is ignored under ``CI=true`` and ``AZFS_REQUIRE_SERVICES=1``
+(which ``packaging/test.sh`` sets).
 """
 
 from __future__ import annotations
@@ -14,6 +20,26 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import NoReturn
+
+import pytest
+
+
+def services_required() -> bool:
+    """False only when a developer asked for skips and nothing insists on services."""
+    if os.environ.get("CI", "").lower() == "true" or \
+            os.environ.get("AZFS_REQUIRE_SERVICES") == "1":
+        return True
+    return os.environ.get("AZFS_ALLOW_MISSING_SERVICES") != "1"
+
+
+def missing_service(reason: str) -> NoReturn:
+    """Fails the test because ``reason`` (a service is not installed), or skips on request."""
+    if services_required():
+        pytest.fail(f"{reason}; a missing service fails the suite (a developer may set "
+                    "AZFS_ALLOW_MISSING_SERVICES=1 to skip instead, outside CI)",
+                    pytrace=False)
+    pytest.skip(reason)
 
 
 def free_port() -> int:

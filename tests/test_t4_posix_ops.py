@@ -715,3 +715,23 @@ def _blocked_in_fuse(pids: list[int]) -> bool:
             if wchan == "request_wait_answer":  # fs/fuse/dev.c
                 return True
     return False
+
+
+def test_new_objects_get_exactly_the_mode_asked_for_whatever_the_name(mounted):
+    """SEMANTICS, create: the mode is ``mode & ~umask`` of the caller, never also the daemon's."""
+    m = mounted()
+    old = os.umask(0)
+    try:
+        for name in ("short", "n" * 255):
+            p = m.mnt / name
+            os.close(os.open(p, os.O_CREAT | os.O_WRONLY, 0o622))
+            assert stat.S_IMODE(os.stat(p).st_mode) == 0o622, name
+            os.unlink(p)
+            os.mkdir(p, 0o772)
+            assert stat.S_IMODE(os.stat(p).st_mode) == 0o772, name
+            os.rmdir(p)
+            os.mkfifo(p, 0o606)
+            assert stat.S_IMODE(os.stat(p).st_mode) == 0o606, name
+            os.unlink(p)
+    finally:
+        os.umask(old)

@@ -68,6 +68,11 @@ _SIZE_STRIPES = 64
 META = Kind.METADATA
 DATA = Kind.DATA
 
+#: the daemon's umask, read once at import (single-threaded then): the kernel already
+#: applied the caller's umask to a new object's mode, so ours must not apply again
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = getattr(_libc, "renameat2", None)
 
@@ -465,13 +470,12 @@ class PosixBackend(Backend):
         open_flags = (flags & ~_OPEN_STRIP) | os.O_CLOEXEC | os.O_NOFOLLOW
         with held(parent) as parent_fd:
             fd, created = self._create_or_open(parent_fd, name, mode, flags, open_flags)
+            try:
+                path_fd, st = _path_of(fd, parent_fd, name)
+            except BaseException:
+                os.close(fd)
+                raise
         try:
-            path_fd = open_at(_proc(fd), -1, os.O_PATH | os.O_CLOEXEC)
-        except BaseException:
-            os.close(fd)
-            raise
-        try:
-            st = os.fstat(path_fd)
             if not created and flags & os.O_TRUNC and flags & os.O_ACCMODE != os.O_RDONLY:
                 self._truncate_fd(fd, (st.st_dev, st.st_ino), 0)
                 st = os.fstat(path_fd)
@@ -501,7 +505,6 @@ class PosixBackend(Backend):
         try:
             fd = open_at(name, parent_fd, open_flags | os.O_CREAT | os.O_EXCL,
                          stat.S_IMODE(mode))
-            return fd, True
         except FileExistsError:
             self.ledger.add(files_delta=-1)
             if flags & os.O_EXCL:
@@ -510,9 +513,20 @@ class PosixBackend(Backend):
         except BaseException:
             self.ledger.add(files_delta=-1)
             raise
+        if mode & _UMASK:
+            try:
+                os.fchmod(fd, stat.S_IMODE(mode))  # exactly the mode asked for
+            except BaseException:
+                os.close(fd)
+                raise
+        return fd, True
 
-    def _new_object(self, parent: PosixNode, name: str, make) -> tuple[PosixNode, Attributes]:
-        """Charges one file, makes the object with ``make(parent_fd)``, returns its node."""
+    def _new_object(self, parent: PosixNode, name: str, make,
+                    mode: int | None = None) -> tuple[PosixNode, Attributes]:
+        """Charges one file, makes the object with ``make(parent_fd)``, returns its node.
+
+        ``mode``: the permission bits it must have, whatever the daemon's umask.
+        """
         self.ledger.charge(files_delta=1)
         try:
             with held(parent) as parent_fd:
@@ -520,13 +534,21 @@ class PosixBackend(Backend):
         except BaseException:
             self.ledger.add(files_delta=-1)
             raise
-        return self._node_at(parent, name)
+        node, attrs = self._node_at(parent, name)
+        if mode is not None and mode & _UMASK:
+            # (a directory keeps the set-group-id bit it inherits from its parent)
+            want = stat.S_IMODE(mode) | (attrs.mode & stat.S_ISGID if attrs.is_dir else 0)
+            if stat.S_IMODE(attrs.mode) != want:
+                with held(node) as fd:
+                    os.chmod(_proc(fd), want)
+                    attrs = _attrs(os.fstat(fd))
+        return node, attrs
 
     async def mkdir(self, parent: PosixNode, name: str, mode: int) -> tuple[PosixNode, Attributes]:
         self._check(parent, name)
         return await self.io.run(
             META, self._new_object, parent, name,
-            lambda pfd: os.mkdir(name, stat.S_IMODE(mode), dir_fd=pfd),
+            lambda pfd: os.mkdir(name, stat.S_IMODE(mode), dir_fd=pfd), mode,
             cleanup=self._forget_node)
 
     async def mknod(self, parent: PosixNode, name: str, mode: int,
@@ -539,7 +561,7 @@ class PosixBackend(Backend):
             raise OSError(errno.EINVAL, "unsupported file type")
         return await self.io.run(
             META, self._new_object, parent, name,
-            lambda pfd: os.mknod(name, mode, 0, dir_fd=pfd), cleanup=self._forget_node)
+            lambda pfd: os.mknod(name, mode, 0, dir_fd=pfd), mode, cleanup=self._forget_node)
 
     async def symlink(self, parent: PosixNode, name: str,
                       target: bytes) -> tuple[PosixNode, Attributes]:
@@ -657,6 +679,31 @@ class PosixBackend(Backend):
         if not self._xattr_allowed(name):
             raise OSError(errno.EOPNOTSUPP, "only user.* attributes are supported")
         await self.io.run(META, _on_proc, node, os.removexattr, name)
+
+
+def _path_of(fd: int, parent_fd: int, name: str) -> tuple[int, os.stat_result]:
+    """An ``O_PATH`` descriptor of the file open as ``fd``, and its attributes.
+
+    By its name first (a dentry lookup; an ``O_PATH`` open has no effect on
+    whatever it finds), kept only if it is the very inode of ``fd``; else through
+    ``/proc/self/fd``, which is exact but costs a walk of procfs.
+    """
+    st = os.fstat(fd)
+    try:
+        path_fd = open_at(name, parent_fd)
+    except OSError:
+        path_fd = -1
+    if path_fd >= 0:
+        got = os.fstat(path_fd)
+        if (got.st_dev, got.st_ino) == (st.st_dev, st.st_ino):
+            return path_fd, got
+        os.close(path_fd)  # replaced since the create: not ours
+    path_fd = open_at(_proc(fd), -1, os.O_PATH | os.O_CLOEXEC)
+    try:
+        return path_fd, os.fstat(path_fd)
+    except BaseException:
+        os.close(path_fd)
+        raise
 
 
 def _on_proc(node: PosixNode, fn, *args):

@@ -26,6 +26,7 @@ import trio
 
 from agentd.fuseclient import FuseHostClient
 from tests.support.agent import AgentHarness
+from tests.support.fuse import azfs
 from tests.support.slowfs import SlowVolume, slow_volume
 
 METADATA_DEADLINE = 2.0
@@ -174,6 +175,16 @@ async def test_a_frozen_volume_fails_fast_and_never_stalls_another(node: Node) -
     assert health["volume_io"]["slow"]["state"] == "degraded"
     assert health["volume_io"]["fast"]["state"] == "healthy"
     assert health["status"] == "degraded" and health["degraded_volumes"] == ["slow"]
+    # the operator's views of it: metrics and the status command
+    async with node.agent.client() as http:
+        metrics = (await http.get("/metrics")).text
+    assert 'azfs_volume_healthy{volume="slow"} 0.0' in metrics
+    assert 'azfs_volume_healthy{volume="fast"} 1.0' in metrics
+    assert 'azfs_volume_timeouts_total{volume="slow"}' in metrics
+    status = azfs("agent", "--socket", str(node.agent.socket), "status")
+    assert status.returncode == 1, status.stderr  # degraded
+    assert any(line.split()[1:3] == ["slow", "degraded"] for line in status.stdout.splitlines()
+               if line.startswith("io")), status.stdout
 
     # the healthy volume, from several callers at once, while more calls hit the frozen one
     callers = [[str(a / f"w{i}"), "30"] for i in range(4)]
@@ -207,6 +218,9 @@ async def test_a_frozen_volume_fails_fast_and_never_stalls_another(node: Node) -
     (b / "after").write_text("new")
     assert sorted(os.listdir(b)) == ["after", "dir", "file"]
     assert (await node.health())["status"] == "ok"
+    # each transition logged once
+    log = (node.agent.state_dir / "fusehost.log").read_text()
+    assert log.count("volume slow degraded") == 1 and log.count("volume slow healthy again") == 1
 
 
 WRITER = """

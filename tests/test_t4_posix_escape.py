@@ -306,7 +306,8 @@ def test_evicted_directories_are_never_reopened_through_a_swapped_in_link(mounte
         for i in range(400):
             (src / "many" / f"f{i}").touch()
         for name in os.listdir(m.mnt / "many"):  # pushes d and e out of the pool
-            os.stat(m.mnt / "many" / name)
+            # (listed entries hold no descriptor; an open gives each one)
+            os.close(os.open(m.mnt / "many" / name, os.O_RDONLY))
         os.rename(src / "d", src / "moved")
         os.symlink("../outside", src / "d")
         # e's descriptor was evicted: reopening it by name meets the link, so every
@@ -314,11 +315,14 @@ def test_evicted_directories_are_never_reopened_through_a_swapped_in_link(mounte
         for attempt in (
             lambda: os.close(os.open("new", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=held_e)),
             lambda: os.mkdir("sub", dir_fd=held_e),
-            lambda: os.listdir(held_e),
             lambda: os.open("victim", os.O_RDONLY, dir_fd=held_e),
         ):
             err = errno_of(attempt)
             assert err == errno.ESTALE, os.strerror(err) if err else "succeeded"
+        # the handle's listing is the snapshot of its own directory taken at opendir
+        # (empty), never the outside's ("victim"); listing it anew is ESTALE
+        assert os.listdir(held_e) == []
+        assert errno_of(lambda: os.listdir(held_e)) == errno.ESTALE
         assert snapshot(outside) == before
         # with the real directory back in its place, the same handle works again
         os.unlink(src / "d")

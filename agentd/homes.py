@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agentd import mountcalls
-from azfs.volumes.mountinfo import MountEntry, is_within, read_mountinfo
+from azfs.volumes.mountinfo import MountEntry, read_mountinfo
 
 log = logging.getLogger("agentd.homes")
 
@@ -182,12 +182,12 @@ class KernelHomes:
                 out[bind.rel] = "missing"
                 continue
             want = next((dev for prefix, dev in devices.items()
-                         if is_within(bind.source, prefix)), None)
+                         if _below(bind.source, prefix)), None)
             out[bind.rel] = "live" if want is None or top.device == want else "dead"
         return out
 
     def _under(self, home: Path, table: list[MountEntry]) -> list[MountEntry]:
-        return [e for e in table if is_within(e.mount_point, home)
+        return [e for e in table if _below(e.mount_point, home)
                 and Path(e.mount_point) != home]
 
     def _detach_all(self, home: Path, rel: str) -> None:
@@ -222,6 +222,13 @@ def _call(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
     except OSError as exc:
         raise HomeError(exc.errno or errno.EIO,
                         f"{exc.filename or args[-1]}: {exc.strerror}") from None
+
+
+def _below(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> bool:
+    """``path`` is ``root`` or under it, compared as absolute names: never a ``stat`` (or
+    ``realpath``), which would wait on a hung mount, maybe one that is not the agent's."""
+    p, r = os.path.abspath(path), os.path.abspath(root).rstrip("/")
+    return p == r or p.startswith(r + "/")
 
 
 def _top_at(path: Path, table: list[MountEntry]) -> MountEntry | None:

@@ -32,6 +32,7 @@ import errno
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,11 +104,10 @@ class KernelHomes:
         fd = _open_target(home, bind.rel)
         try:
             if not _top_at(target, read_mountinfo()):
-                _call(mountcalls.attach_bind, bind.source, fd, read_only=bind.read_only)
+                _call(_attach_fresh, bind, fd, beneath=False)
                 return
             try:
-                mountcalls.attach_bind(bind.source, fd, read_only=bind.read_only,
-                                       beneath=True)
+                _attach_fresh(bind, fd, beneath=True)
             except OSError as exc:
                 if exc.errno not in (errno.EINVAL, errno.ENOSYS):
                     raise HomeError(exc.errno, f"{target}: {exc.strerror}") from None
@@ -117,7 +117,7 @@ class KernelHomes:
                 fd = -1
                 self._detach_all(home, bind.rel)
                 fd = _open_target(home, bind.rel)
-                _call(mountcalls.attach_bind, bind.source, fd, read_only=bind.read_only)
+                _call(_attach_fresh, bind, fd, beneath=False)
                 return
             _call(mountcalls.detach, f"/proc/self/fd/{fd}", follow=True)  # the old, on top
         finally:
@@ -214,6 +214,20 @@ def _detach_path(target: Path) -> None:
         if not _call(mountcalls.detach, target):
             return
     raise HomeError(errno.EBUSY, f"{target}: still mounted")
+
+
+def _attach_fresh(bind: Bind, fd: int, beneath: bool, tries: int = 40) -> None:
+    """:func:`mountcalls.attach_bind`, again on ``ENOENT``: a view attached a moment ago
+    has its name invalidated by the fusehost asynchronously, and a bind cloned from the
+    name's old dentry just before that cannot be attached; a new lookup finds it."""
+    for attempt in range(tries):
+        try:
+            mountcalls.attach_bind(bind.source, fd, read_only=bind.read_only, beneath=beneath)
+            return
+        except FileNotFoundError:
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.025)
 
 
 def _call(fn, *args, **kwargs):  # type: ignore[no-untyped-def]

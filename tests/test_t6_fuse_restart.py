@@ -11,6 +11,7 @@ new writes land on the volume.  At the end nothing is left mounted.
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -134,3 +135,68 @@ async def test_kill_9_of_the_fusehost_three_times_the_same_container_keeps_worki
     assert mountpoints_under(tmp_path) == []
     with open("/proc/mounts") as f:
         assert str(tmp_path) not in f.read()
+
+
+#: holds a file of the vfolder open across the restart, then reports what a read of that
+#: descriptor and a new open give (no hang: the exec has a deadline)
+HOLD = ("exec 3< /home/work/data/held && echo open > /home/work/held.state && "
+        "while [ ! -e /home/work/go ]; do sleep 0.05; done; "
+        "if cat <&3 > /home/work/held.out 2> /home/work/held.err; then echo fd-ok; "
+        "else echo fd-error; fi; cat /home/work/data/held")
+
+
+async def test_planned_restart_with_two_running_containers(
+        agent: AgentHarness, busybox_rootfs: Path, runc: Runc, tmp_path: Path) -> None:
+    agent.stop()
+    agent.start("--unmount-on-exit")
+    volumes = {name: agent.vfolder("vol1", name) for name in ("up1", "up2")}
+    kernels = {}
+    for name in volumes:
+        export = await _export(agent, container_id(name), _body(name))
+        kernels[name] = _start(runc, busybox_rootfs, tmp_path, export)
+    for name, volume in volumes.items():
+        _wait(f"{name} writes", _advances(volume / "loop.last", 0), 20)
+    (volumes["up1"] / "held").write_text("held-before\n")
+
+    # a process of kernel 1 holds a vfolder file open across the restart
+    holder_done: list = []
+
+    k1 = kernels["up1"]
+    holder = threading.Thread(target=lambda: holder_done.append(k1.sh(HOLD, timeout=60)))
+    holder.start()
+    try:
+        _wait("the holder has its file open",
+              lambda: (k1.scratch / "held.state").exists(), 10)
+        before = {name: _counter(v / "loop.last") for name, v in volumes.items()}
+        old_pid = agent.fusehost_pid()
+        async with agent.client(timeout=120) as http:
+            r = await http.post("/v1/fuse/restart")
+        assert r.status_code == 200, r.text
+        result = r.json()
+        assert result["reason"] == "requested" and result["old_pid"] == old_pid
+        assert result["pid"] == agent.fusehost_pid() != old_pid
+        assert (result["views"], result["rebound"], result["failed"]) == (2, 2, 0)  # the startup volume binds stay live
+    finally:
+        (k1.scratch / "go").touch()
+        holder.join(70)
+    # the held descriptor gives an error (not a hang); a new open works
+    (held,) = holder_done
+    assert held.exit_code == 0, held.stderr
+    assert held.stdout == "fd-error\nheld-before\n", (held.stdout, held.stderr)
+    assert (k1.scratch / "held.err").read_text().strip(), "no error on the old descriptor"
+
+    for name, volume in volumes.items():
+        _wait(f"{name} writes after the restart",
+              _advances(volume / "loop.last", before[name]), RECOVERY)
+        assert kernels[name].status() == "running"
+    health = await _health(agent)
+    assert health["status"] == "ok"
+    assert health["fuse"]["restarts"] == 1
+    assert health["fuse"]["last_restart"]["reason"] == "requested"
+
+    for kernel in kernels.values():
+        kernel.stop()
+        async with agent.client() as http:
+            assert (await http.delete(f"/v1/kernels/{kernel.id}")).status_code == 204
+    assert agent.stop() == 0
+    assert mountpoints_under(tmp_path) == []

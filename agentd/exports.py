@@ -219,6 +219,7 @@ class ExportService:
                     for view in record["views"]:
                         await self._attach(view)
                         self.unrestored.pop("/".join(view["path"]), None)
+                    await self._repair_home(kernel_id, record)
                     return ExportResponse.model_validate(record["response"])
                 raise Conflict(f"kernel {kernel_id} is already exported with another request; "
                                "unexport it first", code="kernel-conflict")
@@ -634,6 +635,22 @@ class ExportService:
                             kernel_id)
                 await self._destroy_home(kernel_id)
         return rebound
+
+    async def _repair_home(self, kernel_id: str, record: dict[str, Any]) -> None:
+        """Re-places the binds of one recorded kernel that are not live."""
+        if "binds" not in record:
+            return
+        binds = [Bind.from_record(b) for b in record["binds"]]
+        devices = await trio.to_thread.run_sync(self._devices)
+        states = await trio.to_thread.run_sync(self.homes.states, kernel_id, binds, devices)
+        stale = [b for b in binds if states[b.rel] != "live"]
+        if stale:
+            try:
+                await trio.to_thread.run_sync(self._rebind, kernel_id, record["request"],
+                                              stale)
+            except HomeError as exc:
+                raise ApiError(f"kernel {kernel_id}: {exc.strerror}",
+                               code="kernel-home-failed", status=500) from None
 
     def _rebind(self, kernel_id: str, request: dict[str, Any], binds: list[Bind]) -> None:
         self.homes.prepare(kernel_id, int(request.get("uid", 1000)),

@@ -175,7 +175,8 @@ async def test_planned_restart_with_two_running_containers(
         result = r.json()
         assert result["reason"] == "requested" and result["old_pid"] == old_pid
         assert result["pid"] == agent.fusehost_pid() != old_pid
-        assert (result["views"], result["rebound"], result["failed"]) == (2, 2, 0)  # the startup volume binds stay live
+        # two views re-attached, their two binds replaced (the startup volume's stay live)
+        assert (result["views"], result["rebound"], result["failed"]) == (2, 2, 0)
     finally:
         (k1.scratch / "go").touch()
         holder.join(70)

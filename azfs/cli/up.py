@@ -44,7 +44,8 @@ def _status(args: argparse.Namespace) -> int:
     for row in rows:
         state = ("ready" if row["ready"] else "not answering") if row["pid"] else "stopped"
         pid = f"pid {row['pid']}" if row["pid"] else ""
-        print(f"{row['service']:<{width}}  {state:<14} {pid:<11} {row['log']}")
+        restarts = f"  restarts {row['restarts']}" if "restarts" in row else ""
+        print(f"{row['service']:<{width}}  {state:<14} {pid:<11} {row['log']}{restarts}")
     return 0 if all(r["ready"] for r in rows if r["pid"]) and any(r["pid"] for r in rows) \
         else 1
 

@@ -64,7 +64,7 @@ from azfs.export import CONTAINER_HOME, ExportRequest, ExportResponse, OciMount,
 from azfs.secret import redact
 from azfs.volumes.hostmount import HostMounter, MountError, unmount
 from azfs.volumes.model import Volume, split_options
-from azfs.volumes.mountinfo import find_mount, mounts_under
+from azfs.volumes.mountinfo import MountEntry, mounts_under, read_mountinfo
 from azfs.volumes.store import VolumeStore
 
 log = logging.getLogger("agentd.exports")
@@ -658,29 +658,33 @@ class ExportService:
         for bind in binds:
             self.homes.place(kernel_id, bind)
 
-    def _devices(self) -> dict[str, str]:
+    def _devices(self, table: list[MountEntry] | None = None) -> dict[str, str]:
         """Source prefix → the device its binds must show (the live FUSE mount, volumes)."""
+        table = read_mountinfo() if table is None else table
+        tops = {e.mount_point: e for e in table}  # the last entry at a path is the top
         out = {}
-        fuse = find_mount(self.config.mountpoint)
-        if fuse is not None:
-            out[str(self.config.mountpoint)] = fuse.device
-        for path in self.startup_mounts.values():
-            entry = find_mount(path)
+        for path in (self.config.mountpoint, *self.startup_mounts.values()):
+            entry = tops.get(str(path))
             if entry is not None:
                 out[str(path)] = entry.device
         return out
 
     async def binds_status(self) -> dict[str, dict[str, Any]]:
         """Per kernel: whether every bind in its home is live, and each bind's state."""
-        devices = await trio.to_thread.run_sync(self._devices)
-        out: dict[str, dict[str, Any]] = {}
-        for kernel_id, record in sorted(self.journal.kernels.items()):
-            binds = [Bind.from_record(b) for b in record.get("binds", [])]
-            states = await trio.to_thread.run_sync(self.homes.states, kernel_id, binds,
-                                                   devices)
-            out[kernel_id] = {"live": all(s == "live" for s in states.values()),
-                              "binds": states}
-        return out
+        kernels = dict(self.journal.kernels)
+
+        def work() -> dict[str, dict[str, Any]]:
+            table = read_mountinfo()  # once for all kernels: the watchdog asks often
+            devices = self._devices(table)
+            out: dict[str, dict[str, Any]] = {}
+            for kernel_id, record in sorted(kernels.items()):
+                binds = [Bind.from_record(b) for b in record.get("binds", [])]
+                states = self.homes.states(kernel_id, binds, devices, table)
+                out[kernel_id] = {"live": all(s == "live" for s in states.values()),
+                                  "binds": states}
+            return out
+
+        return await trio.to_thread.run_sync(work)
 
     async def unmount_orphans(self) -> list[str]:
         """Unmounts volume mounts under the state dir that nothing uses (a crash's leftovers)."""

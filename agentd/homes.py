@@ -164,8 +164,8 @@ class KernelHomes:
         except FileNotFoundError:
             return []
 
-    def states(self, kernel_id: str, binds: list[Bind], devices: dict[str, str]
-               ) -> dict[str, str]:
+    def states(self, kernel_id: str, binds: list[Bind], devices: dict[str, str],
+               table: list[MountEntry] | None = None) -> dict[str, str]:
         """Per bind: ``live``, ``dead`` (another filesystem than its source's) or ``missing``.
 
         ``devices`` maps a source prefix to the ``major:minor`` its binds must
@@ -173,7 +173,7 @@ class KernelHomes:
         shows the old one.  Reads only the mount table, never the binds
         themselves, so a hung mount cannot hang the check.
         """
-        table = read_mountinfo()
+        table = read_mountinfo() if table is None else table
         home = self.path(kernel_id)
         out = {}
         for bind in binds:

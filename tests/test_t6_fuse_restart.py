@@ -11,6 +11,8 @@ new writes land on the volume.  At the end nothing is left mounted.
 
 from __future__ import annotations
 
+import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -126,6 +128,16 @@ async def test_kill_9_of_the_fusehost_three_times_the_same_container_keeps_worki
                                                                        "datasets": "live"}}
     for round_ in range(1, 4):
         assert (shared / f"mark-{round_}").read_text() == f"before-{round_}\n"
+    # nothing the loop wrote went into the bare directory under the bind (no gap)
+    peek = tmp_path / "peek"
+    peek.mkdir()
+    subprocess.run(["mount", "--bind", str(agent.state_dir / "homes" / kid), str(peek)],
+                   check=True)  # not recursive: shows the home's own directories
+    try:
+        assert sorted(os.listdir(peek)) == ["data", "datasets", "ok"]
+        assert os.listdir(peek / "data") == []
+    finally:
+        subprocess.run(["umount", str(peek)], check=True)
 
     kernel.stop()
     async with agent.client() as http:

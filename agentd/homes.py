@@ -145,7 +145,7 @@ class KernelHomes:
         home = self.path(kernel_id)
         for entry in sorted(self._under(home, read_mountinfo()),
                             key=lambda e: -len(e.mount_point)):
-            _detach_path(Path(entry.mount_point))
+            self._detach_all(home, str(Path(entry.mount_point).relative_to(home)))
         _detach_path(home)
         if self._under(home, read_mountinfo()) or _is_mount_point(home, read_mountinfo()):
             raise HomeError(errno.EBUSY, f"{home}: still mounted; not deleting it")

@@ -34,9 +34,9 @@ The journal is the truth: :meth:`ExportService.restore_volumes` rebuilds
 the refcounts from it at start, :meth:`ExportService.reconcile_views` makes
 the fusehost's namespace equal to it (attach missing views, detach
 orphans) and then the kernels' homes (dead or missing binds replaced,
-homes of unknown kernels removed), and orphan volume mounts are unmounted.  Reconciling takes an
-exclusive gate that exports and unexports hold shared, so it never sees an
-export half-way.
+homes of unknown kernels removed), and orphan volume mounts are unmounted.
+Reconciling takes an exclusive gate that exports and unexports hold shared,
+so it never sees an export half-way.
 """
 
 from __future__ import annotations
@@ -223,6 +223,11 @@ class ExportService:
                     return ExportResponse.model_validate(record["response"])
                 raise Conflict(f"kernel {kernel_id} is already exported with another request; "
                                "unexport it first", code="kernel-conflict")
+            for vf in request.vfolders:
+                if _in_home(vf.container_path) is None \
+                        and _overlap(vf.container_path, CONTAINER_HOME):
+                    raise BadRequest(f"vfolder {vf.alias!r}: {vf.container_path} would hide "
+                                     f"the kernel's home {CONTAINER_HOME}")
             volumes = await self._volumes_of(request)
             acquired: list[Volume] = []
             attached: list[list[str]] = []

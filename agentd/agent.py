@@ -152,7 +152,7 @@ class Agent:
                 await self.client.health()
                 state = await trio.to_thread.run_sync(mount_state, self.config.mountpoint)
                 if state == "healthy":
-                    if all(k["live"] for k in (await self.service.binds_status()).values()):
+                    if not await self.service.rebind_needed():
                         continue
                     log.error("a kernel's binds are not live; re-binding")
                 else:

@@ -674,6 +674,21 @@ class ExportService:
                 out[str(path)] = entry.device
         return out
 
+    async def rebind_needed(self) -> bool:
+        """True if a kernel has a bind that is not live and that a reconcile can fix (not
+        one of a view the last reconcile could not restore: that waits for its export)."""
+        status = await self.binds_status()
+        for kernel_id, binds in status.items():
+            if binds["live"]:
+                continue
+            record = self.journal.kernels.get(kernel_id) or {}
+            sources = {b["rel"]: b["source"] for b in record.get("binds", [])}
+            for rel, state in binds["binds"].items():
+                view = _view_path(sources.get(rel, ""), self.config.mountpoint)
+                if state != "live" and view not in self.unrestored:
+                    return True
+        return False
+
     async def binds_status(self) -> dict[str, dict[str, Any]]:
         """Per kernel: whether every bind in its home is live, and each bind's state."""
         kernels = dict(self.journal.kernels)
@@ -754,6 +769,12 @@ async def _each(fn: Callable[[Any], Awaitable[None]], items: Iterable[Any]) -> N
             nursery.start_soon(one, i)
     if errors:
         raise errors[min(errors)]
+
+
+def _view_path(source: str, mountpoint: Path) -> str | None:
+    """``kernels/<id>/<alias>`` of a bind's source in the FUSE mount, else None."""
+    prefix = str(mountpoint).rstrip("/") + "/"
+    return source[len(prefix):] if source.startswith(prefix) else None
 
 
 def _in_home(container_path: str) -> str | None:

@@ -630,7 +630,7 @@ class ExportService:
                 rebound += len(stale)
                 log.warning("kernel %s: re-bound %s", kernel_id,
                             ", ".join(f"{b.rel} ({states[b.rel]})" for b in stale))
-            except HomeError as exc:
+            except HomeError as exc:  # the others are placed; this one waits for a retry
                 log.error("kernel %s: cannot re-bind its vfolders: %s", kernel_id,
                           exc.strerror)
         known = set(self.journal.kernels)
@@ -657,11 +657,24 @@ class ExportService:
                 raise ApiError(f"kernel {kernel_id}: {exc.strerror}",
                                code="kernel-home-failed", status=500) from None
 
-    def _rebind(self, kernel_id: str, request: dict[str, Any], binds: list[Bind]) -> None:
+    def _rebind(self, kernel_id: str, request: dict[str, Any], binds: list[Bind]
+                ) -> list[str]:
+        """Places each bind (one that fails does not stop the others); answers the ones
+        placed, raises the first failure after trying them all."""
         self.homes.prepare(kernel_id, int(request.get("uid", 1000)),
                            int(request.get("gid", 1000)))
+        placed, failed = [], []
         for bind in binds:
-            self.homes.place(kernel_id, bind)
+            try:
+                self.homes.place(kernel_id, bind)
+                placed.append(bind.rel)
+            except HomeError as exc:
+                failed.append(exc)
+        if failed:
+            if placed:
+                log.warning("kernel %s: re-bound %s", kernel_id, ", ".join(placed))
+            raise failed[0]
+        return placed
 
     def _devices(self, table: list[MountEntry] | None = None) -> dict[str, str]:
         """Source prefix → the device its binds must show (the live FUSE mount, volumes)."""

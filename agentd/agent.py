@@ -7,10 +7,12 @@ refcounts from the journal, make the FUSE namespace equal to the journal,
 unmount volume mounts no recorded export uses.
 
 The watchdog (:meth:`Agent.run_watchdog`) checks the fusehost every few
-seconds; if it died, it is restarted and the journal's views re-attached
-(containers that held binds of the dead mount see ``ENOTCONN`` until
-recreated -- the kernel cannot repair an existing bind -- but new and
-restored exports work again).
+seconds; if it died, it is restarted, the journal's views re-attached and
+the dead binds in the kernels' homes replaced (:mod:`agentd.homes`): running
+containers see their ``/home/work/<alias>`` again, at the same path.  It
+also re-places any bind it finds missing or dead while the fusehost is fine.
+:meth:`Agent.restart_fusehost` does the same on purpose, to upgrade the
+fusehost.  Restarts are counted in the state dir, across agent restarts.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -60,7 +63,10 @@ class Agent:
         self.client = FuseHostClient(config.fusehost_socket)
         self.service = ExportService(config, self.catalog, self.mounter, self.client,
                                      self.journal)
-        self.fusehost_restarts = 0
+        self._restarts_file = config.state_dir / "run" / "fusehost-restarts"
+        self.fusehost_restarts = _read_count(self._restarts_file)
+        #: the last restart: when, why, and how long kernels' binds were dead
+        self.last_restart: dict[str, Any] | None = None
         self._recover_lock = trio.Lock()
         self._watch = None
 
@@ -73,6 +79,7 @@ class Agent:
         except Exception as exc:  # noqa: BLE001 - a miss re-reads the store anyway
             log.warning("cannot watch the volume config: %s", exc)
         await self.service.mount_startup()
+        await trio.to_thread.run_sync(self.service.homes.ensure_root)
         client, _ = await ensure_fusehost(self.spec)
         self.client = self.service.client = client
         await self.service.restore_volumes()
@@ -82,19 +89,62 @@ class Agent:
                  self.config.agent_id, len(self.journal.kernels), len(self.mounter.mounts()))
 
     async def recover_fusehost(self) -> bool:
-        """Restarts a dead fusehost and re-attaches the journal's views; True if it did."""
+        """Restarts a dead fusehost, re-attaches the journal's views and re-binds them
+        into the kernels' homes; True if it restarted it."""
         async with self._recover_lock:
-            client, restarted = await ensure_fusehost(self.spec)
-            old, self.client = self.client, client
-            self.service.client = client
-            with contextlib.suppress(Exception):
-                await old.aclose()
+            began = time.monotonic()
+            restarted = await self._ensure()
             if restarted:
-                self.fusehost_restarts += 1
                 log.warning("the fusehost was restarted; restoring %d kernels' views",
                             len(self.journal.kernels))
-            await self.service.reconcile_views()
+            result = await self.service.reconcile_views()
+            if restarted:
+                self._count_restart("crash", began, result)
             return restarted
+
+    async def restart_fusehost(self) -> dict[str, Any]:
+        """Replaces the running fusehost with a new process (a new version once installed)
+        and re-binds every kernel's views; answers the restart's numbers.
+
+        Processes that hold a file open across it get an error on that descriptor;
+        a new ``open`` works once the binds are back (``window`` seconds).
+        """
+        async with self._recover_lock:
+            began = time.monotonic()
+            old_pid = None
+            with contextlib.suppress(FuseHostUnavailable, FuseHostError):
+                old_pid = (await self.client.health()).get("pid")
+            log.warning("restarting the fusehost (pid %s) on request", old_pid)
+            await stop_fusehost(self.spec, self.client)
+            await self._ensure()
+            result = await self.service.reconcile_views()
+            self._count_restart("requested", began, result)
+            new_pid = None
+            with contextlib.suppress(FuseHostUnavailable, FuseHostError):
+                new_pid = (await self.client.health()).get("pid")
+            assert self.last_restart is not None
+            return {**self.last_restart, "old_pid": old_pid, "pid": new_pid,
+                    "restarts": self.fusehost_restarts}
+
+    async def _ensure(self) -> bool:
+        client, restarted = await ensure_fusehost(self.spec)
+        old, self.client = self.client, client
+        self.service.client = client
+        with contextlib.suppress(Exception):
+            await old.aclose()
+        return restarted
+
+    def _count_restart(self, reason: str, began: float, result: dict[str, int]) -> None:
+        self.fusehost_restarts += 1
+        self.last_restart = {"reason": reason, "at": round(time.time(), 3),
+                             "window": round(time.monotonic() - began, 3),
+                             "views": result.get("attached", 0),
+                             "rebound": result.get("rebound", 0),
+                             "failed": result.get("failed", 0)}
+        log.warning("fusehost restart (%s): views and binds back after %.3fs", reason,
+                    self.last_restart["window"])
+        with contextlib.suppress(OSError):
+            _write_count(self._restarts_file, self.fusehost_restarts)
 
     async def run_watchdog(self) -> None:
         while True:
@@ -103,8 +153,11 @@ class Agent:
                 await self.client.health()
                 state = await trio.to_thread.run_sync(mount_state, self.config.mountpoint)
                 if state == "healthy":
-                    continue
-                log.error("the FUSE mount is %s; recovering", state)
+                    if not await self.service.rebind_needed():
+                        continue
+                    log.error("a kernel's binds are not live; re-binding")
+                else:
+                    log.error("the FUSE mount is %s; recovering", state)
             except (FuseHostUnavailable, FuseHostError) as exc:
                 log.error("the fusehost does not answer (%s); recovering", exc)
             try:
@@ -122,14 +175,17 @@ class Agent:
         state = await trio.to_thread.run_sync(mount_state, self.config.mountpoint)
         volume_io = fusehost.pop("volumes", {})
         degraded = sorted(name for name, v in volume_io.items() if v.get("state") != "healthy")
+        binds = await self.service.binds_status()
         ok = fusehost["ok"] and state == "healthy" and not self.service.startup_failures \
-            and not self.service.unrestored and not degraded
+            and not self.service.unrestored and not degraded \
+            and all(k["live"] for k in binds.values())
         return {
             "status": "ok" if ok else "degraded",
             "agent_id": self.config.agent_id,
             "uptime": round(time.time() - self.started_at, 3),
             "fuse": {"mountpoint": str(self.config.mountpoint), "state": state,
-                     "restarts": self.fusehost_restarts, **fusehost},
+                     "restarts": self.fusehost_restarts, "last_restart": self.last_restart,
+                     **fusehost},
             "kernels": len(self.journal.kernels),
             "volumes": self.service.volume_refcounts(),
             "startup_failures": self.service.startup_failures,
@@ -137,12 +193,17 @@ class Agent:
             #: each host volume's I/O as the FUSE process sees it (state, threads, timeouts)
             "volume_io": volume_io,
             "degraded_volumes": degraded,
+            "kernel_binds": binds,
         }
 
     async def shutdown(self, unmount: bool) -> None:
         """Ends the agent; with ``unmount`` also the FUSE mount and the host volumes."""
         if unmount:
-            log.info("unmounting the FUSE filesystem and the host volumes")
+            log.info("unmounting the kernels' homes, the FUSE filesystem and the host volumes")
+            try:
+                await trio.to_thread.run_sync(self.service.homes.teardown)
+            except OSError as exc:
+                log.error("%s", exc)
             await stop_fusehost(self.spec, self.client)
             try:
                 await self.mounter.release_all()
@@ -152,3 +213,17 @@ class Agent:
             if self._watch is not None:
                 self._watch.cancel()
             self.store.close()
+
+
+def _read_count(path: Path) -> int:
+    try:
+        return max(0, int(path.read_text().strip()))
+    except (OSError, ValueError):
+        return 0
+
+
+def _write_count(path: Path, count: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"{count}\n")
+    tmp.replace(path)

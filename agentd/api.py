@@ -6,6 +6,9 @@ Routes (OpenAPI at ``/openapi.json``)::
     DELETE /v1/kernels/{kernel_id}   unexport (204, also when already gone)
     GET    /v1/kernels               recorded exports
     GET    /v1/kernels/{kernel_id}   one export (404 kernel-not-found)
+    PUT    /v1/kernels/{kernel_id}/vfolders/{alias}   attach a vfolder to a running kernel
+    DELETE /v1/kernels/{kernel_id}/vfolders/{alias}   detach it (204, also when already gone)
+    POST   /v1/fuse/restart          replace the fusehost, re-bind every kernel (upgrade)
     GET    /v1/volumes               host volumes, mounted or not, with refcounts
     GET    /v1/health                200 when everything works, 503 when degraded
     GET    /metrics                  Prometheus text format
@@ -30,10 +33,17 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agentd.agent import Agent
-from agentd.errors import CODES, ApiError, BadRequest, NotFoundError
+from agentd.errors import CODES, ApiError, BadRequest, NotFoundError, Unavailable
 from agentd.fuseclient import FuseHostError, FuseHostUnavailable
 from agentd.metrics import render_metrics
-from azfs.export import ExportRequest, ExportResponse, OciMount, validate_kernel_id
+from azfs.export import (
+    ExportRequest,
+    ExportResponse,
+    OciMount,
+    VfolderExport,
+    validate_component,
+    validate_kernel_id,
+)
 from azfs.secret import Secret, redact
 
 log = logging.getLogger("agentd.api")
@@ -62,6 +72,18 @@ class VolumeInfo(BaseModel):
 
 class VolumeList(BaseModel):
     volumes: list[VolumeInfo]
+
+
+class FuseRestart(BaseModel):
+    reason: str
+    at: float
+    window: float
+    views: int
+    rebound: int
+    failed: int
+    old_pid: int | None
+    pid: int | None
+    restarts: int
 
 
 class ErrorBody(BaseModel):
@@ -131,6 +153,34 @@ def create_app(agent: Agent) -> FastAPI:
     async def delete_kernel(kernel_id: str) -> Response:
         await agent.service.unexport(kernel_id_ok(kernel_id))
         return Response(status_code=204)
+
+    def alias_ok(alias: str) -> str:
+        try:
+            return validate_component(alias, "alias")
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+
+    @app.put("/v1/kernels/{kernel_id}/vfolders/{alias}", response_model=ExportResponse,
+             responses=_ERRORS, summary="Attach a vfolder to a running kernel (idempotent)")
+    async def attach_vfolder(kernel_id: str, alias: str, body: VfolderExport
+                             ) -> ExportResponse:
+        if alias_ok(alias) != body.alias:
+            raise BadRequest(f"the body's alias {body.alias!r} is not the path's {alias!r}")
+        return await agent.service.attach_vfolder(kernel_id_ok(kernel_id), body)
+
+    @app.delete("/v1/kernels/{kernel_id}/vfolders/{alias}", status_code=204,
+                responses=_ERRORS, summary="Detach a vfolder from a running kernel")
+    async def detach_vfolder(kernel_id: str, alias: str) -> Response:
+        await agent.service.detach_vfolder(kernel_id_ok(kernel_id), alias_ok(alias))
+        return Response(status_code=204)
+
+    @app.post("/v1/fuse/restart", response_model=FuseRestart, responses=_ERRORS,
+              summary="Replace the FUSE process and re-bind every kernel's vfolders")
+    async def restart_fuse() -> FuseRestart:
+        try:
+            return FuseRestart(**await agent.restart_fusehost())
+        except RuntimeError as exc:  # the new fusehost did not start: see its log
+            raise Unavailable(str(exc), code="fusehost-unavailable") from None
 
     @app.get("/v1/kernels", response_model=KernelList)
     async def list_kernels() -> KernelList:

@@ -9,12 +9,20 @@ An export of kernel K:
 3. checks each vfolder path inside its volume mount without following
    symlinks (:mod:`agentd.paths`; the fusehost opens it the same way);
 4. attaches the views ``/kernels/K/<alias>`` in the fusehost;
-5. records K in the journal and answers the OCI ``mounts``: each view at its
-   container path (``rbind`` + ``ro``/``rw``), and every ``startup`` volume
-   read-only at ``/home/work/<volume>`` (read-write if its mount options say
-   ``rw``; skipped where a vfolder target overlaps).  Startup volumes are
-   bound from their host mount directly: they are shared datasets, and a
-   FUSE view would put a usage ledger into the volume and scan it.
+5. makes K's home (:mod:`agentd.homes`) and places in it a bind of each
+   view whose container path is under ``/home/work``, and of every
+   ``startup`` volume at ``<volume>`` (read-only unless its mount options
+   say ``rw``; skipped where a vfolder target overlaps).  Startup volumes
+   are bound from their host mount directly: they are shared datasets, and
+   a FUSE view would put a usage ledger into the volume and scan it;
+6. records K in the journal and answers the OCI ``mounts``: the home at
+   ``/home/work`` (``rbind``, ``rslave``), and a direct bind of each view
+   whose container path is elsewhere (those are not re-bound after a
+   fusehost restart).
+
+A running kernel gets a vfolder more (:meth:`ExportService.attach_vfolder`)
+or one less (:meth:`ExportService.detach_vfolder`) the same way: view and
+bind, or the reverse, and the journal record is rewritten.
 
 Any failure undoes steps 2-4 in reverse, so nothing half-done remains.  The
 same request again answers the recorded mounts (idempotent), after
@@ -25,9 +33,10 @@ journal first, then its views, then releases its volumes.
 The journal is the truth: :meth:`ExportService.restore_volumes` rebuilds
 the refcounts from it at start, :meth:`ExportService.reconcile_views` makes
 the fusehost's namespace equal to it (attach missing views, detach
-orphans), and orphan volume mounts are unmounted.  Reconciling takes an
-exclusive gate that exports and unexports hold shared, so it never sees an
-export half-way.
+orphans) and then the kernels' homes (dead or missing binds replaced,
+homes of unknown kernels removed), and orphan volume mounts are unmounted.
+Reconciling takes an exclusive gate that exports and unexports hold shared,
+so it never sees an export half-way.
 """
 
 from __future__ import annotations
@@ -42,10 +51,12 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from pydantic import ValidationError
 
 from agentd.config import Config
-from agentd.errors import ApiError, BadRequest, Conflict, Unavailable
+from agentd.errors import ApiError, BadRequest, Conflict, NotFoundError, Unavailable
 from agentd.fuseclient import FuseHostClient, FuseHostError, FuseHostUnavailable
+from agentd.homes import Bind, HomeError, KernelHomes
 from agentd.journal import Journal
 from agentd.paths import PathMissing, PathOutsideVolume, check_beneath
 from azfs.errors import AzfsError
@@ -53,7 +64,7 @@ from azfs.export import CONTAINER_HOME, ExportRequest, ExportResponse, OciMount,
 from azfs.secret import redact
 from azfs.volumes.hostmount import HostMounter, MountError, unmount
 from azfs.volumes.model import Volume, split_options
-from azfs.volumes.mountinfo import mounts_under
+from azfs.volumes.mountinfo import MountEntry, mounts_under, read_mountinfo
 from azfs.volumes.store import VolumeStore
 
 log = logging.getLogger("agentd.exports")
@@ -174,6 +185,7 @@ class ExportService:
         self.gate = _Gate()
         #: views of recorded kernels the last reconcile could not attach
         self.unrestored: dict[str, str] = {}
+        self.homes = KernelHomes(config.state_dir)
 
     # ---- startup volumes --------------------------------------------------------
     async def mount_startup(self) -> None:
@@ -207,12 +219,19 @@ class ExportService:
                     for view in record["views"]:
                         await self._attach(view)
                         self.unrestored.pop("/".join(view["path"]), None)
+                    await self._repair_home(kernel_id, record)
                     return ExportResponse.model_validate(record["response"])
                 raise Conflict(f"kernel {kernel_id} is already exported with another request; "
                                "unexport it first", code="kernel-conflict")
+            for vf in request.vfolders:
+                if _in_home(vf.container_path) is None \
+                        and _overlap(vf.container_path, CONTAINER_HOME):
+                    raise BadRequest(f"vfolder {vf.alias!r}: {vf.container_path} would hide "
+                                     f"the kernel's home {CONTAINER_HOME}")
             volumes = await self._volumes_of(request)
             acquired: list[Volume] = []
             attached: list[list[str]] = []
+            home_made = False
             try:
                 roots: dict[str, Path] = {}
 
@@ -234,17 +253,23 @@ class ExportService:
                     attached.append(view["path"])
 
                 await _each(attach, views)
+                binds = self._binds(kernel_id, request)
+                home_made = True
+                await self._make_home(kernel_id, request.uid, request.gid, binds)
                 response = ExportResponse(kernel_id=kernel_id,
                                           mounts=self._mounts(kernel_id, request))
                 await self.journal.put(kernel_id, {
                     "request": body,
                     "views": views,
                     "volumes": [v.name for v in volumes],
+                    "binds": [b.record() for b in binds],
                     "response": response.model_dump(mode="json"),
                     "created": time.time(),
                 })
             except BaseException:
                 with trio.CancelScope(shield=True):
+                    if home_made:
+                        await self._destroy_home(kernel_id)
                     await self._undo(attached, acquired)
                 raise
             log.info("exported kernel %s: %d vfolders", kernel_id, len(request.vfolders))
@@ -318,12 +343,16 @@ class ExportService:
             raise ApiError(f"vfolder {alias!r}: {exc}", code="internal-error",
                            status=500) from None
 
-    def _mounts(self, kernel_id: str, request: ExportRequest) -> list[OciMount]:
-        base = self.config.mountpoint / KERNELS / kernel_id
-        mounts = [OciMount(destination=vf.container_path, source=str(base / vf.alias),
-                           options=["rbind", vf.mode]) for vf in request.vfolders]
+    def _view_source(self, kernel_id: str, alias: str) -> str:
+        return str(self.config.mountpoint / KERNELS / kernel_id / alias)
+
+    def _binds(self, kernel_id: str, request: ExportRequest) -> list[Bind]:
+        """What goes into the kernel's home: views under /home/work, then startup volumes."""
+        binds = [Bind(rel=rel, source=self._view_source(kernel_id, vf.alias),
+                      read_only=vf.mode == "ro")
+                 for vf in request.vfolders if (rel := _in_home(vf.container_path))]
         if not self.config.bind_startup_volumes:
-            return mounts
+            return binds
         targets = [vf.container_path for vf in request.vfolders]
         for name, path in sorted(self.startup_mounts.items()):
             destination = f"{CONTAINER_HOME}/{name}"
@@ -332,9 +361,37 @@ class ExportService:
             volume = self.catalog.volumes.get(name)
             writable = volume is not None and any(
                 k == "rw" and v is None for k, v in split_options(volume.mount.options))
-            mounts.append(OciMount(destination=destination, source=str(path),
-                                   options=["rbind", "rw" if writable else "ro"]))
+            binds.append(Bind(rel=name, source=str(path), read_only=not writable))
+        return binds
+
+    def _mounts(self, kernel_id: str, request: ExportRequest) -> list[OciMount]:
+        """The kernel's home at /home/work (rslave: later binds in it reach the running
+        container), then a direct bind of each view whose container path is elsewhere."""
+        mounts = [OciMount(destination=CONTAINER_HOME, source=str(self.homes.path(kernel_id)),
+                           options=["rbind", "rslave", "rw"])]
+        mounts += [OciMount(destination=vf.container_path,
+                            source=self._view_source(kernel_id, vf.alias),
+                            options=["rbind", vf.mode])
+                   for vf in request.vfolders if not _in_home(vf.container_path)]
         return mounts
+
+    async def _make_home(self, kernel_id: str, uid: int, gid: int, binds: list[Bind]) -> None:
+        def work() -> None:
+            self.homes.prepare(kernel_id, uid, gid)
+            for bind in binds:
+                self.homes.place(kernel_id, bind)
+
+        try:
+            await trio.to_thread.run_sync(work)
+        except HomeError as exc:
+            raise ApiError(f"kernel {kernel_id}: {exc.strerror}", code="kernel-home-failed",
+                           status=500) from None
+
+    async def _destroy_home(self, kernel_id: str) -> None:
+        try:
+            await trio.to_thread.run_sync(self.homes.destroy, kernel_id)
+        except HomeError as exc:
+            log.error("kernel %s: cannot remove its home: %s", kernel_id, exc.strerror)
 
     async def _undo(self, attached: list[list[str]], acquired: list[Volume]) -> None:
         for path in reversed(attached):
@@ -365,6 +422,7 @@ class ExportService:
                 return False
             with trio.CancelScope(shield=True):
                 await self.journal.remove(kernel_id)
+                await self._destroy_home(kernel_id)
                 for view in record["views"]:
                     try:
                         await self.client.detach(view["path"])
@@ -378,6 +436,133 @@ class ExportService:
                                if not p.startswith(prefix)}
             log.info("unexported kernel %s", kernel_id)
             return True
+
+    # ---- a running kernel's vfolders ------------------------------------------------------
+    def _attachable(self, kernel_id: str) -> dict[str, Any]:
+        record = self.journal.kernels.get(kernel_id)
+        if record is None:
+            raise NotFoundError(f"kernel {kernel_id} has no export", code="kernel-not-found")
+        if "binds" not in record:
+            raise BadRequest(f"kernel {kernel_id} was exported without a kernel home; "
+                             "recreate it to attach or detach vfolders", code="not-attachable")
+        return record
+
+    async def attach_vfolder(self, kernel_id: str, vf: VfolderExport) -> ExportResponse:
+        """Adds one vfolder to a running kernel: it appears at its path in the container.
+
+        The same vfolder again is a no-op; another one with a taken alias or path
+        is a conflict.  On failure nothing is left changed.
+        """
+        async with self._kernel(kernel_id):
+            record = self._attachable(kernel_id)
+            request = ExportRequest.model_validate(record["request"])
+            if vf in request.vfolders:
+                return ExportResponse.model_validate(record["response"])
+            rel = _in_home(vf.container_path)
+            if rel is None:
+                raise BadRequest(f"vfolder {vf.alias!r}: {vf.container_path} is not under "
+                                 f"{CONTAINER_HOME}; only paths there reach a running kernel",
+                                 code="not-attachable")
+            try:
+                new_request = ExportRequest(uid=request.uid, gid=request.gid,
+                                            vfolders=[*request.vfolders, vf])
+            except ValidationError as exc:
+                message = str(exc.errors()[0].get("msg", "conflict"))
+                raise Conflict(f"vfolder {vf.alias!r}: "
+                               f"{message.removeprefix('Value error, ')}",
+                               code="alias-in-use") from None
+            binds = [Bind.from_record(b) for b in record["binds"]]
+            taken = next((b.rel for b in binds
+                          if _overlap(vf.container_path, f"{CONTAINER_HOME}/{b.rel}")), None)
+            if taken is not None:
+                raise Conflict(f"vfolder {vf.alias!r}: {CONTAINER_HOME}/{taken} is in use in "
+                               "the kernel", code="alias-in-use")
+            acquired: list[Volume] = []
+            attached: list[list[str]] = []
+            bind = Bind(rel=rel, source=self._view_source(kernel_id, vf.alias),
+                        read_only=vf.mode == "ro")
+            try:
+                roots: dict[str, Path] = {}
+                if vf.kind == "posix":
+                    assert vf.volume is not None
+                    if vf.volume in record["volumes"]:
+                        roots[vf.volume] = self.mounter.path_for(vf.volume)
+                    else:
+                        (volume,) = await self._volumes_of(
+                            ExportRequest(vfolders=[vf]))
+                        roots[vf.volume] = await self._acquire(volume)
+                        acquired.append(volume)
+                view = await self._plan_view(kernel_id, new_request, vf, roots)
+                await self._attach(view)
+                attached.append(view["path"])
+                await self._place(kernel_id, bind)
+                await self.journal.put(kernel_id, {
+                    **record,
+                    "request": new_request.model_dump(mode="json"),
+                    "views": [*record["views"], view],
+                    "volumes": sorted({*record["volumes"], *(v.name for v in acquired)}),
+                    "binds": [*record["binds"], bind.record()],
+                })
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    if attached:
+                        with contextlib.suppress(HomeError):
+                            await trio.to_thread.run_sync(self.homes.remove, kernel_id, rel)
+                    await self._undo(attached, acquired)
+                raise
+            log.info("kernel %s: attached vfolder %s at %s", kernel_id, vf.alias,
+                     vf.container_path)
+            return ExportResponse.model_validate(record["response"])
+
+    async def detach_vfolder(self, kernel_id: str, alias: str) -> bool:
+        """Removes one vfolder from a running kernel; False if it has none of that alias."""
+        async with self._kernel(kernel_id):
+            record = self._attachable(kernel_id)
+            request = ExportRequest.model_validate(record["request"])
+            vf = next((v for v in request.vfolders if v.alias == alias), None)
+            if vf is None:
+                return False
+            rel = _in_home(vf.container_path)
+            if rel is None:
+                raise BadRequest(f"vfolder {alias!r} is bound directly at "
+                                 f"{vf.container_path}; it goes with the kernel",
+                                 code="not-attachable")
+            try:
+                await trio.to_thread.run_sync(self.homes.remove, kernel_id, rel)
+            except HomeError as exc:
+                raise ApiError(f"kernel {kernel_id}: {exc.strerror}",
+                               code="kernel-home-failed", status=500) from None
+            path = [KERNELS, kernel_id, alias]
+            rest = [v for v in request.vfolders if v.alias != alias]
+            still_used = {v.volume for v in rest if v.kind == "posix"}
+            released = [n for n in record["volumes"]
+                        if n == vf.volume and n not in still_used]
+            with trio.CancelScope(shield=True):
+                await self.journal.put(kernel_id, {
+                    **record,
+                    "request": ExportRequest(uid=request.uid, gid=request.gid,
+                                             vfolders=rest).model_dump(mode="json"),
+                    "views": [v for v in record["views"] if v["path"] != path],
+                    "volumes": [n for n in record["volumes"] if n not in released],
+                    "binds": [b for b in record["binds"] if b["rel"] != rel],
+                })
+                try:
+                    await self.client.detach(path)
+                except (FuseHostError, FuseHostUnavailable) as exc:
+                    log.error("cannot detach %s: %s (the next reconcile will)",
+                              "/".join(path), exc)
+                for name in released:
+                    await self._release(name)
+            self.unrestored.pop("/".join(path), None)
+            log.info("kernel %s: detached vfolder %s", kernel_id, alias)
+            return True
+
+    async def _place(self, kernel_id: str, bind: Bind) -> None:
+        try:
+            await trio.to_thread.run_sync(self.homes.place, kernel_id, bind)
+        except HomeError as exc:
+            raise ApiError(f"kernel {kernel_id}: {exc.strerror}", code="kernel-home-failed",
+                           status=500) from None
 
     # ---- restore ------------------------------------------------------------------------
     async def restore_volumes(self) -> None:
@@ -421,7 +606,118 @@ class ExportService:
             if attached or detached or failed:
                 log.info("reconciled the namespace: %d attached, %d detached, %d failed",
                          attached, detached, failed)
-            return {"attached": attached, "detached": detached, "failed": failed}
+            rebound = await self._reconcile_homes()
+            return {"attached": attached, "detached": detached, "failed": failed,
+                    "rebound": rebound}
+
+    async def _reconcile_homes(self) -> int:
+        """Replaces the dead or missing binds in the recorded kernels' homes and removes
+        the homes of kernels the journal does not know (a crash's leftovers)."""
+        devices = await trio.to_thread.run_sync(self._devices)
+        rebound = 0
+        for kernel_id, record in sorted(self.journal.kernels.items()):
+            if "binds" not in record:
+                continue  # recorded before kernels had homes: direct binds only
+            binds = [Bind.from_record(b) for b in record["binds"]]
+            states = await trio.to_thread.run_sync(self.homes.states, kernel_id, binds,
+                                                   devices)
+            stale = [b for b in binds if states[b.rel] != "live"]
+            if not stale:
+                continue
+            request = record["request"]
+            try:
+                await trio.to_thread.run_sync(self._rebind, kernel_id, request, stale)
+                rebound += len(stale)
+                log.warning("kernel %s: re-bound %s", kernel_id,
+                            ", ".join(f"{b.rel} ({states[b.rel]})" for b in stale))
+            except HomeError as exc:  # the others are placed; this one waits for a retry
+                log.error("kernel %s: cannot re-bind its vfolders: %s", kernel_id,
+                          exc.strerror)
+        known = set(self.journal.kernels)
+        for kernel_id in await trio.to_thread.run_sync(self.homes.on_disk):
+            if kernel_id not in known:
+                log.warning("removing the home of kernel %s: it has no recorded export",
+                            kernel_id)
+                await self._destroy_home(kernel_id)
+        return rebound
+
+    async def _repair_home(self, kernel_id: str, record: dict[str, Any]) -> None:
+        """Re-places the binds of one recorded kernel that are not live."""
+        if "binds" not in record:
+            return
+        binds = [Bind.from_record(b) for b in record["binds"]]
+        devices = await trio.to_thread.run_sync(self._devices)
+        states = await trio.to_thread.run_sync(self.homes.states, kernel_id, binds, devices)
+        stale = [b for b in binds if states[b.rel] != "live"]
+        if stale:
+            try:
+                await trio.to_thread.run_sync(self._rebind, kernel_id, record["request"],
+                                              stale)
+            except HomeError as exc:
+                raise ApiError(f"kernel {kernel_id}: {exc.strerror}",
+                               code="kernel-home-failed", status=500) from None
+
+    def _rebind(self, kernel_id: str, request: dict[str, Any], binds: list[Bind]
+                ) -> list[str]:
+        """Places each bind (one that fails does not stop the others); answers the ones
+        placed, raises the first failure after trying them all."""
+        self.homes.prepare(kernel_id, int(request.get("uid", 1000)),
+                           int(request.get("gid", 1000)))
+        placed, failed = [], []
+        for bind in binds:
+            try:
+                self.homes.place(kernel_id, bind)
+                placed.append(bind.rel)
+            except HomeError as exc:
+                failed.append(exc)
+        if failed:
+            if placed:
+                log.warning("kernel %s: re-bound %s", kernel_id, ", ".join(placed))
+            raise failed[0]
+        return placed
+
+    def _devices(self, table: list[MountEntry] | None = None) -> dict[str, str]:
+        """Source prefix → the device its binds must show (the live FUSE mount, volumes)."""
+        table = read_mountinfo() if table is None else table
+        tops = {e.mount_point: e for e in table}  # the last entry at a path is the top
+        out = {}
+        for path in (self.config.mountpoint, *self.startup_mounts.values()):
+            entry = tops.get(str(path))
+            if entry is not None:
+                out[str(path)] = entry.device
+        return out
+
+    async def rebind_needed(self) -> bool:
+        """True if a kernel has a bind that is not live and that a reconcile can fix (not
+        one of a view the last reconcile could not restore: that waits for its export)."""
+        status = await self.binds_status()
+        for kernel_id, binds in status.items():
+            if binds["live"]:
+                continue
+            record = self.journal.kernels.get(kernel_id) or {}
+            sources = {b["rel"]: b["source"] for b in record.get("binds", [])}
+            for rel, state in binds["binds"].items():
+                view = _view_path(sources.get(rel, ""), self.config.mountpoint)
+                if state != "live" and view not in self.unrestored:
+                    return True
+        return False
+
+    async def binds_status(self) -> dict[str, dict[str, Any]]:
+        """Per kernel: whether every bind in its home is live, and each bind's state."""
+        kernels = dict(self.journal.kernels)
+
+        def work() -> dict[str, dict[str, Any]]:
+            table = read_mountinfo()  # once for all kernels: the watchdog asks often
+            devices = self._devices(table)
+            out: dict[str, dict[str, Any]] = {}
+            for kernel_id, record in sorted(kernels.items()):
+                binds = [Bind.from_record(b) for b in record.get("binds", [])]
+                states = self.homes.states(kernel_id, binds, devices, table)
+                out[kernel_id] = {"live": all(s == "live" for s in states.values()),
+                                  "binds": states}
+            return out
+
+        return await trio.to_thread.run_sync(work)
 
     async def unmount_orphans(self) -> list[str]:
         """Unmounts volume mounts under the state dir that nothing uses (a crash's leftovers)."""
@@ -486,6 +782,18 @@ async def _each(fn: Callable[[Any], Awaitable[None]], items: Iterable[Any]) -> N
             nursery.start_soon(one, i)
     if errors:
         raise errors[min(errors)]
+
+
+def _view_path(source: str, mountpoint: Path) -> str | None:
+    """``kernels/<id>/<alias>`` of a bind's source in the FUSE mount, else None."""
+    prefix = str(mountpoint).rstrip("/") + "/"
+    return source[len(prefix):] if source.startswith(prefix) else None
+
+
+def _in_home(container_path: str) -> str | None:
+    """``container_path`` relative to /home/work, or None if it is not below it."""
+    prefix = CONTAINER_HOME + "/"
+    return container_path[len(prefix):] if container_path.startswith(prefix) else None
 
 
 def _overlap(a: str, b: str) -> bool:

@@ -13,11 +13,12 @@ import logging
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 from pydantic import ValidationError
 
-from azfs.export import ExportRequest, ExportResponse
+from azfs.export import ExportRequest, ExportResponse, VfolderExport
 from azfs.secret import Secret, redact
 from managerd.errors import AgentError
 
@@ -65,6 +66,21 @@ class AgentClient:
             return ExportResponse.model_validate(response.json())
         except (ValueError, ValidationError):
             raise AgentError(f"agent {self.address.name!r} sent a malformed answer") from None
+
+    async def attach(self, kernel_id: str, vfolder: VfolderExport) -> ExportResponse:
+        """``PUT /v1/kernels/{kernel_id}/vfolders/{alias}``: one more vfolder, live."""
+        response = await self._call(
+            "PUT", f"/v1/kernels/{kernel_id}/vfolders/{quote(vfolder.alias, safe='')}",
+            json=vfolder.model_dump(mode="json", exclude_none=True))
+        try:
+            return ExportResponse.model_validate(response.json())
+        except (ValueError, ValidationError):
+            raise AgentError(f"agent {self.address.name!r} sent a malformed answer") from None
+
+    async def detach(self, kernel_id: str, alias: str) -> None:
+        """``DELETE /v1/kernels/{kernel_id}/vfolders/{alias}``; a gone kernel is fine."""
+        await self._call("DELETE", f"/v1/kernels/{kernel_id}/vfolders/{quote(alias, safe='')}",
+                         missing_ok=True)
 
     async def unexport(self, kernel_id: str) -> None:
         """``DELETE /v1/kernels/{kernel_id}``; an unknown kernel is already gone."""

@@ -358,6 +358,22 @@ def create_app(manager: Manager) -> FastAPI:
         await m.kernels.destroy(who, kernel_id, force)
         return Response(status_code=204)
 
+    @app.post("/v1/kernels/{kernel_id}/vfolders", tags=["kernels"],
+              summary="Attach a vfolder to a running kernel",
+              description="Checked as for a kernel create, for the kernel's owner; the "
+                          "vfolder appears at its path in the running container.",
+              response_model=S.KernelOut, response_model_exclude_unset=True,
+              responses=ERRORS)
+    async def attach_vfolder(who: Who, kernel_id: KernelId, body: VfolderItem) -> dict:
+        return await m.kernels.attach(who, kernel_id, VfolderRequest(**body.model_dump()))
+
+    @app.delete("/v1/kernels/{kernel_id}/vfolders/{alias}", tags=["kernels"],
+                summary="Detach a vfolder from a running kernel (twice is fine)",
+                response_model=S.KernelOut, response_model_exclude_unset=True,
+                responses=ERRORS)
+    async def detach_vfolder(who: Who, kernel_id: KernelId, alias: Ref) -> dict:
+        return await m.kernels.detach(who, kernel_id, alias)
+
     @app.get("/v1/kernels/{kernel_id}/datasets/{alias}/sas", tags=["kernels"],
              summary="SAS renewal for the agent serving a kernel's dataset",
              description="Authenticated by the key in the URL the agent was given "

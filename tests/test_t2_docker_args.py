@@ -128,3 +128,28 @@ def test_bad_specs_are_refused(kwargs: dict, message: str) -> None:
 def test_bad_binds_are_refused(source: str, destination: str, message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
         BindMount(Path(source), destination, readonly=True)
+
+
+def test_a_kernel_home_replaces_the_scratch_dir_and_keeps_rslave() -> None:
+    export = ExportResponse(kernel_id="k-1", mounts=[
+        OciMount(destination="/home/work", source="/var/lib/azfs/agent/homes/k-1",
+                 options=["rbind", "rslave", "rw"]),
+        OciMount(destination="/opt/ds", source="/var/lib/azfs/agent/fuse/kernels/k-1/ds",
+                 options=["rbind", "ro"])])
+    spec = KernelSpec.from_export(export, ["true"], scratch_dir=Path("/scratch/k-1"))
+    assert spec.scratch_dir is None
+    assert _mounts(docker_run_args(spec, "busybox")) == [
+        {"type": "bind", "source": "/var/lib/azfs/agent/homes/k-1", "target": "/home/work",
+         "bind-propagation": "rslave"},
+        {"type": "bind", "source": "/var/lib/azfs/agent/fuse/kernels/k-1/ds",
+         "target": "/opt/ds", "readonly": "true"},
+    ]
+
+
+def test_unknown_or_double_propagation_is_refused() -> None:
+    with pytest.raises(InvalidArgument, match="two propagations"):
+        KernelSpec.from_export(ExportResponse(kernel_id="k-1", mounts=[
+            OciMount(destination="/home/work/x", source="/srv/x",
+                     options=["rbind", "rw", "rslave", "private"])]), ["true"])
+    with pytest.raises(InvalidArgument, match="propagation"):
+        BindMount(Path("/srv/x"), "/home/work/x", readonly=False, propagation="rshared")

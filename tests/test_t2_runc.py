@@ -323,3 +323,37 @@ def test_kernel_container_from_an_export(runc: Runc, busybox_rootfs: Path,
         assert r.stdout.split() == ["hi", "/home/work", "F", "1000"], r.stderr
     assert kernel.status() == "absent"
     assert runc.list() == []
+
+
+def test_an_rslave_home_receives_mounts_made_after_the_start(runc: Runc, busybox_rootfs: Path,
+                                                             tmp_path: Path) -> None:
+    """The mechanism kernel homes rely on: a shared host directory bound ``rslave`` as
+    /home/work replaces the scratch dir, and a bind placed in it later (or removed)
+    shows (or vanishes) in the running container."""
+    from agentd.homes import Bind, KernelHomes
+
+    homes = KernelHomes(tmp_path / "state")
+    home = homes.prepare("k", 1000, 1000)
+    late = _owned_dir(tmp_path / "late")
+    (late / "f").write_text("late\n")
+    export = ExportResponse(kernel_id=container_id("rs"), mounts=[
+        OciMount(destination="/home/work", source=str(home),
+                 options=["rbind", "rslave", "rw"])])
+    try:
+        with KernelContainer(busybox_rootfs, export, ["sleep", "600"], runc=runc,
+                             bundle_dir=tmp_path / "bundle",
+                             scratch_dir=tmp_path / "unused") as kernel:
+            assert kernel.scratch == home and not (tmp_path / "unused").exists()
+            config = json.loads((tmp_path / "bundle" / "config.json").read_text())
+            assert [m["options"] for m in config["mounts"] if m["type"] == "bind"] == [
+                ["rbind", "rw", "nosuid", "nodev", "rslave"]]
+            assert kernel.sh("echo home > /home/work/h").exit_code == 0
+            assert (home / "h").read_text() == "home\n"
+            homes.place("k", Bind(rel="late", source=str(late), read_only=True))
+            r = kernel.sh("cat /home/work/late/f; echo x > /home/work/late/g")
+            assert r.stdout == "late\n" and os.strerror(30) in r.stderr, r.stderr
+            homes.remove("k", "late")
+            assert kernel.sh("ls /home/work/late").exit_code != 0
+    finally:
+        homes.teardown()
+    assert mountpoints_under(tmp_path) == []

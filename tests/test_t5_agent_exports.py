@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from agentd.fuseclient import FuseHostClient
+from azfs.volumes.mountinfo import mounts_under
 from tests.support.agent import REPO, AgentHarness, agent  # noqa: F401
 from tests.support.azurite import azurite  # noqa: F401
 
@@ -51,12 +52,17 @@ async def test_export_read_write_and_unexport(agent: AgentHarness) -> None:
         assert r.status_code == 200, r.text
         mounts = r.json()["mounts"]
         source = str(agent.fuse_path("k1", "data"))
-        assert {"destination": "/home/work/data", "type": "bind", "source": source,
-                "options": ["rbind", "rw"]} in mounts
+        # the kernel's home at /home/work, rslave: the agent's binds in it reach the kernel
+        home = agent.state_dir / "homes" / "k1"
+        assert mounts == [{"destination": "/home/work", "type": "bind", "source": str(home),
+                           "options": ["rbind", "rslave", "rw"]}]
+        assert agent.mounts().count(str(home / "data")) == 1
         # the startup volume is offered read-only at /home/work/<volume name>
-        assert {"destination": "/home/work/datasets", "type": "bind",
-                "source": str(agent.state_dir / "volumes" / "datasets"),
-                "options": ["rbind", "ro"]} in mounts
+        assert (home / "datasets").is_dir()
+        with pytest.raises(OSError) as info:
+            (home / "datasets" / "x").write_text("no")
+        assert info.value.errno == 30
+        assert Path(home, "data", "hello.txt").read_text() == "hello from the volume\n"
 
         assert Path(source, "hello.txt").read_text() == "hello from the volume\n"
         st = os.stat(Path(source, "hello.txt"))
@@ -77,6 +83,7 @@ async def test_export_read_write_and_unexport(agent: AgentHarness) -> None:
         r = await http.delete("/v1/kernels/k1")
         assert r.status_code == 204
         assert not Path(source).exists()
+        assert not home.exists() and str(home) not in " ".join(agent.mounts())
         assert agent.volume_mounts() == ["datasets"]
         assert (vf / "new.txt").exists()  # unexport never touches the data
         r = await http.delete("/v1/kernels/k1")
@@ -134,6 +141,10 @@ def _bad_requests(agent: AgentHarness) -> list[tuple[str, str, object, int, str]
         ("alias dotdot", "k2", body(posix("..", path="vf-ok")), 400, "invalid-request"),
         ("duplicate alias", "k2", body(ok, dict(ok)), 400, "invalid-request"),
         ("overlapping targets", "k2", body(ok, posix("y", path="vf-ok", target="ok/sub")),
+         400, "invalid-request"),
+        ("target hides the home", "k2", body(posix("y", path="vf-ok", target="/home")),
+         400, "invalid-request"),
+        ("target is the home", "k2", body(posix("y", path="vf-ok", target="/home/work")),
          400, "invalid-request"),
         ("blob rw", "k2", body({"alias": "ds", "kind": "blob", "mode": "rw",
                                 "dataset": {"url": "http://127.0.0.1:1/acct/c", "sas": "sv=1"}}),
@@ -278,8 +289,11 @@ async def test_ro_view_is_erofs_while_rw_view_writes(agent: AgentHarness) -> Non
         r2 = await http.put("/v1/kernels/k2",
                             json=body(posix("data", path="vf-shared", mode="ro")))
         assert r1.status_code == 200 and r2.status_code == 200, (r1.text, r2.text)
-        assert r2.json()["mounts"][0]["options"] == ["rbind", "ro"]
-        rw, ro = agent.fuse_path("k1", "data"), agent.fuse_path("k2", "data")
+        # the kernel's bind of a read-only view is itself read-only
+        home2 = agent.state_dir / "homes" / "k2"
+        assert "ro" in next(e for e in mounts_under(home2)
+                            if e.mount_point == str(home2 / "data")).mount_options.split(",")
+        rw, ro = agent.fuse_path("k1", "data"), home2 / "data"
         (rw / "x").write_text("from kernel 1")
         assert (ro / "x").read_text() == "from kernel 1"
         for attempt in (lambda: (ro / "y").write_text("no"),

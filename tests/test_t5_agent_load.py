@@ -90,5 +90,6 @@ async def test_many_kernels_created_and_destroyed_concurrently(agent: AgentHarne
     assert await refs_and_views(agent) == ({"datasets": 0}, set())
     assert agent.volume_mounts() == ["datasets"]
     assert agent.mounts() == sorted([str(agent.mountpoint),
-                                     str(agent.state_dir / "volumes" / "datasets")])
+                                     str(agent.state_dir / "volumes" / "datasets"),
+                                     str(agent.state_dir / "homes")])  # no kernel home left
     assert not (agent.mountpoint / "kernels").exists()

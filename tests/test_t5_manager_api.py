@@ -29,6 +29,7 @@ import httpx
 import pytest
 import trio
 from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
@@ -67,6 +68,23 @@ class FakeAgent:
                 {"destination": v.container_path, "type": "bind",
                  "source": f"/run/azfs/fuse/kernels/{kernel_id}/{v.alias}",
                  "options": ["rbind", v.mode]} for v in export.vfolders]}
+
+        @app.put("/v1/kernels/{kernel_id}/vfolders/{alias}")
+        async def attach(kernel_id: str, alias: str, request: Request) -> Any:
+            body = await request.json()
+            self.requests.append(("PUT", f"{kernel_id}/{alias}", body))
+            if kernel_id not in self.exports:
+                return JSONResponse({"error": {"code": "kernel-not-found",
+                                               "message": "no kernel"}}, 404)
+            return {"kernel_id": kernel_id, "mounts": [
+                {"destination": "/home/work", "type": "bind",
+                 "source": f"/var/lib/azfs/agent/homes/{kernel_id}",
+                 "options": ["rbind", "rslave", "rw"]}]}
+
+        @app.delete("/v1/kernels/{kernel_id}/vfolders/{alias}")
+        async def detach(kernel_id: str, alias: str) -> Any:
+            self.requests.append(("DELETE", f"{kernel_id}/{alias}", None))
+            return JSONResponse(None, 204)
 
         @app.delete("/v1/kernels/{kernel_id}")
         async def delete(kernel_id: str) -> Any:

@@ -79,6 +79,10 @@ CASES = [
          vfolder="fresh"),
     Case("kernel info", "GET", "/v1/kernels/{kernel}", _visible(200, 404), kernel=True),
     Case("kernel destroy", "DELETE", "/v1/kernels/{kernel}", _visible(204, 404), kernel=True),
+    Case("kernel attach", "POST", "/v1/kernels/{kernel}/vfolders", _visible(200, 404),
+         {"vfolder": "{id}"}, vfolder="fresh", kernel=True),
+    Case("kernel detach", "DELETE", "/v1/kernels/{kernel}/vfolders/{id}", _visible(200, 404),
+         kernel=True),
     Case("kernel list", "GET", "/v1/kernels", _all(200)),
     Case("kernel list all", "GET", "/v1/kernels?all=true", _admin_only(200)),
     Case("dataset register", "POST", "/v1/datasets", _admin_only(201),
@@ -136,7 +140,8 @@ async def test_every_endpoint_is_in_the_matrix(sqlite_server: Server) -> None:  
     async with sqlite_server.client() as c:
         spec = (await c.get("/openapi.json")).json()
     routes = {(method.upper(), path) for path, ops in spec["paths"].items() for method in ops}
-    templated = {(m, p.replace("{id}", "{ref}").replace("{kernel}", "{kernel_id}")
+    templated = {(m, p.replace("{kernel}/vfolders/{id}", "{kernel}/vfolders/{alias}")
+                  .replace("{id}", "{ref}").replace("{kernel}", "{kernel_id}")
                   .replace("{me}", "{name}").replace("/extra", "/{user}")
                   .replace("/priv/users/{user}", "/{name}/users/{user}")
                   .replace("/priv", "/{name}").replace("/gone", "/{name}")

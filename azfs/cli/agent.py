@@ -1,7 +1,9 @@
-"""``azfs agent status|kernels|volumes``: what the node agent is doing, from its socket.
+"""``azfs agent status|kernels|volumes|restart-fuse``: the node agent, from its socket.
 
 A thin client of the agent's control API (``/v1/health``, ``/v1/kernels``,
-``/v1/volumes``); ``--json`` prints the API's answer unchanged for scripts.
+``/v1/volumes``, ``/v1/fuse/restart``); ``--json`` prints the API's answer
+unchanged for scripts.  ``restart-fuse`` replaces the node's FUSE process
+(after installing a new azfs) and re-binds every running kernel's vfolders.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from azfs.errors import UserError
 ENV_SOCKET = "AZFS_AGENT_SOCKET"
 DEFAULT_SOCKET = Path("/run/azfs/agent.sock")
 TIMEOUT = 30.0
+#: a restart stops the old process (up to 30 s), starts one and re-binds every kernel
+RESTART_TIMEOUT = 180.0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,19 +42,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                                "(normally the manager does this)")
     unexport.add_argument("kernel_id", metavar="KERNEL_ID")
     unexport.set_defaults(func=cmd_unexport)
+    what.add_parser("restart-fuse", help="replace the FUSE process (an upgrade); running "
+                    "kernels keep their vfolders").set_defaults(func=cmd_restart_fuse)
 
 
 def _socket(args: argparse.Namespace) -> Path:
     return args.socket or Path(os.environ.get(ENV_SOCKET) or DEFAULT_SOCKET)
 
 
-def get(args: argparse.Namespace, path: str, method: str = "GET") -> tuple[int, Any]:
+def get(args: argparse.Namespace, path: str, method: str = "GET",
+        timeout: float = TIMEOUT) -> tuple[int, Any]:
     sock = _socket(args)
     if not sock.exists():
         raise UserError(f"no agent socket at {sock} (is azfs-agentd running? --socket?)")
     try:
         with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)),
-                          base_url="http://agent", timeout=TIMEOUT) as client:
+                          base_url="http://agent", timeout=timeout) as client:
             response = client.request(method, path)
     except httpx.HTTPError as exc:
         raise UserError(f"cannot reach the agent at {sock}: {exc}") from None
@@ -80,7 +87,17 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"restarts {fuse.get('restarts', 0)}")
     if fuse.get("error"):
         print(f"           {fuse['error']}")
+    if fuse.get("last_restart"):
+        last = fuse["last_restart"]
+        print(f"           last restart: {last.get('reason')}, binds back after "
+              f"{last.get('window', 0):.2f}s")
     print(f"kernels    {body.get('kernels')}")
+    for kernel_id, binds in sorted(body.get("kernel_binds", {}).items()):
+        states = binds.get("binds", {})
+        bad = ", ".join(f"{rel} {state}" for rel, state in sorted(states.items())
+                        if state != "live")
+        print(f"  {kernel_id}  binds {'live' if binds.get('live') else 'NOT LIVE'}"
+              + (f" ({bad})" if bad else f" ({len(states)})"))
     volumes = body.get("volumes", {})
     print("volumes    " + (", ".join(f"{n} ({r})" for n, r in sorted(volumes.items()))
                            or "none mounted"))
@@ -140,3 +157,17 @@ def cmd_unexport(args: argparse.Namespace) -> int:
     else:
         print(f"kernel {args.kernel_id}: no exports left on this node")
     return 0
+
+
+def cmd_restart_fuse(args: argparse.Namespace) -> int:
+    status, body = get(args, "/v1/fuse/restart", method="POST", timeout=RESTART_TIMEOUT)
+    if status != 200:
+        error = body.get("error", {}) if isinstance(body, dict) else {}
+        raise UserError(f"the agent answered {status}: {error.get('message', body)}")
+    if args.json:
+        print(json.dumps(body, indent=2))
+    else:
+        print(f"fusehost restarted: pid {body.get('old_pid')} -> {body.get('pid')}; "
+              f"{body.get('views')} views, {body.get('rebound')} binds re-bound, "
+              f"back after {body.get('window', 0):.2f}s")
+    return 0 if not body.get("failed") else 1

@@ -3,13 +3,16 @@
 ``-v REF[:TARGET][:ro|rw]`` adds a vfolder (TARGET relative to /home/work
 unless absolute), ``-d DATASET[:TARGET]`` a dataset.  ``create`` prints the
 bind mounts the container runtime must apply (``--json``: the whole kernel
-record, its ``mounts`` included).
+record, its ``mounts`` included; ``--docker``: the same mounts as ``docker
+run`` arguments).  ``attach``/``detach`` add a vfolder to a running kernel
+or take one away; it appears or disappears inside the running container.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 
 from azfs.cli.rest import ManagerClient, add_client_flags, emit, emit_record, ref_path
 from azfs.errors import UserError
@@ -55,9 +58,22 @@ def create_kernel(client: ManagerClient, kernel_id: str, agent: str, vfolders: l
     return client.call("POST", "/v1/kernels", body)
 
 
+def docker_mount_args(kernel: dict) -> list[str]:
+    """The kernel's mounts as ``docker run --mount`` arguments (propagation included)."""
+    from azfs.containers.docker import mount_args
+    from azfs.containers.spec import KernelSpec
+    from azfs.export import ExportResponse
+
+    export = ExportResponse.model_validate({"kernel_id": kernel["kernel_id"],
+                                            "mounts": kernel["mounts"]})
+    return mount_args(KernelSpec.from_export(export, ["true"]))
+
+
 def show_mounts(args: argparse.Namespace, kernel: dict) -> None:
     """The kernel's bind mounts as a table (or the whole record with ``--json``)."""
-    if args.json:
+    if getattr(args, "docker", False):
+        print(shlex.join(docker_mount_args(kernel)))
+    elif args.json:
         emit(args, kernel, COLUMNS)  # the full record, ``mounts`` included
     else:
         emit(args, kernel["mounts"], MOUNT_COLUMNS, title=f"kernel {kernel['kernel_id']}")
@@ -79,10 +95,41 @@ def _ls(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     data = ManagerClient.from_args(args).call("GET", f"/v1/kernels/{ref_path(args.kernel_id)}")
+    if args.docker:
+        print(shlex.join(docker_mount_args(data)))
+        return 0
     emit_record(args, data, COLUMNS)
     if not args.json:
         emit(args, data["vfolders"], [("alias", "alias"), ("kind", "kind"), ("mode", "mode"),
                                       ("target", "target")])
+    return 0
+
+
+def _attach(args: argparse.Namespace) -> int:
+    item: dict = {"vfolder": args.vfolder}
+    if args.path:
+        item["target"] = args.path
+    if args.ro:
+        item["mode"] = "ro"
+    kernel = ManagerClient.from_args(args).call(
+        "POST", f"/v1/kernels/{ref_path(args.kernel_id)}/vfolders", item)
+    if args.json:
+        emit(args, kernel, COLUMNS)
+    else:
+        mount = next((v for v in kernel["vfolders"]
+                      if args.vfolder in (v["alias"], v["vfolder_id"])), None)
+        where = mount["target"] if mount else "its path"
+        print(f"{args.kernel_id}: {args.vfolder} attached at {where}")
+    return 0
+
+
+def _detach(args: argparse.Namespace) -> int:
+    kernel = ManagerClient.from_args(args).call(
+        "DELETE", f"/v1/kernels/{ref_path(args.kernel_id)}/vfolders/{ref_path(args.vfolder)}")
+    if args.json:
+        emit(args, kernel, COLUMNS)
+    else:
+        print(f"{args.kernel_id}: {args.vfolder} detached")
     return 0
 
 
@@ -110,7 +157,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-dotfolders", action="store_true",
                    help="do not add your dot-folders automatically")
     p.add_argument("--owner", help="admins: the user the kernel runs for")
+    p.add_argument("--docker", action="store_true",
+                   help="print the mounts as 'docker run' --mount arguments")
     p.set_defaults(func=_create)
+
+    p = sub.add_parser("attach", help="add a vfolder to a running kernel")
+    p.add_argument("kernel_id", metavar="KERNEL")
+    p.add_argument("vfolder", metavar="VFOLDER", help="vfolder id or alias")
+    p.add_argument("--path", help="container path (default /home/work/<alias>; relative "
+                                  "paths are under /home/work)")
+    p.add_argument("--ro", action="store_true", help="read-only")
+    p.set_defaults(func=_attach)
+
+    p = sub.add_parser("detach", help="take a vfolder away from a running kernel")
+    p.add_argument("kernel_id", metavar="KERNEL")
+    p.add_argument("vfolder", metavar="VFOLDER", help="the vfolder's alias in the kernel")
+    p.set_defaults(func=_detach)
 
     p = sub.add_parser("ls", help="list your kernels")
     p.add_argument("--all", action="store_true", help="every kernel (admins)")
@@ -118,6 +180,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("info", help="a kernel's exports")
     p.add_argument("kernel_id")
+    p.add_argument("--docker", action="store_true",
+                   help="print the mounts as 'docker run' --mount arguments")
     p.set_defaults(func=_info)
 
     p = sub.add_parser("rm", help="drop a kernel's exports (destroying twice is fine)")

@@ -45,7 +45,8 @@ def _status(args: argparse.Namespace) -> int:
     for row in rows:
         state = ("ready" if row["ready"] else "not answering") if row["pid"] else "stopped"
         pid = f"pid {row['pid']}" if row["pid"] else ""
-        print(f"{row['service']:<{width}}  {state:<14} {pid:<11} {row['log']}")
+        restarts = f"  restarts {row['restarts']}" if "restarts" in row else ""
+        print(f"{row['service']:<{width}}  {state:<14} {pid:<11} {row['log']}{restarts}")
     degraded = False
     for name, volume in sorted(deploy.volume_io(deploy.state_dir(args)).items()):
         degraded |= volume.get("state") != "healthy"

@@ -3,7 +3,8 @@
 Renders a :class:`~azfs.containers.spec.KernelSpec` to ``--mount
 type=bind,...`` options (never ``-v``: ``-v`` silently creates a missing
 source directory, ``--mount`` refuses it), with the same order, modes,
-user, working directory and network as the runc bundle.  ``--mount`` values
+propagation, user, working directory and network as the runc bundle.
+``azfs kernel create --docker`` prints them for a kernel.  ``--mount`` values
 are CSV: a field holding a comma or a quote is quoted the way Docker's CSV
 parser reads it back.
 """
@@ -28,10 +29,16 @@ def _csv_field(value: str) -> str:
 
 
 def mount_arg(bind: BindMount) -> str:
-    """One ``--mount`` value: ``type=bind,source=...,target=...[,readonly]``."""
+    """One ``--mount`` value: ``type=bind,source=...,target=...[,readonly][,bind-propagation=P]``.
+
+    ``bind-propagation=rslave`` on the kernel home is what lets the agent
+    re-bind or attach vfolders into the running container.
+    """
     fields = ["type=bind", f"source={bind.source}", f"target={bind.destination}"]
     if bind.readonly:
         fields.append("readonly")
+    if bind.propagation:
+        fields.append(f"bind-propagation={bind.propagation}")
     return ",".join(_csv_field(f) for f in fields)
 
 

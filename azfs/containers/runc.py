@@ -114,8 +114,8 @@ def oci_config(spec: KernelSpec, rootfs: str | Path) -> dict[str, Any]:
     for bind in spec.ordered_binds():
         mounts.append({"destination": bind.destination, "type": "bind",
                        "source": str(bind.source),
-                       "options": ["rbind", "ro" if bind.readonly else "rw",
-                                   "nosuid", "nodev"]})
+                       "options": ["rbind", "ro" if bind.readonly else "rw", "nosuid",
+                                   "nodev", *([bind.propagation] if bind.propagation else [])]})
     namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount")]
     if spec.network == "none":
         namespaces.append({"type": "network"})
@@ -332,16 +332,21 @@ class KernelContainer:
     """
 
     def __init__(self, rootfs: str | Path, export: ExportResponse, args: Sequence[str], *,
-                 bundle_dir: str | Path, scratch_dir: str | Path, uid: int = 1000,
-                 gid: int = 1000, env: Mapping[str, str] | None = None,
+                 bundle_dir: str | Path, scratch_dir: str | Path | None = None,
+                 uid: int = 1000, gid: int = 1000, env: Mapping[str, str] | None = None,
                  network: Network = "none", readonly_rootfs: bool = False,
                  runc: Runc | None = None) -> None:
-        scratch = prepare_scratch(scratch_dir, uid, gid)
+        home = next((Path(m.source) for m in export.mounts if m.destination == CONTAINER_HOME),
+                    None)
+        scratch = None
+        if home is None and scratch_dir is not None:
+            scratch = prepare_scratch(scratch_dir, uid, gid)
         self.spec = KernelSpec.from_export(export, args, uid=uid, gid=gid,
                                            scratch_dir=scratch, env=env, network=network,
                                            readonly_rootfs=readonly_rootfs)
         self.id = self.spec.kernel_id
-        self.scratch = scratch
+        #: the host directory the kernel sees as /home/work (None: the rootfs' own)
+        self.scratch = home or scratch
         self.runc = runc or Runc()
         self.bundle = write_bundle(self.spec, rootfs, bundle_dir)
         self.runc.start(self.bundle, self.id)

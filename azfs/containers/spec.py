@@ -8,9 +8,14 @@ arguments, so both runtimes present exactly the same mounts.
 Invariants checked here, before any runtime is touched:
 * every bind destination is an absolute, normalised container path other
   than ``/`` and no two binds share a destination;
-* ``/home/work`` itself is the kernel's scratch directory (when given) and is
-  mounted first; the export's binds follow, parents before children, so a
-  bind is never hidden under a later one.
+* ``/home/work`` itself is the kernel's home: the agent's kernel directory
+  when the export binds it (then a runtime's scratch directory is not used),
+  else the scratch directory (when given); it is mounted first and the
+  export's binds follow, parents before children, so a bind is never hidden
+  under a later one;
+* a bind the export marks ``rslave`` keeps receiving the host's mounts below
+  its source (that is how the agent re-binds vfolders into a running kernel
+  after a FUSE restart, and attaches or detaches them).
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from azfs.export import CONTAINER_HOME, ExportResponse, OciMount
 CONTAINER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 Network = Literal["none", "host"]
+#: mount propagation a bind may ask for (OCI option, Docker ``bind-propagation``)
+PROPAGATIONS = ("rslave", "slave", "rprivate", "private")
 
 
 def container_path(value: str, what: str = "destination") -> str:
@@ -50,10 +57,15 @@ class BindMount:
     source: Path
     destination: str
     readonly: bool
+    #: None: the runtime's default (private); "rslave": host mounts below reach it
+    propagation: str | None = None
 
     def __post_init__(self) -> None:
         if not Path(self.source).is_absolute():
             raise InvalidArgument(f"bind source {str(self.source)!r} must be an absolute path")
+        if self.propagation is not None and self.propagation not in PROPAGATIONS:
+            raise InvalidArgument(f"bind propagation {self.propagation!r} is not one of "
+                                  f"{', '.join(PROPAGATIONS)}")
         object.__setattr__(self, "source", Path(self.source))
         object.__setattr__(self, "destination", container_path(self.destination))
 
@@ -66,7 +78,11 @@ class BindMount:
         if len(modes) != 1:
             raise InvalidArgument(
                 f"mount {mount.destination!r} must say exactly one of 'ro' or 'rw'")
-        return cls(Path(mount.source), mount.destination, readonly="ro" in modes)
+        propagation = [o for o in mount.options if o in PROPAGATIONS]
+        if len(propagation) > 1:
+            raise InvalidArgument(f"mount {mount.destination!r} names two propagations")
+        return cls(Path(mount.source), mount.destination, readonly="ro" in modes,
+                   propagation=propagation[0] if propagation else None)
 
 
 @dataclass(frozen=True)
@@ -121,10 +137,16 @@ class KernelSpec:
                     gid: int = 1000, scratch_dir: Path | None = None,
                     env: Mapping[str, str] | None = None, network: Network = "none",
                     readonly_rootfs: bool = False, cwd: str = CONTAINER_HOME) -> KernelSpec:
-        """The container for an agent's export answer."""
+        """The container for an agent's export answer.
+
+        An export that binds ``/home/work`` itself (the agent's kernel home)
+        replaces ``scratch_dir``.
+        """
+        binds = tuple(BindMount.from_oci(m) for m in export.mounts)
+        if exports_home(export):
+            scratch_dir = None
         return cls(kernel_id=export.kernel_id, args=tuple(args), uid=uid, gid=gid,
-                   env=dict(env or {}), cwd=cwd, scratch_dir=scratch_dir,
-                   binds=tuple(BindMount.from_oci(m) for m in export.mounts),
+                   env=dict(env or {}), cwd=cwd, scratch_dir=scratch_dir, binds=binds,
                    network=network, readonly_rootfs=readonly_rootfs)
 
     def environment(self, default_path: bool = True) -> list[str]:
@@ -140,6 +162,11 @@ class KernelSpec:
         if self.scratch_dir is not None:
             binds.append(BindMount(self.scratch_dir, CONTAINER_HOME, readonly=False))
         return binds + sorted(self.binds, key=_depth_key)
+
+
+def exports_home(export: ExportResponse) -> bool:
+    """True if the export brings the kernel's ``/home/work`` itself."""
+    return any(posixpath.normpath(m.destination) == CONTAINER_HOME for m in export.mounts)
 
 
 def _depth_key(bind: BindMount) -> tuple[int, str]:

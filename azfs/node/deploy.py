@@ -232,7 +232,8 @@ def status(root: Path) -> list[dict]:
                      "log": str(service.log)})
     pid = procs.trusted_pid(layout.fusehost_pid_file, f"{layout.root}/")
     rows.append({"service": "fusehost", "pid": pid, "ready": bool(pid),
-                 "log": str(layout.agent_state / "fusehost.log")})
+                 "log": str(layout.agent_state / "fusehost.log"),
+                 "restarts": _restarts(layout.agent_state / "run" / "fusehost-restarts")})
     return rows
 
 
@@ -248,6 +249,14 @@ def volume_io(root: Path) -> dict[str, dict]:
     except (httpx.HTTPError, OSError, ValueError):
         return {}
     return body.get("volume_io", {}) if isinstance(body, dict) else {}
+
+
+def _restarts(path: Path) -> int:
+    """How often the agent restarted the fusehost (it keeps the count in its state dir)."""
+    try:
+        return int(path.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
 
 
 def usage_hint(layout: Layout, settings: Settings, user: str | None = None) -> str:

@@ -10,6 +10,12 @@ with the same request returns the same kernel.
 Destroy: the kernel is marked ``destroying`` and stays recorded (its
 vfolders stay in use) until the agent confirms the export is gone.
 
+Attach / detach (a running kernel): the vfolder is resolved for the kernel's
+owner with the same checks as a create, marked ``mounted`` and recorded as
+one more mount of the kernel in one transaction; then the agent is asked,
+and a refusal undoes the records.  Detach asks the agent first and then
+drops the mount, freeing the vfolder if no other kernel uses it.
+
 Datasets: the agent gets a SAS and a renewal URL that carries a random key
 of that kernel mount (only its hash is stored); the URL stops working when
 the kernel is destroyed or its owner loses access to the dataset.
@@ -33,7 +39,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from azfs.export import ExportRequest, VfolderExport, resolve_target, validate_kernel_id
-from managerd.agent_client import AgentClient, AgentUnreachable
+from managerd.agent_client import AgentAddress, AgentClient, AgentUnreachable
 from managerd.auth import Principal
 from managerd.db.models import (
     EXPORTABLE,
@@ -229,6 +235,51 @@ class KernelService:
         session.add_all(rows)
         return export
 
+    async def attach(self, who: Principal, kernel_id: str, item: VfolderRequest
+                     ) -> dict[str, Any]:
+        """Adds a vfolder to a running kernel; answers the kernel record."""
+        prepared = await self.db.run(_prepare_attach, who, kernel_id, item)
+        if isinstance(prepared, dict):
+            return prepared  # a retry: already attached
+        export, agent, mount_id = prepared
+        address = await self._address_or_undo(agent, mount_id)
+        client = AgentClient(address, self.agent_timeout)
+        try:
+            answer = await client.attach(kernel_id, export)
+        except BaseException as exc:
+            with trio.CancelScope(shield=True):
+                if not isinstance(exc, ApiError) or isinstance(exc, AgentUnreachable):
+                    with trio.move_on_after(self.agent_timeout):
+                        try:
+                            await client.detach(kernel_id, export.alias)
+                        except ApiError as undo:
+                            log.warning("kernel %s: vfolder %s may be left attached on "
+                                        "agent %s: %s", kernel_id, export.alias, agent,
+                                        undo.message)
+                await self.db.run(_drop_mount, mount_id)
+            raise
+        mounts = [m.model_dump(mode="json") for m in answer.mounts]
+        return await self.db.run(_attached, kernel_id, mounts)
+
+    async def _address_or_undo(self, agent: str, mount_id: int) -> AgentAddress:
+        try:
+            return await self.agents.resolve(agent)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.db.run(_drop_mount, mount_id)
+            raise
+
+    async def detach(self, who: Principal, kernel_id: str, alias: str) -> dict[str, Any]:
+        """Removes a vfolder from a running kernel (the agent first); answers the record."""
+        found = await self.db.read(_mount_of, who, kernel_id, alias)
+        if found is None:
+            return await self.info(who, kernel_id)  # already detached
+        agent, mount_id = found
+        address = await self.agents.resolve(agent)
+        await AgentClient(address, self.agent_timeout).detach(kernel_id, alias)
+        await self.db.run(_drop_mount, mount_id)
+        return await self.info(who, kernel_id)
+
     async def destroy(self, who: Principal, kernel_id: str, force: bool = False) -> None:
         """Asks the agent to drop the export, then forgets the kernel.
 
@@ -359,6 +410,93 @@ def _running(session: Session, kernel_id: str, mounts: list, owner: str) -> dict
     kernel.mounts_json = json.dumps(mounts)
     session.flush()
     return _describe(session, kernel)
+
+
+def _owner_of(session: Session, kernel: Kernel) -> Principal:
+    owner = session.get(User, kernel.owner_id)
+    assert owner is not None
+    return Principal(owner.id, owner.name, owner.is_admin, owner.uid, owner.gid)
+
+
+def _prepare_attach(session: Session, who: Principal, kernel_id: str, item: VfolderRequest
+                    ) -> tuple[VfolderExport, str, int] | dict[str, Any]:
+    """Checks and records one more vfolder of a running kernel, as its owner may use it."""
+    kernel = _visible(session, who, kernel_id)
+    if kernel.status != "running":
+        raise Conflict(f"kernel {kernel_id!r} is {kernel.status}; vfolders are attached "
+                       "to running kernels only", code="conflict")
+    owner = _owner_of(session, kernel)
+    access = resolve(session, owner, item.vfolder)
+    vf = access.vfolder
+    allowed = {"owner": vf.permission, "ro": "ro"}.get(access.role, "rw")
+    mode = item.mode or allowed
+    if mode not in ("ro", "rw"):
+        raise InvalidArgument("mode must be 'ro' or 'rw'")
+    if mode == "rw" and allowed == "ro":
+        raise Forbidden(f"the access of {owner.name!r} to vfolder {vf.alias!r} is read-only")
+    export = _posix(vf, item.alias or vf.alias, mode, item.target)
+    mounts = list(session.scalars(select(KernelMount).where(
+        KernelMount.kernel_id == kernel_id)))
+    for mount in mounts:
+        if mount.alias == export.alias:
+            if mount.vfolder_id == vf.id and mount.mode == mode \
+                    and mount.target == export.container_path:
+                return _describe(session, kernel)
+            raise Conflict(f"kernel {kernel_id!r} already has a mount named "
+                           f"{export.alias!r}", code="conflict")
+        if mount.vfolder_id == vf.id:
+            raise Conflict(f"vfolder {vf.alias!r} is already attached to kernel "
+                           f"{kernel_id!r} as {mount.alias!r}", code="conflict")
+        a, b = sorted([mount.target, export.container_path])
+        if a == b or b.startswith(a.rstrip("/") + "/"):
+            raise Conflict(f"{export.container_path} overlaps {mount.target} in kernel "
+                           f"{kernel_id!r}", code="conflict")
+    result = session.execute(update(Vfolder).where(
+        Vfolder.id == vf.id, Vfolder.status.in_(EXPORTABLE)).values(status=MOUNTED))
+    if result.rowcount != 1:
+        raise Conflict(f"vfolder {vf.alias!r} is not ready to be exported",
+                       code="vfolder-bad-state")
+    row = KernelMount(kernel_id=kernel_id, alias=export.alias, mode=mode,
+                      target=export.container_path, vfolder_id=vf.id)
+    session.add(row)
+    session.flush()
+    return export, kernel.agent, row.id
+
+
+def _attached(session: Session, kernel_id: str, mounts: list) -> dict[str, Any]:
+    kernel = session.get(Kernel, kernel_id)
+    if kernel is None:
+        raise KernelNotFound(f"no kernel {kernel_id!r}")
+    kernel.mounts_json = json.dumps(mounts)
+    session.flush()
+    return _describe(session, kernel)
+
+
+def _mount_of(session: Session, who: Principal, kernel_id: str, alias: str
+              ) -> tuple[str, int] | None:
+    kernel = _visible(session, who, kernel_id)
+    if kernel.status != "running":
+        raise Conflict(f"kernel {kernel_id!r} is {kernel.status}", code="conflict")
+    mount = session.scalars(select(KernelMount).where(
+        KernelMount.kernel_id == kernel_id, KernelMount.alias == alias)).first()
+    return None if mount is None else (kernel.agent, mount.id)
+
+
+def _drop_mount(session: Session, mount_id: int) -> None:
+    """Drops one mount of a kernel; its vfolder is ready again if no kernel uses it."""
+    mount = session.get(KernelMount, mount_id)
+    if mount is None:
+        return
+    vfid = mount.vfolder_id
+    if vfid is not None:
+        session.execute(select(Vfolder.id).where(Vfolder.id == vfid).with_for_update()).all()
+    session.delete(mount)
+    session.flush()
+    if vfid is not None:
+        session.execute(
+            update(Vfolder).where(Vfolder.id == vfid, Vfolder.status == MOUNTED,
+                                  ~exists().where(KernelMount.vfolder_id == Vfolder.id))
+            .values(status=READY))
 
 
 def _begin_destroy(session: Session, who: Principal, kernel_id: str) -> str | None:

@@ -698,10 +698,10 @@ async def test_kernel_lifecycle_through_the_real_agent(node_server: Server,
                                               "vfolders": [{"vfolder": "work",
                                                             "target": "src"}]})
         assert r.status_code == 201, r.text
-        (mount,) = r.json()["mounts"]
-        assert mount["destination"] == "/home/work/src"
-        served = Path(mount["source"])
-        assert served == node.fuse_path("k1", "work")
+        (mount,) = r.json()["mounts"]  # the kernel's home, its vfolders bound inside
+        assert mount["destination"] == "/home/work"
+        served = Path(mount["source"]) / "src"
+        assert node.fuse_path("k1", "work").is_dir()
         (served / "hello.txt").write_text("through the agent")
         on_volume = node.sources["vol1"] / vf["path"] / "hello.txt"
         assert on_volume.read_text() == "through the agent"

@@ -67,6 +67,6 @@ def test_fuzz_from_openapi_no_server_errors(daemon: Daemon, request) -> None:  #
     replay = f"(replay with AZFS_FUZZ_SEED={seed})\n"
     assert result.returncode == 0, replay + result.stdout[-4000:] + result.stderr[-2000:]
     assert "Authentication failed" not in result.stdout, replay + result.stdout[-4000:]
-    assert "Tested: 35" in result.stdout, replay + result.stdout[-4000:]
+    assert "Tested: 37" in result.stdout, replay + result.stdout[-4000:]
     assert "internal error" not in log, replay + log[-4000:]
     assert "Traceback" not in log, replay + log[-4000:]

@@ -167,8 +167,9 @@ def test_a_node_from_up_is_root_only(node: Path, open_root: Path) -> None:
         r = http.post("/v1/kernels", json={"kernel_id": "k1", "agent": "local",
                                            "vfolders": [{"vfolder": "data"}]})
         assert r.status_code == 201, r.text
-        (view,) = [Path(m["source"]) for m in r.json()["mounts"]
-                   if m["destination"] == "/home/work/data"]
+        (home,) = [Path(m["source"]) for m in r.json()["mounts"]
+                   if m["destination"] == "/home/work"]
+        view = home / "data"  # the kernel's home holds its vfolders' binds
         # a file written through the kernel's view
         (view / "private.txt").write_text("only mine\n")
         vid = vfolder["path"]
@@ -254,8 +255,8 @@ def test_an_agent_started_as_its_unit_is_root_only(open_root: Path) -> None:
                     {"alias": "data", "kind": "posix", "volume": "shard", "path": "vf1"}]})
                 assert r.status_code == 200, r.text
                 (mount,) = [m for m in r.json()["mounts"]
-                            if m["destination"] == "/home/work/data"]
-                view = Path(mount["source"])
+                            if m["destination"] == "/home/work"]
+                view = Path(mount["source"]) / "data"  # the kernel's home holds the binds
                 (view / "private.txt").write_text("only mine\n")
                 text = log.read_text()
                 assert f"agent state_dir {state} had mode 0755; changed to 0700" in text

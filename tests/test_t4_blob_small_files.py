@@ -25,8 +25,7 @@ from tests.support.poll import wait_until
 REPO = Path(__file__).resolve().parents[1]
 KiB = 1024
 RNG = random.Random(99)
-#: 240 files of 0..300 KiB in 12 class folders (a few larger than the whole-fetch limit
-#: of the test mounts would be slow; the default limit is 1 MiB)
+#: 240 files of 0-300 KiB in 12 class folders, all below the whole-fetch limit (1 MiB)
 FILES = {f"train/c{i % 12:02d}/img{i:04d}.jpg": RNG.randbytes(RNG.choice([0, 1, 4 * KiB,
                                                                            100 * KiB,
                                                                            300 * KiB]))

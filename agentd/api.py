@@ -9,6 +9,7 @@ Routes (OpenAPI at ``/openapi.json``)::
     PUT    /v1/kernels/{kernel_id}/vfolders/{alias}   attach a vfolder to a running kernel
     DELETE /v1/kernels/{kernel_id}/vfolders/{alias}   detach it (204, also when already gone)
     POST   /v1/fuse/restart          replace the fusehost, re-bind every kernel (upgrade)
+    POST   /v1/kernels/{kernel_id}/refresh   its blob datasets list their containers again
     GET    /v1/volumes               host volumes, mounted or not, with refcounts
     GET    /v1/health                200 when everything works, 503 when degraded
     GET    /metrics                  Prometheus text format
@@ -192,6 +193,24 @@ def create_app(agent: Agent) -> FastAPI:
         if record is None:
             raise NotFoundError(f"kernel {kernel_id} has no export", code="kernel-not-found")
         return _info(kernel_id, record)
+
+    @app.post("/v1/kernels/{kernel_id}/refresh", responses=_ERRORS,
+              summary="Make the kernel's blob datasets list their containers again now")
+    async def refresh_kernel(kernel_id: str) -> dict[str, Any]:
+        record = agent.journal.kernels.get(kernel_id_ok(kernel_id))
+        if record is None:
+            raise NotFoundError(f"kernel {kernel_id} has no export", code="kernel-not-found")
+        refreshed = []
+        for view in record["views"]:
+            if view["backend"].get("kind") != "blob":
+                continue
+            try:
+                await agent.client.refresh(view["path"])
+            except FuseHostError as exc:  # detached meanwhile: nothing cached to forget
+                log.info("refresh of %s: %s", "/".join(view["path"]), exc)
+                continue
+            refreshed.append(view["path"][-1])
+        return {"kernel_id": kernel_id, "refreshed": refreshed}
 
     @app.get("/v1/volumes", response_model=VolumeList)
     async def list_volumes() -> VolumeList:

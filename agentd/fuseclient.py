@@ -123,6 +123,9 @@ class FuseHostClient:
     async def detach(self, path: list[str]) -> dict:
         return await self.call("detach", path=path)
 
+    async def refresh(self, path: list[str]) -> dict:
+        return await self.call("refresh", path=path)
+
     async def list(self) -> list[dict]:
         return (await self.call("list"))["views"]
 

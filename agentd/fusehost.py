@@ -9,6 +9,7 @@ Requests (``op`` plus arguments)::
 
     attach  path=[...] view={label, read_only, uid, gid} backend={...} digest=STR
     detach  path=[...]
+    refresh path=[...]      (a blob dataset's view: list the container again now)
     list
     stats
     health
@@ -160,6 +161,18 @@ class FuseHost:
         finally:
             self._prune_lock(key_path)
 
+    def refresh(self, path: Sequence[str]) -> dict:
+        """Forgets the cached listings of the dataset attached at ``path``."""
+        key_path = _check_path(path)
+        entry = self._attached.get(key_path)
+        if entry is None:
+            raise HostError("not-found", f"{'/'.join(key_path)} is not attached")
+        refresh = getattr(entry.shared.backend, "refresh", None)
+        if not callable(refresh):
+            raise HostError("invalid", f"{'/'.join(key_path)} is not a blob dataset")
+        refresh()
+        return {"path": list(key_path), "refreshed": True}
+
     def _forget_label(self, label: str) -> None:
         """Drops the byte counters of a vfolder no view shows any more (bounded metrics)."""
         if any(a.view.label == label for a in self._attached.values()):
@@ -212,7 +225,21 @@ class FuseHost:
                 "volumes": self.volumes(),
                 "started": self.started,
                 "cache_dir": str(self.cache_dir) if self.cache_dir else None,
-                "cache_bytes": self.cache_bytes}
+                "cache_bytes": self.cache_bytes,
+                "datasets": self.dataset_counters()}
+
+    def dataset_counters(self) -> dict[str, dict[str, Any]]:
+        """Per blob dataset: data GETs, HEADs, listing pages, blocks served by the cache."""
+        out: dict[str, dict[str, Any]] = {}
+        for label, s in self.stats_of_blobs().items():
+            out[label] = {k: s.get(f"http.{k}", 0) for k in ("data_gets", "heads", "lists")}
+            out[label]["cache_hits"] = s.get("read.cache_hits", 0)
+            out[label]["bytes"] = s.get("http.bytes", 0)
+        return out
+
+    def stats_of_blobs(self) -> dict[str, dict[str, Any]]:
+        return {label: s for label, s in self.stats()["blob"].items()
+                if "http.data_gets" in s}
 
     # ---- backends --------------------------------------------------------------------
     def _path_lock(self, path: tuple[str, ...]) -> trio.Lock:
@@ -399,6 +426,8 @@ class FuseHost:
                                            str(request.get("digest") or ""))
             elif op == "detach":
                 result = await self.detach(request["path"])
+            elif op == "refresh":
+                result = self.refresh(request.get("path"))
             elif op == "list":
                 result = self.list()
             elif op == "stats":

@@ -101,9 +101,21 @@ class _Snapshot:
         yield from _volume_io(stats.get("volumes", {}))
         blob_http = CounterMetricFamily("azfs_blob_http_received_bytes",
                                         "bytes received from blob storage", labels=["dataset"])
+        blob_requests = CounterMetricFamily(
+            "azfs_blob_http_requests", "successful requests to blob storage by kind (data "
+            "GETs, HEADs, listing pages)", labels=["dataset", "kind"])
+        blob_cached = CounterMetricFamily(
+            "azfs_blob_cache_served_blocks", "blocks of a dataset served by the node's block "
+            "cache (no GET)", labels=["dataset"])
         for label, b in sorted(stats.get("blob", {}).items()):
             blob_http.add_metric([label], b.get("http.bytes", 0))
+            for kind, key in (("get", "http.data_gets"), ("head", "http.heads"),
+                              ("list", "http.lists")):
+                blob_requests.add_metric([label, kind], b.get(key, 0))
+            blob_cached.add_metric([label], b.get("read.cache_hits", 0))
         yield blob_http
+        yield blob_requests
+        yield blob_cached
 
 
 def _volume_io(volumes: dict[str, Any]):

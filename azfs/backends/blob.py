@@ -16,10 +16,16 @@ files.  Names that cannot be a POSIX file name (empty components, ``.``,
 ``..``, longer than 255 bytes) are skipped.  A name that is both a blob and a
 prefix shows as the directory.
 
-Files: ``open`` fetches the blob's properties and pins the handle to that
-ETag; every range GET carries ``If-Match``, so a blob replaced while open
-makes reads fail with :class:`~azfs.errors.StaleObject` (ESTALE) rather than
-mixing versions.  Writes of any kind raise :class:`~azfs.errors.ReadOnly`.
+Files: ``open`` pins the handle to the size and ETag of the blob in the
+cached listing (no round trip; a HEAD only for a blob the listing did not
+describe); every GET carries ``If-Match``, so a blob replaced since it was
+listed or while open makes reads fail with :class:`~azfs.errors.StaleObject`
+(ESTALE) rather than mixing versions, and its directory's listing is dropped
+so that the next open sees the new version.  A blob of at most
+``small_blob`` bytes is fetched whole by its first read, into the block
+cache, outside the per-mount limit on large block fetches: a training loop
+reading many small files keeps many GETs in flight.  Writes of any kind raise
+:class:`~azfs.errors.ReadOnly`.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import logging
 import os
 import stat
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +64,8 @@ log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+#: tasks writing queued blocks to the disk cache (large blocks: two writes at once)
+CACHE_WRITERS = 2
 _XATTRS = ("user.azfs.etag", "user.azfs.content_type", "user.azfs.url")
 
 
@@ -76,8 +85,12 @@ class BlobOptions:
     socket_timeout: float = 15.0
     #: blobs per List Blobs page (the service's maximum)
     list_page_size: int = 5000
-    #: cache writes allowed in flight before new blocks skip the disk cache
-    max_pending_cache_writes: int = 8
+    #: bytes of cache writes allowed in flight before new blocks skip the disk cache
+    max_pending_cache_bytes: int = 64 * MiB
+    #: blobs up to this size are fetched whole by their first read (one GET, cached)
+    small_blob: int = 1 * MiB
+    #: whole-blob fetches of small blobs in flight per mount
+    max_small_requests: int = 32
 
 
 class BlobNode(Node):
@@ -125,13 +138,17 @@ class _Version:
         b = self.backend
         length = self._block_len(index)
         key = self._key + str(index)
-        if b.cache is not None:
+        if b.cache is not None and b.cache.contains(key):
             data = await trio.to_thread.run_sync(b.cache.get, key, 0, length, length)
             if data is not None:
+                b.read_stats.cache_hits += 1
                 return data
-        async with b.fetch_limiter:
+        small = self.size <= b.options.small_blob
+        async with b.small_limiter if small else b.fetch_limiter:
             data = await b.http.read_range(self.name, index * b.options.block_size, length,
                                            self.etag)
+        if small:
+            b.read_stats.whole_fetches += 1
         b._store(key, data)
         return data
 
@@ -146,6 +163,7 @@ class _Version:
                 data = await trio.to_thread.run_sync(b.cache.get, key, offset - index * bs,
                                                      length, blen)
                 if data is not None:
+                    b.read_stats.cache_hits += 1
                     return data
         return bytes(await b.http.read_range(self.name, offset, length, self.etag))
 
@@ -188,6 +206,7 @@ class BlobBackend(Backend):
         self.sas.set_probe(self.http.probe)
         self.read_stats = ReadStats()
         self.fetch_limiter = trio.CapacityLimiter(self.options.max_requests)
+        self.small_limiter = trio.CapacityLimiter(self.options.max_small_requests)
         self._root = BlobNode("", True)
         #: cached listings, in a cache shared by every blob backend of the process
         self.listings: ListingCache = listings if listings is not None else DEFAULT_LISTINGS
@@ -196,7 +215,10 @@ class BlobBackend(Backend):
         self._nursery: trio.Nursery | None = None
         self._stop = trio.Event()
         self._stopped = trio.Event()
-        self._pending_cache_writes = 0
+        self._pending_cache_bytes = 0
+        self._cache_queue: deque[tuple[str, bytearray | bytes]] = deque()
+        self._cache_wakeup = trio.Event()
+        self.refreshes = 0
         self._open_files: set[BlobFile] = set()
         self._mtime_ns = time.time_ns()
 
@@ -256,6 +278,9 @@ class BlobBackend(Backend):
                 self._nursery = nursery
                 nursery.start_soon(self._guard, self.sas.run)
                 nursery.start_soon(self._guard, self._reclaim_idle)
+                if self.cache is not None:
+                    for _ in range(CACHE_WRITERS):
+                        nursery.start_soon(self._guard, self._cache_writer)
                 started.set()
                 await self._stop.wait()
                 nursery.cancel_scope.cancel()
@@ -308,6 +333,7 @@ class BlobBackend(Backend):
 
     def refresh(self, path: str | None = None) -> None:
         """Forgets cached listings (all, or of ``path`` and below): the explicit refresh."""
+        self.refreshes += 1
         if path is None:
             self.listings.drop(self)
             return
@@ -397,11 +423,15 @@ class BlobBackend(Backend):
             raise ReadOnly("blob datasets are read-only")
         if node.is_dir:
             raise OSError(errno.EISDIR, "is a directory")
-        props = await self.http.properties(self._blob_name(node.path))
-        self._update_entry(node.path, props)
+        entry = await self._entry(node.path)
+        props = entry.props if not entry.is_dir else None
+        if props is None or not props.etag:
+            props = await self.http.properties(self._blob_name(node.path))
+            self._update_entry(node.path, props)
         version = _Version(self, props.name, props)
         reader = BlockReader(props.size, self.options.block_size, version, self._spawn,
-                             self.budget, self.read_stats, self.options.max_window)
+                             self.budget, self.read_stats, self.options.max_window,
+                             whole_below=self.options.small_blob)
         fh = BlobFile(node, version, reader)
         self._open_files.add(fh)
         return fh
@@ -426,10 +456,12 @@ class BlobBackend(Backend):
         except StaleObject:
             if not fh.stale:
                 fh.stale = True
-                log.warning("%s%s was replaced while open; reads of this handle fail "
-                            "with ESTALE (reopen to read the new version)",
+                log.warning("%s%s was replaced since it was listed; reads of this handle "
+                            "fail with ESTALE (reopen to read the new version)",
                             self.source.display, fh.node.path)
                 fh.reader.close()
+                # the next open must see the new version: list the directory again
+                self.listings.pop(self, fh.node.path.rpartition("/")[0])
             raise
 
     async def release(self, fh: FileHandle) -> None:
@@ -438,22 +470,38 @@ class BlobBackend(Backend):
         self._open_files.discard(fh)
 
     def _store(self, key: str, data: bytearray | bytes) -> None:
-        """Writes a fetched block to the disk cache in the background (best effort)."""
+        """Queues a fetched block for the disk cache (best effort, written in batches)."""
         if self.cache is None or self._nursery is None:
             return
-        if self._pending_cache_writes >= self.options.max_pending_cache_writes:
+        if self._pending_cache_bytes + len(data) > self.options.max_pending_cache_bytes:
+            self.read_stats.cache_skipped += 1
             return
-        self._pending_cache_writes += 1
+        self._pending_cache_bytes += len(data)
+        self._cache_queue.append((key, data))
+        self._cache_wakeup.set()
 
-        async def put() -> None:
+    async def _cache_writer(self) -> None:
+        """Writes queued blocks, many per worker thread call.
+
+        One thread hop per small blob cost more than the write itself (a
+        training loop's files are 50-500 KB): batches keep the event loop free.
+        """
+        assert self.cache is not None
+        cache = self.cache
+        while True:
+            while not self._cache_queue:
+                await self._cache_wakeup.wait()
+                self._cache_wakeup = trio.Event()
+            batch: list[tuple[str, bytearray | bytes]] = []
+            size = 0
+            while self._cache_queue and len(batch) < 64 and size < 16 * MiB:
+                item = self._cache_queue.popleft()
+                batch.append(item)
+                size += len(item[1])
             try:
-                await trio.to_thread.run_sync(self.cache.put, key, data)
-            except OSError as exc:
-                log.warning("block cache write failed: %s", exc)
+                await trio.to_thread.run_sync(_put_all, cache, batch)
             finally:
-                self._pending_cache_writes -= 1
-
-        self._nursery.start_soon(put)
+                self._pending_cache_bytes -= size
 
     async def getxattr(self, node: Node, name: str) -> bytes:
         assert isinstance(node, BlobNode)
@@ -479,6 +527,11 @@ class BlobBackend(Backend):
             f"read.{k}": getattr(self.read_stats, k) for k in self.read_stats.__slots__}
         out.update({
             "http.requests": self.http.requests,
+            "http.data_gets": self.http.data_gets,
+            "http.heads": self.http.heads,
+            "http.lists": self.http.lists,
+            "refreshes": self.refreshes,
+            "listing_ttl": self.options.listing_ttl,
             "http.bytes": self.http.bytes_received,
             "budget.used": self.budget.used,
             "budget.peak": self.budget.peak,
@@ -494,6 +547,15 @@ class BlobBackend(Backend):
             out.update({"cache.hits": c.hits, "cache.misses": c.misses,
                         "cache.bytes": c.bytes, "cache.entries": c.entries})
         return out
+
+
+def _put_all(cache: BlockCache, batch: list[tuple[str, bytearray | bytes]]) -> None:
+    """Runs in a worker thread: one failed write does not lose the others."""
+    for key, data in batch:
+        try:
+            cache.put(key, data)
+        except OSError as exc:
+            log.warning("block cache write failed: %s", exc)
 
 
 def _only_cancelled(exc: BaseException) -> bool:

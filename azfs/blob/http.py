@@ -109,6 +109,10 @@ class BlobHttp:
         self._ssl = ssl.create_default_context() if self._https else None
         self.requests = 0
         self.bytes_received = 0
+        #: successful requests by kind (data GETs are what a warm cache must avoid)
+        self.data_gets = 0
+        self.heads = 0
+        self.lists = 0
 
     # ---- connections (called in worker threads) ---------------------------
     def _connect(self) -> http.client.HTTPConnection:
@@ -235,6 +239,7 @@ class BlobHttp:
             if marker:
                 query["marker"] = marker
             resp = await self._call("GET", None, query, {}, f"list {self.source.display}")
+            self.lists += 1
             marker = _parse_listing(bytes(resp.body), result)
             if not marker:
                 return result
@@ -248,6 +253,7 @@ class BlobHttp:
 
     async def properties(self, name: str) -> BlobProps:
         resp = await self._call("HEAD", name, {}, {}, f"properties of {name!r}")
+        self.heads += 1
         h = resp.headers
         meta = {k[len("x-ms-meta-"):].lower(): v for k, v in h.items()
                 if k.lower().startswith("x-ms-meta-")}
@@ -269,6 +275,7 @@ class BlobHttp:
                 raise
             raise StaleObject(f"read {name!r}: the blob was deleted since it was opened") \
                 from None
+        self.data_gets += 1
         if resp.status == 200 and start == 0 and len(resp.body) > length:
             del resp.body[length:]
         got_etag = resp.headers.get("ETag")
@@ -295,6 +302,13 @@ def _name(elem: ET.Element) -> str:
     return text
 
 
+def _quoted(etag: str) -> str:
+    """An ETag as HTTP headers carry it: a listing gives it without the quotes."""
+    if not etag or etag.startswith(('"', 'W/"')):
+        return etag
+    return f'"{etag}"'
+
+
 def _parse_listing(body: bytes, into: Listing) -> str:
     """Adds one List Blobs page to ``into``; returns the next marker ('' at the end)."""
     root = ET.fromstring(body)
@@ -310,7 +324,8 @@ def _parse_listing(body: bytes, into: Listing) -> str:
                     if meta_elem is not None else {}
                 length = _text(props, "Content-Length")
                 into.blobs.append(BlobProps(
-                    name=_name(elem), size=int(length or 0), etag=_text(props, "Etag"),
+                    name=_name(elem), size=int(length or 0),
+                    etag=_quoted(_text(props, "Etag")),
                     mtime_ns=_http_date_ns(_text(props, "Last-Modified")),
                     content_type=_text(props, "Content-Type"),
                     is_folder=meta.get("hdi_isfolder", "").lower() == "true",

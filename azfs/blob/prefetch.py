@@ -85,6 +85,12 @@ class ReadStats:
     prefetch_hits: int = 0
     range_reads: int = 0
     budget_fallbacks: int = 0
+    #: blocks served by the disk block cache (no GET)
+    cache_hits: int = 0
+    #: small blobs fetched whole by their first read
+    whole_fetches: int = 0
+    #: fetched blocks not written to the disk cache (too many writes pending)
+    cache_skipped: int = 0
 
 
 class BlockSource(Protocol):
@@ -136,8 +142,10 @@ class BlockReader:
 
     def __init__(self, size: int, block_size: int, source: BlockSource,
                  spawn: Callable[..., None], budget: PrefetchBudget, stats: ReadStats,
-                 max_window: int = 4) -> None:
+                 max_window: int = 4, whole_below: int = 0) -> None:
         self.size = size
+        #: a file this small (one block) is fetched whole by its first read
+        self.whole = size <= min(whole_below, block_size)
         self.block_size = block_size
         self.source = source
         self._spawn = spawn
@@ -211,7 +219,7 @@ class BlockReader:
         self.last_used = trio.current_time()
         bs = self.block_size
         first, last = offset // bs, (end - 1) // bs
-        sequential = self._sequential(offset)
+        sequential = self._sequential(offset) or self.whole
         self._next = end
         if sequential:
             self.stats.sequential_reads += 1

@@ -98,6 +98,10 @@ def cmd_status(args: argparse.Namespace) -> int:
                         if state != "live")
         print(f"  {kernel_id}  binds {'live' if binds.get('live') else 'NOT LIVE'}"
               + (f" ({bad})" if bad else f" ({len(states)})"))
+    for label, d in sorted((fuse.get("datasets") or {}).items()):
+        print(f"dataset    {label}  data GETs {d.get('data_gets', 0)}  HEADs "
+              f"{d.get('heads', 0)}  listings {d.get('lists', 0)}  cache hits "
+              f"{d.get('cache_hits', 0)}  received {d.get('bytes', 0)} bytes")
     volumes = body.get("volumes", {})
     print("volumes    " + (", ".join(f"{n} ({r})" for n, r in sorted(volumes.items()))
                            or "none mounted"))

@@ -92,7 +92,52 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--sas-file", type=Path, help="file holding the SAS")
     g.add_argument("--concurrency", type=_positive, default=4, help="range GETs in flight")
     g.set_defaults(func=cmd_get)
+    r = ds.add_parser("refresh", help="make a mounted dataset list the container again now",
+                      description="Forget the cached listings of the dataset mounted at "
+                                  "MOUNTPOINT (by 'azfs mount'), so that new, replaced and "
+                                  "deleted blobs show at the next lookup instead of after "
+                                  "the listing TTL.")
+    r.add_argument("mountpoint", metavar="MOUNTPOINT")
+    r.add_argument("--path", default=None, help="only this folder and below")
+    r.set_defaults(func=cmd_refresh)
+
+    st = ds.add_parser("stats", help="counters of a mounted dataset (GETs, cache hits)")
+    st.add_argument("mountpoint", metavar="MOUNTPOINT")
+    st.set_defaults(func=cmd_stats)
     register_catalog(ds)  # the manager-side actions: register, grant, catalog, issue-sas
+
+
+def _control_socket(mountpoint: str) -> Path:
+    from azfs.blob.control import socket_path
+    from azfs.cli.mount import _pidfile
+    from azfs.volumes.mountinfo import find_mount
+
+    mp = Path(os.path.abspath(mountpoint))
+    entry = find_mount(mp)
+    if entry is None or entry.fstype != "fuse.azfs":
+        raise UserError(f"{mp}: not an azfs mount")
+    return socket_path(_pidfile(mp))
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    from azfs.blob.control import call
+
+    path = args.path.strip("/") if args.path else None
+    if path is not None and any(p in (".", "..") for p in path.split("/")):
+        raise UserError("--path must not contain '.' or '..'")
+    call(_control_socket(args.mountpoint), {"op": "refresh", "path": path})
+    print(f"refreshed {args.mountpoint}" + (f" ({path})" if path else ""))
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    import json
+
+    from azfs.blob.control import call
+
+    print(json.dumps(call(_control_socket(args.mountpoint), {"op": "stats"}), indent=2,
+                     sort_keys=True))
+    return 0
 
 
 def _positive(text: str) -> int:

@@ -52,6 +52,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="kernel entry/attribute cache timeout")
     p.add_argument("--sas-file", type=Path, help="blob sources: file holding the SAS, re-read "
                    "when the SAS nears expiry")
+    p.add_argument("--listing-ttl", type=_seconds, default=None, metavar="SECONDS",
+                   help="blob sources: how long listings (and the kernel's entries) are "
+                        "trusted before the dataset is listed again (default 60; "
+                        "'azfs dataset refresh' forgets them at once)")
     p.add_argument("--cache-dir", type=Path, help="blob sources: block cache directory")
     p.add_argument("--cache-bytes", type=parse_size, default=None,
                    help="blob sources: block cache size")
@@ -186,7 +190,7 @@ def check_source(args: argparse.Namespace) -> None:
         raise UserError(f"source {src}: not a directory")
     if is_within(args.mountpoint, src) or is_within(src, args.mountpoint):
         raise UserError("source and mountpoint must not contain each other")
-    for opt in ("sas_file", "cache_dir", "cache_bytes"):
+    for opt in ("sas_file", "cache_dir", "cache_bytes", "listing_ttl"):
         if getattr(args, opt) is not None:
             raise UserError(f"--{opt.replace('_', '-')} applies to blob sources only")
 
@@ -221,11 +225,16 @@ def _run_foreground(args: argparse.Namespace, mountpoint: Path) -> int:
         # the SAS of a background daemon comes through a pipe, never its command line
         with os.fdopen(args.sas_fd, "rb") as pipe:
             args.source = f"{args.source}?{pipe.read().decode().strip()}"
+    extra = {}
+    if args.listing_ttl is not None:
+        from azfs.backends.blob import BlobOptions
+
+        extra["options"] = BlobOptions(listing_ttl=args.listing_ttl)
     try:
         backend = open_backend(args.source, quota=Quota(args.quota_bytes, args.quota_files),
                                read_only=args.ro,
                                sas_file=args.sas_file, cache_dir=args.cache_dir,
-                               cache_bytes=args.cache_bytes, limits=io_limits(args))
+                               cache_bytes=args.cache_bytes, limits=io_limits(args), **extra)
     except AzfsError as exc:
         _report_ready(args.ready_fd, f"error: {exc}")
         raise
@@ -241,9 +250,15 @@ def _run_foreground(args: argparse.Namespace, mountpoint: Path) -> int:
         pidfile.write_text(f"{os.getpid()}\n")
         _report_ready(args.ready_fd, "ok")
 
+    tasks = []
+    if is_blob_source(args.source):
+        from azfs.blob import control
+
+        # 'azfs dataset refresh' and the dataset's counters
+        tasks.append(functools.partial(control.serve, backend, control.socket_path(pidfile)))
     try:
         trio.run(functools.partial(serve, ops, mountpoint, [backend], on_ready=ready,
-                                   allow_other=args.allow_other))
+                                   allow_other=args.allow_other, tasks=tasks))
     except (RuntimeError, AzfsError) as exc:
         msg = f"cannot mount {mountpoint}: {exc}"
         _report_ready(args.ready_fd, f"error: {msg}")
@@ -308,8 +323,8 @@ def _forwarded_options(args: argparse.Namespace) -> list[str]:
         out.append("--ro")
     if args.allow_other:
         out.append("--allow-other")
-    for opt in ("uid", "gid", "cache_timeout", "sas_file", "cache_dir", "cache_bytes",
-                "io_threads", "metadata_deadline", "data_deadline", "io_mode"):
+    for opt in ("uid", "gid", "cache_timeout", "listing_ttl", "sas_file", "cache_dir",
+                "cache_bytes", "io_threads", "metadata_deadline", "data_deadline", "io_mode"):
         value = getattr(args, opt)
         if value is not None:
             out += [f"--{opt.replace('_', '-')}", str(value)]

@@ -1,0 +1,103 @@
+"""Blob datasets through the node agent: a second kernel, counters, refresh.
+
+A real agent (its own process) with a block cache and its fusehost, a real
+Azurite; requests over the real unix socket.  Two kernels export the same
+dataset: one backend, one block cache.
+"""
+# ruff: noqa: F811 - pytest fixtures are imported by name and requested by name
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+
+import trio
+
+from agentd.fuseclient import FuseHostClient
+from tests.support.agent import REPO, AgentHarness, agent  # noqa: F401
+from tests.support.azurite import azurite  # noqa: F401
+
+RNG = random.Random(5)
+FILES = {f"img/c{i % 4}/{i:03d}.jpg": RNG.randbytes(RNG.choice([10, 20_000, 90_000]))
+         for i in range(40)}
+
+
+def export(alias: str, azurite) -> dict:
+    return {"uid": 1000, "gid": 1000, "vfolders": [
+        {"alias": alias, "kind": "blob", "mode": "ro", "vfolder_id": "ds-train",
+         "dataset": {"url": azurite.container_url("train"),
+                     "sas": azurite.container_sas("train")}}]}
+
+
+def read_tree(root) -> dict[str, bytes]:
+    return {os.path.relpath(os.path.join(d, f), root): open(os.path.join(d, f), "rb").read()
+            for d, _, fs in os.walk(root) for f in fs}
+
+
+def expected() -> dict[str, bytes]:
+    return {k[len("img/"):]: v for k, v in FILES.items()}
+
+
+async def test_second_kernel_reads_from_the_node_cache_and_counters_show_it(
+        agent: AgentHarness, azurite) -> None:
+    agent.stop()
+    agent.kill_fusehost()
+    agent.write_config(cache={"dir": str(agent.root / "cache"), "size": "64M"})
+    agent.start()
+    azurite.upload("train", FILES)
+    async with agent.client() as http:
+        for kernel in ("k1", "k2"):
+            r = await http.put(f"/v1/kernels/{kernel}", json=export("ds", azurite))
+            assert r.status_code == 200, r.text
+        assert read_tree(agent.fuse_path("k1", "ds") / "img") == expected()
+
+        async def datasets() -> dict:
+            return (await http.get("/v1/health")).json()["fuse"]["datasets"]["ds-train"]
+
+        first = await datasets()
+        assert first["data_gets"] == len(FILES) and first["heads"] == 0
+        # cache writes finish in the background: poll the fusehost, do not sleep blindly
+        host = FuseHostClient(agent.state_dir / "run" / "fusehost.sock")
+        with trio.fail_after(30):
+            while (await host.stats())["cache"]["entries"] < len(FILES):
+                await trio.sleep(0.05)
+        # the second kernel: its own inodes and page cache, the node's block cache
+        assert read_tree(agent.fuse_path("k2", "ds") / "img") == expected()
+        second = await datasets()
+        assert second["data_gets"] == first["data_gets"]  # no data GET
+        assert second["cache_hits"] - first["cache_hits"] == len(FILES)
+        metrics = (await http.get("/metrics")).text
+        assert f'azfs_blob_http_requests_total{{dataset="ds-train",kind="get"}} ' \
+               f'{len(FILES)}.0' in metrics
+        assert f'azfs_blob_cache_served_blocks_total{{dataset="ds-train"}} ' \
+               f'{len(FILES)}.0' in metrics
+    status = subprocess.run([sys.executable, "-m", "azfs.cli.main", "agent", "--socket",
+                             str(agent.socket), "status"], capture_output=True, text=True,
+                            cwd=REPO, timeout=60)
+    assert status.returncode == 0, status.stderr
+    assert f"dataset    ds-train  data GETs {len(FILES)}  HEADs 0" in status.stdout
+
+
+async def test_refresh_endpoint_makes_a_new_blob_visible(agent: AgentHarness, azurite) -> None:
+    azurite.upload("train", FILES)
+    async with agent.client() as http:
+        r = await http.put("/v1/kernels/kr", json=export("ds", azurite))
+        assert r.status_code == 200, r.text
+        folder = agent.fuse_path("kr", "ds") / "img" / "c0"
+        before = sorted(os.listdir(folder))
+        azurite.upload("train", {"img/c0/new.jpg": b"new"})
+        try:
+            assert sorted(os.listdir(folder)) == before  # the cached listing (a minute)
+            r = await http.post("/v1/kernels/kr/refresh")
+            assert r.status_code == 200, r.text
+            assert r.json()["refreshed"] == ["ds"]
+            assert "new.jpg" in os.listdir(folder)
+            assert (folder / "new.jpg").read_bytes() == b"new"
+            missing = await http.post("/v1/kernels/nope/refresh")
+            assert missing.status_code == 404
+            assert missing.json()["error"]["code"] == "kernel-not-found"
+        finally:
+            azurite.service_client().get_container_client("train").delete_blob(
+                "img/c0/new.jpg")

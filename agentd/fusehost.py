@@ -129,7 +129,9 @@ class FuseHost:
             try:
                 v = View(label=str(view.get("label") or "/".join(key_path)),
                          backend=shared.backend, read_only=bool(view.get("read_only")),
-                         uid=view.get("uid"), gid=view.get("gid"))
+                         uid=view.get("uid"), gid=view.get("gid"),
+                         # a dataset's names and sizes hold for its listing TTL
+                         cache_timeout=shared.backend.cache_timeout)
                 try:
                     self.ops.attach(key_path, v)
                 except FileExistsError as exc:

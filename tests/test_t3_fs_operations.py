@@ -160,3 +160,16 @@ async def test_readdir_batch_leftovers_and_forgets_return_to_baseline(backend, t
     assert len(pool) == baseline_nodes  # listed, not opened: no descriptors held
     await ops.forget([(ino, 1) for ino in inos])
     assert len(ops.table) == baseline_table and len(pool) == baseline_nodes
+
+
+async def test_a_view_may_have_its_own_cache_timeout(backend):
+    """A dataset's view (listing TTL) is cached by the kernel as long as its listings."""
+    ops = AzfsOperations()
+    slow = ops.attach(["kernels", "k1", "ds"], View(label="ds", backend=backend,
+                                                   cache_timeout=60.0))
+    fast = ops.attach(["kernels", "k1", "vf"], View(label="vf", backend=backend))
+    (backend.source / "f").write_text("x")
+    assert (await ops.lookup(slow, b"f", CTX)).attr_timeout == 60.0
+    assert (await ops.lookup(slow, b"missing", CTX)).entry_timeout == 60.0
+    assert (await ops.lookup(fast, b"f", CTX)).attr_timeout == ops.cache_timeout
+    assert (await ops.lookup(fast, b"missing", CTX)).entry_timeout == ops.cache_timeout

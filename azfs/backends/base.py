@@ -144,6 +144,9 @@ class Backend(abc.ABC):
     #: True when the contents can change only through this backend, so the
     #: kernel may keep page cache across opens when attributes are unchanged.
     exclusive_writer: bool = True
+    #: seconds the kernel may cache the backend's entries and attributes, when the
+    #: store says (a dataset's listing TTL); None: the filesystem's default
+    cache_timeout: float | None = None
 
     # ---- lifecycle -------------------------------------------------------
     async def start(self) -> None:

@@ -241,7 +241,7 @@ def _run_foreground(args: argparse.Namespace, mountpoint: Path) -> int:
     view = View(label=os.path.basename(os.path.normpath(args.source)) or "vfolder",
                 backend=backend, read_only=args.ro, uid=args.uid, gid=args.gid)
     timeout = args.cache_timeout if args.cache_timeout is not None else \
-        getattr(backend, "cache_timeout", DEFAULT_CACHE_TIMEOUT)
+        backend.cache_timeout if backend.cache_timeout is not None else DEFAULT_CACHE_TIMEOUT
     ops = AzfsOperations(view, cache_timeout=timeout)
     pidfile = _pidfile(mountpoint)
 

@@ -38,6 +38,9 @@ class View:
     read_only: bool = False
     uid: int | None = None
     gid: int | None = None
+    #: seconds the kernel may cache this view's entries and attributes (None: the
+    #: filesystem's default); a blob dataset's listing TTL
+    cache_timeout: float | None = None
     id: int = 0
     alive: bool = True
     #: inodes of this view currently in the table (for teardown)

@@ -268,8 +268,7 @@ class AzfsOperations(pyfuse3.Operations):
         e = pyfuse3.EntryAttributes()
         e.st_ino = inode.ino
         e.generation = 0
-        e.entry_timeout = self.cache_timeout
-        e.attr_timeout = self.cache_timeout
+        e.entry_timeout = e.attr_timeout = self._timeout(inode.view)
         e.st_mode = attrs.mode
         e.st_nlink = attrs.nlink
         view = inode.view
@@ -327,7 +326,12 @@ class AzfsOperations(pyfuse3.Operations):
                 child.cached_at = 0.0  # its link count changed
 
     # ---- lookups and attributes -------------------------------------------------
-    def _missing(self) -> pyfuse3.EntryAttributes:
+    def _timeout(self, view: View | None) -> float:
+        if view is not None and view.cache_timeout is not None:
+            return view.cache_timeout
+        return self.cache_timeout
+
+    def _missing(self, timeout: float) -> pyfuse3.EntryAttributes:
         """A negative entry: the kernel remembers the name is missing for the timeout.
 
         Programs probe many names that do not exist (imports, loaders, ``git``);
@@ -335,7 +339,7 @@ class AzfsOperations(pyfuse3.Operations):
         """
         e = pyfuse3.EntryAttributes()
         e.st_ino = 0
-        e.entry_timeout = self.cache_timeout
+        e.entry_timeout = timeout
         return e
 
     @op
@@ -353,8 +357,9 @@ class AzfsOperations(pyfuse3.Operations):
         try:
             node, attrs = await parent.view.backend.lookup(parent.node, sname)
         except (FileNotFoundError, NotFound):
-            if self.cache_timeout > 0:
-                return self._missing()
+            timeout = self._timeout(parent.view)
+            if timeout > 0:
+                return self._missing(timeout)
             raise
         return self._remember(parent, sname, parent.view, node, attrs)
 
@@ -507,7 +512,7 @@ class AzfsOperations(pyfuse3.Operations):
         out: list[tuple[Inode, pyfuse3.EntryAttributes] | None] = [None] * len(names)
         missing: list[int] = []
         kids = directory.kids or {}
-        fresh_after = time.monotonic() - self.cache_timeout
+        fresh_after = time.monotonic() - self._timeout(view)
         for j, name in enumerate(names):
             ino = kids.get(name)
             inode = self.table.find_ino(ino) if ino is not None else None

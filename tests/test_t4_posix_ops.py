@@ -735,3 +735,19 @@ def test_new_objects_get_exactly_the_mode_asked_for_whatever_the_name(mounted):
             os.unlink(p)
     finally:
         os.umask(old)
+
+
+def test_a_write_by_a_non_owner_clears_the_set_id_bits(mounted):
+    """SEMANTICS, write: as on ext4, a write by another user (with write permission)
+    succeeds and clears the file's set-user-id and set-group-id bits."""
+    m = mounted("--uid", "1000", "--gid", "1000")
+    (m.mnt / "f").write_text("data")
+    os.chmod(m.mnt / "f", 0o6776)
+
+    def append() -> None:
+        with open("f", "a") as f:  # relative: the test's temp root is not traversable
+            f.write("more")
+
+    as_user(1001, 1001, append, cwd=m.mnt)
+    assert stat.S_IMODE(os.stat(m.source / "f").st_mode) == 0o776
+    assert (m.source / "f").read_text() == "datamore"

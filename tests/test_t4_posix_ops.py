@@ -751,3 +751,24 @@ def test_a_write_by_a_non_owner_clears_the_set_id_bits(mounted):
     as_user(1001, 1001, append, cwd=m.mnt)
     assert stat.S_IMODE(os.stat(m.source / "f").st_mode) == 0o776
     assert (m.source / "f").read_text() == "datamore"
+
+
+def test_renames_in_a_sticky_directory_follow_the_sticky_rules(mounted):
+    """SEMANTICS, rename: in a sticky directory a user renames, or replaces, only
+    entries they own (or in a directory they own), as on ext4."""
+    m = mounted()
+    t = m.mnt / "t"
+    t.mkdir()
+    os.chmod(t, 0o1777)
+    (t / "roots").write_text("root's")
+
+    def own_then_others() -> list[int]:
+        with open("mine", "w") as f:
+            f.write("mine")
+        return [errno_of(lambda: os.rename("mine", "mine2")),   # own entry: allowed
+                errno_of(lambda: os.rename("roots", "r2")),     # another's: EPERM
+                errno_of(lambda: os.rename("mine2", "roots"))]  # replacing another's: EPERM
+
+    assert as_user(1000, 1000, own_then_others, cwd=t) == [0, errno.EPERM, errno.EPERM]
+    assert sorted(os.listdir(m.source / "t")) == ["mine2", "roots"]
+    assert (m.source / "t" / "roots").read_text() == "root's"

@@ -82,12 +82,14 @@ def _proc(fd: int) -> str:
 
 
 class PosixHandle(FileHandle):
-    __slots__ = ("fd", "node", "append", "next_offset", "ahead", "created")
+    __slots__ = ("fd", "node", "append", "writable", "next_offset", "ahead", "created")
 
-    def __init__(self, fd: int, node: PosixNode, append: bool) -> None:
+    def __init__(self, fd: int, node: PosixNode, flags: int) -> None:
         self.fd = fd
         self.node = node
-        self.append = append
+        self.append = bool(flags & os.O_APPEND)
+        #: only a handle that may have written has deferred write errors to report
+        self.writable = flags & os.O_ACCMODE != os.O_RDONLY
         #: where a sequential reader reads next, and how far the volume was asked to read ahead
         self.next_offset = 0
         self.ahead = 0
@@ -327,7 +329,7 @@ class PosixBackend(Backend):
         except BaseException:
             os.close(fd)
             raise
-        return PosixHandle(fd, node, bool(flags & os.O_APPEND))
+        return PosixHandle(fd, node, flags)
 
     async def read(self, fh: PosixHandle, offset: int, size: int) -> bytes:
         return await self.io.run(DATA, self._read_sync, fh, offset, size)
@@ -374,8 +376,9 @@ class PosixBackend(Backend):
     async def flush(self, fh: PosixHandle) -> None:
         # close() of a duplicate reports deferred write errors (NFS, SMB)
         # without closing the handle the kernel still uses.  A local filesystem
-        # reports its errors at the write itself.
-        if not self.io.inline:
+        # reports its errors at the write itself, and a read-only handle has none
+        # (one round trip to the share saved for every file a reader closes).
+        if fh.writable and not self.io.inline:
             await self.io.run(DATA, _flush_fd, fh.fd)
 
     async def fsync(self, fh: PosixHandle, datasync: bool) -> None:
@@ -486,7 +489,7 @@ class PosixBackend(Backend):
         node = PosixNode(path_fd, st.st_mode, (st.st_dev, st.st_ino), parent, name)
         pool.admit(node)
         self._names.add(node)
-        fh = PosixHandle(fd, node, bool(flags & os.O_APPEND))
+        fh = PosixHandle(fd, node, flags)
         fh.created = created
         return node, _attrs(st), fh
 

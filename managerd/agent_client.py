@@ -22,6 +22,8 @@ from azfs.secret import Secret, redact
 from managerd.errors import AgentError
 
 log = logging.getLogger(__name__)
+#: seconds to open a connection to an agent (a host that is down answers nothing)
+CONNECT_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,10 @@ class AgentClient:
             base = str(self.address.url).rstrip("/")
             if self.address.secret:
                 headers["Authorization"] = f"Bearer {self.address.secret.reveal()}"
+        # a dead node must fail a call fast: connecting gets a short deadline of its own
+        timeout = httpx.Timeout(self.timeout, connect=min(self.timeout, CONNECT_TIMEOUT))
         return httpx.AsyncClient(transport=transport, base_url=base, headers=headers,
-                                 timeout=self.timeout)
+                                 timeout=timeout)
 
     async def export(self, kernel_id: str, request: ExportRequest) -> ExportResponse:
         """``PUT /v1/kernels/{kernel_id}``: the agent presents the vfolders to the kernel."""
@@ -69,6 +73,14 @@ class AgentClient:
     async def unexport(self, kernel_id: str) -> None:
         """``DELETE /v1/kernels/{kernel_id}``; an unknown kernel is already gone."""
         await self._call("DELETE", f"/v1/kernels/{kernel_id}", missing_ok=True)
+
+    async def kernel_ids(self) -> set[str]:
+        """``GET /v1/kernels``: the kernels the agent's journal holds."""
+        response = await self._call("GET", "/v1/kernels")
+        try:
+            return {str(k["kernel_id"]) for k in response.json()["kernels"]}
+        except (ValueError, KeyError, TypeError):
+            raise AgentError(f"agent {self.address.name!r} sent a malformed answer") from None
 
     async def _call(self, method: str, path: str, *, missing_ok: bool = False,
                     **kwargs: object) -> httpx.Response:

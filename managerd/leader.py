@@ -112,7 +112,10 @@ class LeaderLease:
         if self.is_sqlite:
             self.is_leader = True
             log.info("SQLite database: this manager is the only one and runs the leader work")
-            await work()
+            try:
+                await work()
+            finally:
+                self.is_leader = False
             return
         try:
             while True:

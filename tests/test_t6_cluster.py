@@ -17,6 +17,7 @@ that stands in for an Azure Files share.  The scenarios:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import threading
@@ -116,6 +117,45 @@ def test_one_vfolder_on_two_nodes(cluster: Cluster) -> None:
         assert ca.delete("/v1/vfolders/shared-data").status_code == 204
         assert cb.post(f"/v1/vfolders/{vfid}/purge").status_code == 204
         assert not (cluster.shared / uuid.UUID(vfid).hex).exists()
+
+
+def _heartbeat(ledger: Path, pid: int) -> float:
+    """When the daemon of ``pid`` last merged into the shared ledger (0: never)."""
+    try:
+        holders = json.loads(ledger.read_text()).get("holders", {})
+    except (OSError, ValueError):
+        return 0.0
+    return max((t for h, t in holders.items() if f":{pid}:" in h), default=0.0)
+
+
+def test_quota_holds_across_nodes(cluster: Cluster) -> None:
+    """One node's writes count against the other's once both have merged the ledger."""
+    a, b = cluster.managers
+    token = cluster.user("quinn")
+    with a.client(token) as ca, b.client(cluster.admin_token) as cb_admin:
+        vfid = ca.post("/v1/vfolders", json={"alias": "capped"}).json()["id"]
+        assert cb_admin.put(f"/v1/vfolders/{vfid}/quota",
+                            json={"quota_bytes": 100_000}).status_code == 200
+        kernel(ca, "k-q1", "node-1", "capped")
+        kernel(ca, "k-q2", "node-2", "capped")
+        (cluster.agents[0].fuse_path("k-q1", "capped") / "one").write_bytes(b"x" * 60_000)
+        poll(lambda: ca.get(f"/v1/vfolders/{vfid}/usage").json()["bytes"] == 60_000,
+             VISIBLE_WITHIN, "node 1's write merged into the shared ledger")
+        # node 2 sees the shared total at its next merge (its heartbeat while idle)
+        merged, pid = time.time(), cluster.agents[1].fusehost_pid()
+        assert pid is not None
+        ledger = cluster.shared / uuid.UUID(vfid).hex / ".azfs-meta" / "usage.json"
+        poll(lambda: _heartbeat(ledger, pid) > merged, VISIBLE_WITHIN,
+             "node 2 merged the shared ledger")
+        with pytest.raises(OSError) as refused:
+            (cluster.agents[1].fuse_path("k-q2", "capped") / "two").write_bytes(
+                b"y" * 60_000)
+        assert refused.value.errno == errno.EDQUOT
+        assert cb_admin.delete("/v1/kernels/k-q1").status_code == 204
+        assert cb_admin.delete("/v1/kernels/k-q2").status_code == 204
+        used = poll(lambda: ca.get(f"/v1/vfolders/{vfid}/usage").json(), VISIBLE_WITHIN,
+                    "usage")
+        assert 60_000 <= used["bytes"] <= 100_000
 
 
 def _journal_without(path: Path, kernel_id: str) -> None:

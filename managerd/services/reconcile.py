@@ -62,29 +62,33 @@ class Reconciler:
 
     async def run(self) -> None:
         """Scans the registrations every ``interval`` seconds until cancelled."""
+        failing = False
         while True:
             try:
                 await self.scan()
-            except Exception:  # noqa: BLE001 - a failed scan waits for the next one
-                log.exception("agent scan failed")
+                failing = False
+            except Exception as exc:  # noqa: BLE001 - a failed scan waits for the next one
+                if not failing:  # once per outage, not at every interval
+                    log.warning("agent scan failed: %s", str(exc) or type(exc).__name__)
+                failing = True
             await trio.sleep(self.interval)
 
     async def scan(self) -> list[Outcome]:
         """Records who is registered; reconciles agents that are new or due."""
-        live = await self.agents.registrations()
+        live = {name: lease[:64] for name, lease in (await self.agents.registrations()).items()}
         seen = await self.db.read(_presence)
         due_before = now() - timedelta(seconds=self.full_every)
-        outcomes = []
+        outcomes: list[Outcome] = []
+        reconciled: dict[str, datetime] = {}
         for name, lease in sorted(live.items()):
-            lease, done = lease[:64], None
             last = seen.get(name)
             if last is None or last[0] != lease or last[1] is None or last[1] < due_before:
                 try:
                     outcomes.append(await self.reconcile(name))
-                    done = now()
+                    reconciled[name] = now()
                 except ApiError as exc:
                     log.warning("cannot reconcile agent %s: %s", name, exc.message)
-            await self.db.run(_record, name, lease, done)
+        await self.db.run(_record, live, reconciled)
         return outcomes
 
     async def reconcile(self, name: str) -> Outcome:
@@ -117,16 +121,20 @@ def _presence(session: Session) -> dict[str, tuple[str, datetime | None]]:
             for p in session.scalars(select(AgentPresence))}
 
 
-def _record(session: Session, name: str, lease: str, reconciled: datetime | None) -> None:
-    row = session.get(AgentPresence, name)
-    if row is None:
-        row = AgentPresence(name=name, lease=lease, first_seen=now())
-        session.add(row)
-    elif row.lease != lease and reconciled is None:
-        row.reconciled_at = None  # a new registration not yet reconciled: try again
-    row.lease, row.last_seen = lease, now()
-    if reconciled is not None:
-        row.reconciled_at = reconciled
+def _record(session: Session, live: dict[str, str], reconciled: dict[str, datetime]) -> None:
+    """One transaction per scan: who is registered now, and who was reconciled."""
+    rows = {p.name: p for p in session.scalars(
+        select(AgentPresence).where(AgentPresence.name.in_(list(live))))}
+    for name, lease in live.items():
+        row = rows.get(name)
+        if row is None:
+            row = AgentPresence(name=name, lease=lease, first_seen=now())
+            session.add(row)
+        elif row.lease != lease and name not in reconciled:
+            row.reconciled_at = None  # a new registration not yet reconciled: try again
+        row.lease, row.last_seen = lease, now()
+        if name in reconciled:
+            row.reconciled_at = reconciled[name]
 
 
 def _records(session: Session, agent: str) -> dict[str, tuple[str, datetime]]:

@@ -110,20 +110,18 @@ class LeaderLease:
     async def run(self, work: Callable[[], Awaitable[None]]) -> None:
         """Until cancelled: take the lease when free, run ``work`` while it is held."""
         if self.is_sqlite:
-            self.is_leader = True
-            log.info("SQLite database: this manager is the only one and runs the leader work")
-            try:
-                await work()
-            finally:
-                self.is_leader = False
+            await self._sole(work)
             return
+        failing = False
         try:
             while True:
                 try:
                     acquired = await trio.to_thread.run_sync(self._try_acquire)
+                    failing = False
                 except Exception as exc:  # noqa: BLE001 - database down: stay standby
-                    log.warning("cannot try the leader lease: %s", type(exc).__name__)
-                    acquired = False
+                    if not failing:  # once per outage
+                        log.warning("cannot try the leader lease: %s", type(exc).__name__)
+                    failing, acquired = True, False
                 if acquired:
                     await self._lead(work)
                 await trio.sleep(self.interval)
@@ -132,13 +130,24 @@ class LeaderLease:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self.close)
 
+    async def _sole(self, work: Callable[[], Awaitable[None]]) -> None:
+        """SQLite: the only manager leads for as long as it runs."""
+        self.is_leader = True
+        log.info("SQLite database: this manager is the only one and runs the leader work")
+        try:
+            while True:  # work that failed starts again, as a new term would
+                await _guarded(work)
+                await trio.sleep(self.interval)
+        finally:
+            self.is_leader = False
+
     async def _lead(self, work: Callable[[], Awaitable[None]]) -> None:
         self.is_leader = True
         log.info("took the leader lease: running the cluster's background work")
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch, nursery.cancel_scope)
-                await work()
+                await _guarded(work)
                 nursery.cancel_scope.cancel()
         finally:
             self.is_leader = False
@@ -162,3 +171,11 @@ class LeaderLease:
                 log.warning("lost the leader lease")
                 scope.cancel()
                 return
+
+
+async def _guarded(work: Callable[[], Awaitable[None]]) -> None:
+    """Runs the leader work; a bug in it is logged and ends the term, not the manager."""
+    try:
+        await work()
+    except Exception:  # noqa: BLE001 - the API keeps serving; the lease is given up
+        log.exception("leader work failed")

@@ -29,6 +29,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from azfs.volumes.mountinfo import mounts_under
 from tests.support.cluster import REGISTRATION_TTL, Cluster
 from tests.support.etcd import EtcdServer
 from tests.support.postgres import postgres  # noqa: F401
@@ -40,9 +41,11 @@ VISIBLE_WITHIN = 10.0
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, postgres, etcd_server) -> Iterator[Cluster]:  # noqa: F811
-    with Cluster(tmp_path_factory.mktemp("cluster"), postgres.new_database(),
-                 etcd_server.endpoint, agents=3, managers=2) as c:
+    root = tmp_path_factory.mktemp("cluster")
+    with Cluster(root, postgres.new_database(), etcd_server.endpoint, agents=3,
+                 managers=2) as c:
         yield c
+    assert mounts_under(root) == [], "mounts left behind after teardown"
 
 
 @pytest.fixture(scope="module")
@@ -297,8 +300,9 @@ def test_manager_killed_under_load(cluster: Cluster) -> None:
 
     # the singleton work runs once: only the leader sweeps
     orphan = _orphan(cluster)
-    poll(lambda: not orphan.exists(), 20, "the leader sweeps an orphan")
-    assert orphan.name in leader.log_text() and orphan.name not in survivor.log_text()
+    poll(lambda: not orphan.exists() and orphan.name in leader.log_text(), 20,
+         "the leader sweeps an orphan (and logs it)")
+    assert orphan.name not in survivor.log_text()
 
     # the same alias from two managers at once: one vfolder and one clear conflict
     token = cluster.user("walt")
@@ -344,8 +348,8 @@ def test_manager_killed_under_load(cluster: Cluster) -> None:
 
     # the singleton work moved over: the survivor now sweeps
     orphan = _orphan(cluster)
-    poll(lambda: not orphan.exists(), 20, "the survivor sweeps an orphan")
-    assert orphan.name in survivor.log_text()
+    poll(lambda: not orphan.exists() and orphan.name in survivor.log_text(), 20,
+         "the survivor sweeps an orphan (and logs it)")
 
     # the killed manager comes back as a standby
     leader.start()

@@ -21,6 +21,9 @@ from azfs.secret import Secret
 
 ENV_PREFIX = "AZFS_MANAGERD_"
 DEFAULT_STATE_DIR = Path("/var/lib/azfs/managerd")
+#: three lease checks must fit in the time the database takes to drop a lost
+#: holder's session (``managerd.leader.KEEPALIVE_BOUND``, 25 s)
+MAX_LEADER_INTERVAL = 8.0
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,10 @@ class ManagerConfig:
                config.sweep_interval) <= 0 or config.sweep_min_age < 0:
             raise UserError("leader_interval, reconcile_interval, reconcile_full_every and "
                             "sweep_interval must be positive, sweep_min_age >= 0")
+        if config.leader_interval > MAX_LEADER_INTERVAL:
+            # a leader cut off from the database must stop (after at most three
+            # intervals) before the server frees its lock for another one
+            raise UserError(f"leader_interval must be at most {MAX_LEADER_INTERVAL:g} s")
         if (config.tls_cert_file is None) != (config.tls_key_file is None):
             raise UserError("tls_cert_file and tls_key_file go together")
         if (config.agent_cert_file is None) != (config.agent_key_file is None):

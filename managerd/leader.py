@@ -11,8 +11,10 @@ manager that holds a PostgreSQL session-level advisory lock.
   server's TCP keepalives (set on the lock's session) within about
   :data:`KEEPALIVE_BOUND` seconds.
 * The holder checks its connection every ``interval`` seconds and stops the
-  leader work the moment a check fails; a standby tries to take the lock at
-  the same interval, so the work moves to a survivor within about
+  leader work the moment a check fails or outlasts two intervals (so within
+  three intervals, less than :data:`KEEPALIVE_BOUND`: it has stopped before
+  the server can give the lock to another); a standby tries to take the
+  lock at the same interval, so the work moves to a survivor within about
   ``interval`` seconds of the holder's death.
 * SQLite has no cross-process lock of that kind: one manager per SQLite
   database is the only supported case, and that manager is always leader.

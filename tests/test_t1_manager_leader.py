@@ -4,7 +4,8 @@ Three leases race for one database.  Exactly one runs the leader work; when
 it stops, another takes over; when the holder's database session is killed
 under it (``pg_terminate_backend``, as when the server drops a manager cut
 off from the network), the holder stops its work and another takes over.
-On SQLite the one manager is always leader.
+On SQLite the one manager is always leader.  The cluster settings are
+checked when the config is loaded.
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import psycopg
+import pytest
 import trio
 from sqlalchemy.engine import make_url
 
+from azfs.errors import UserError
+from managerd.config import ManagerConfig
 from managerd.leader import LeaderLease
 from tests.support.postgres import postgres  # noqa: F401
 
@@ -99,3 +103,23 @@ async def test_sqlite_is_always_leader(tmp_path: Path) -> None:
         await wait_for(lambda: worker.working and worker.lease.is_leader, "the leader work")
         nursery.cancel_scope.cancel()
     assert not worker.working
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"leader_interval": 9}, "leader_interval must be at most 8 s"),
+    ({"leader_interval": 0}, "must be positive"),
+    ({"reconcile_interval": -1}, "must be positive"),
+    ({"sweep_min_age": -5}, "sweep_min_age >= 0"),
+])
+def test_cluster_settings_are_checked(values: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        ManagerConfig.from_mapping(values)
+
+
+def test_cluster_settings_from_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "managerd.toml"
+    path.write_text("leader_interval = 2\nreconcile_interval = 3\nsweep_interval = 60\n")
+    config = ManagerConfig.load(path, env={})
+    assert (config.leader_interval, config.reconcile_interval, config.sweep_interval) == (
+        2.0, 3.0, 60.0)
+    assert config.stale_create_age == 2 * config.agent_timeout + 30

@@ -356,3 +356,23 @@ def test_manager_killed_under_load(cluster: Cluster) -> None:
     assert not leader.is_leader() and survivor.is_leader()
     with leader.client(token) as c:
         assert [v["alias"] for v in c.get("/v1/vfolders").json()] == ["twice"]
+
+
+def test_etcd_down_is_not_agent_down(cluster: Cluster, etcd_server: EtcdServer) -> None:
+    """Without etcd the managers cannot judge its agents: unknown, and a 502 on calls."""
+    manager = next(m for m in cluster.managers if m.running)
+    token = cluster.user("ezra")
+    etcd_server.stop()
+    try:
+        states = _agents(manager, cluster.admin_token)
+        assert {states[f"node-{i}"]["state"] for i in (1, 2, 3)} == {"unknown"}
+        with manager.client(token) as c:
+            r = c.post("/v1/kernels", json={"kernel_id": "k-e", "agent": "node-1"})
+            assert r.status_code == 502, r.text
+            assert r.json()["error"]["code"] == "agent-unreachable"
+            assert c.get("/v1/kernels/k-e").status_code == 404
+    finally:
+        etcd_server.start()
+    poll(lambda: {a["state"] for n, a in _agents(manager, cluster.admin_token).items()
+                  if n.startswith("node-")} == {"up"}, REGISTRATION_TTL * 4,
+         "agents up again with etcd back")

@@ -49,6 +49,10 @@ class AgentDown(Unavailable):
     code = "agent-down"
 
 
+class _EtcdFailed(Exception):
+    """etcd did not answer a lookup: the API registry is asked, then the caller told."""
+
+
 def aware(value: datetime | None) -> datetime | None:
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=UTC)  # SQLite returns naive datetimes
@@ -72,8 +76,12 @@ class AgentDirectory:
         if name in self.configured:
             cfg = self.configured[name]
             return AgentAddress(name, cfg.socket, cfg.url, cfg.secret or self.secret, self.tls)
+        etcd_failed = False
         if self.etcd:
-            found = await self._from_etcd(name)
+            try:
+                found = await self._from_etcd(name)
+            except _EtcdFailed:
+                found, etcd_failed = None, True
             if found is not None:
                 return found
 
@@ -83,6 +91,9 @@ class AgentDirectory:
         agent = await self.db.read(work)
         expires = aware(agent.expires_at) if agent is not None else None
         if agent is None or (expires is not None and expires < now()):
+            if etcd_failed:
+                raise Unavailable(f"cannot look agent {name!r} up: etcd does not answer",
+                                  code="agent-unreachable", status=502)
             if await self.db.read(_known, name):
                 raise AgentDown(f"agent {name!r} is down (its registration expired); "
                                 "nothing can be done on it until it registers again")
@@ -100,7 +111,7 @@ class AgentDirectory:
                               code="agent-unreachable", status=502) from None
         except Exception as exc:  # noqa: BLE001 - etcd down: fall back to the API registry
             log.warning("agent lookup in etcd failed: %s", exc)
-            return None
+            raise _EtcdFailed from None
         if raw is None:
             return None
         try:

@@ -163,7 +163,7 @@ def create_app(manager: Manager) -> FastAPI:
                   description="vfolders, datasets, kernels and users of an azfs cluster")
     app.state.manager = manager
     _install_error_handlers(app)
-    metrics = ManagerMetrics(manager.db)
+    metrics = ManagerMetrics(manager.db, lambda: manager.leader.is_leader)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     async def principal(

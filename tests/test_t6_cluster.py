@@ -297,6 +297,8 @@ def test_manager_killed_under_load(cluster: Cluster) -> None:
     leader = poll(cluster.leader, 20, "a leader")
     survivor = next(m for m in cluster.managers if m is not leader)
     assert not survivor.is_leader()
+    assert "azfs_manager_leader 1.0" in httpx.get(f"{leader.url}/metrics").text
+    assert "azfs_manager_leader 0.0" in httpx.get(f"{survivor.url}/metrics").text
 
     # the singleton work runs once: only the leader sweeps
     orphan = _orphan(cluster)

@@ -9,6 +9,7 @@ certificate that does not verify) or ``agent-error`` (the agent refused).
 
 from __future__ import annotations
 
+import functools
 import logging
 import ssl
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from azfs.secret import Secret, redact
 from managerd.errors import AgentError
 
 log = logging.getLogger(__name__)
+#: seconds to open a connection to an agent (a host that is down answers nothing)
+CONNECT_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -47,16 +50,20 @@ class AgentClient:
     def _client(self) -> httpx.AsyncClient:
         headers = {}
         if self.address.socket is not None:
-            transport = httpx.AsyncHTTPTransport(uds=str(self.address.socket))
+            # no TLS on a unix socket; the shared context only spares httpx building one
+            transport = httpx.AsyncHTTPTransport(uds=str(self.address.socket),
+                                                 verify=_default_tls())
             base = "http://agent"
         else:
             transport = httpx.AsyncHTTPTransport(
-                verify=self.address.tls if self.address.tls is not None else True)
+                verify=self.address.tls if self.address.tls is not None else _default_tls())
             base = str(self.address.url).rstrip("/")
             if self.address.secret:
                 headers["Authorization"] = f"Bearer {self.address.secret.reveal()}"
+        # a dead node must fail a call fast: connecting gets a short deadline of its own
+        timeout = httpx.Timeout(self.timeout, connect=min(self.timeout, CONNECT_TIMEOUT))
         return httpx.AsyncClient(transport=transport, base_url=base, headers=headers,
-                                 timeout=self.timeout)
+                                 timeout=timeout)
 
     async def export(self, kernel_id: str, request: ExportRequest) -> ExportResponse:
         """``PUT /v1/kernels/{kernel_id}``: the agent presents the vfolders to the kernel."""
@@ -86,6 +93,14 @@ class AgentClient:
         """``DELETE /v1/kernels/{kernel_id}``; an unknown kernel is already gone."""
         await self._call("DELETE", f"/v1/kernels/{kernel_id}", missing_ok=True)
 
+    async def kernel_ids(self) -> set[str]:
+        """``GET /v1/kernels``: the kernels the agent's journal holds."""
+        response = await self._call("GET", "/v1/kernels")
+        try:
+            return {str(k["kernel_id"]) for k in response.json()["kernels"]}
+        except (ValueError, KeyError, TypeError):
+            raise AgentError(f"agent {self.address.name!r} sent a malformed answer") from None
+
     async def _call(self, method: str, path: str, *, missing_ok: bool = False,
                     **kwargs: object) -> httpx.Response:
         name = self.address.name
@@ -103,6 +118,13 @@ class AgentClient:
             raise AgentError(f"agent {name!r} answered {response.status_code}: "
                              f"{_agent_message(response)}")
         return response
+
+
+@functools.cache
+def _default_tls() -> ssl.SSLContext:
+    """httpx's verifying default, built once: loading the CA bundle costs about 0.1 s
+    of CPU, which a client per call would pay on every kernel create."""
+    return httpx.create_ssl_context()
 
 
 def _reason(exc: BaseException) -> str:

@@ -163,7 +163,7 @@ def create_app(manager: Manager) -> FastAPI:
                   description="vfolders, datasets, kernels and users of an azfs cluster")
     app.state.manager = manager
     _install_error_handlers(app)
-    metrics = ManagerMetrics(manager.db)
+    metrics = ManagerMetrics(manager.db, lambda: manager.leader.is_leader)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     async def principal(
@@ -186,8 +186,8 @@ def create_app(manager: Manager) -> FastAPI:
 
     @app.get("/v1/health", tags=["meta"],
              response_model=S.Health, response_model_exclude_unset=True)
-    async def health() -> dict[str, str]:
-        return {"status": "ok", "version": __version__}
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "version": __version__, "leader": m.leader.is_leader}
 
     # -- users -----------------------------------------------------------------
 

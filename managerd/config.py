@@ -21,6 +21,9 @@ from azfs.secret import Secret
 
 ENV_PREFIX = "AZFS_MANAGERD_"
 DEFAULT_STATE_DIR = Path("/var/lib/azfs/managerd")
+#: three lease checks must fit in the time the database takes to drop a lost
+#: holder's session (``managerd.leader.KEEPALIVE_BOUND``, 25 s)
+MAX_LEADER_INTERVAL = 8.0
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,15 @@ class ManagerConfig:
     agents: Mapping[str, AgentConfig] = field(default_factory=dict)
     #: bearer secret for agents reached over TCP (file or env only).
     agent_secret: Secret | None = None
+    #: cluster: seconds between leader-lease checks (and a standby's attempts to take it).
+    leader_interval: float = 5.0
+    #: cluster: seconds between scans of the agents' registrations (down/back, reconcile).
+    reconcile_interval: float = 10.0
+    #: cluster: every agent is reconciled with its journal at least this often (seconds).
+    reconcile_full_every: float = 600.0
+    #: orphaned vfolder directories: sweep interval and the age a directory must reach.
+    sweep_interval: float = 3600.0
+    sweep_min_age: float = 3600.0
     #: quotas given to new vfolders (0 = unlimited).
     default_quota_bytes: int = 0
     default_quota_files: int = 0
@@ -95,6 +107,11 @@ class ManagerConfig:
             return None
         host = f"[{self.listen_host}]" if ":" in self.listen_host else self.listen_host
         return f"{'https' if self.tls else 'http'}://{host}:{self.listen_port}"
+
+    @property
+    def stale_create_age(self) -> float:
+        """A kernel still ``creating`` after this long was left by a crash (seconds)."""
+        return 2 * self.agent_timeout + 30.0
 
     @property
     def mount_dir(self) -> Path:
@@ -156,6 +173,14 @@ class ManagerConfig:
             raise UserError("listen port must be 1-65535")
         if config.db_threads < 1 or config.storage_timeout <= 0 or config.sas_ttl <= 0:
             raise UserError("db_threads, storage_timeout and sas_ttl must be positive")
+        if min(config.leader_interval, config.reconcile_interval, config.reconcile_full_every,
+               config.sweep_interval) <= 0 or config.sweep_min_age < 0:
+            raise UserError("leader_interval, reconcile_interval, reconcile_full_every and "
+                            "sweep_interval must be positive, sweep_min_age >= 0")
+        if config.leader_interval > MAX_LEADER_INTERVAL:
+            # a leader cut off from the database must stop (after at most three
+            # intervals) before the server frees its lock for another one
+            raise UserError(f"leader_interval must be at most {MAX_LEADER_INTERVAL:g} s")
         if (config.tls_cert_file is None) != (config.tls_key_file is None):
             raise UserError("tls_cert_file and tls_key_file go together")
         if (config.agent_cert_file is None) != (config.agent_key_file is None):

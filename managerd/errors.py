@@ -56,6 +56,7 @@ CODES = {
     "usage-unavailable": "the vfolder's usage cannot be known right now (503)",
     "sas-unavailable": "no key is configured for the dataset's storage account (503)",
     "agent-unreachable": "the agent did not answer (502)",
+    "agent-down": "the agent was seen before but is no longer registered (503)",
     "agent-error": "the agent refused or failed the export (502)",
     "internal-error": "a bug; the manager's log has the details (500)",
 }

@@ -37,7 +37,6 @@ from managerd.config import ManagerConfig
 from managerd.errors import ApiError
 from managerd.services.users import create_user, get_user
 from managerd.state import Manager
-from managerd.sweeper import OrphanSweeper
 
 log = logging.getLogger("managerd")
 SHUTDOWN_GRACE = 10.0
@@ -104,17 +103,16 @@ async def serve(config: ManagerConfig, task_status=trio.TASK_STATUS_IGNORED) -> 
                 log.info("signal %s: shutting down", signal.Signals(signum).name)
                 return
 
-    sweeper = OrphanSweeper(manager.db, manager.volumes)
     try:
         log.info("serving on %s (database %s)", hc.bind[0],
                  redact(manager.db.url.render_as_string(hide_password=True)))
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(sweeper.run)
+            nursery.start_soon(manager.leader.run, manager.leader_work)
             try:
                 await hypercorn_serve(create_app(manager), hc,
                                       shutdown_trigger=shutdown_trigger, task_status=task_status)
             finally:
-                sweeper.stop()
+                nursery.cancel_scope.cancel()
     finally:
         with trio.move_on_after(SHUTDOWN_GRACE) as scope:
             scope.shield = True

@@ -1,4 +1,5 @@
-"""Prometheus metrics of the manager: requests by route and outcome, vfolders by state.
+"""Prometheus metrics of the manager: requests by route and outcome, vfolders by state,
+and whether this manager holds the leader lease.
 
 Request counters and latency histograms live in a registry of this app (not
 the process-global one, so several apps in one process stay apart).  The
@@ -34,8 +35,9 @@ def _counts(session: Session) -> tuple[list[tuple[str, int]], list[tuple[str, in
 class ManagerMetrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, is_leader: Callable[[], bool] | None = None) -> None:
         self.db = db
+        self.is_leader = is_leader
         self.registry = CollectorRegistry()
         self.requests = Counter("azfs_manager_requests", "API requests by route and status",
                                 ["method", "route", "status"], registry=self.registry)
@@ -49,9 +51,9 @@ class ManagerMetrics:
     async def render(self) -> bytes:
         vfolders, kernels = await self.db.read(_counts)
         records = CollectorRegistry()
-        records.register(_Records(vfolders, kernels))
+        records.register(_Records(vfolders, kernels,
+                                  self.is_leader() if self.is_leader else None))
         return generate_latest(self.registry) + generate_latest(records)
-
 
 
 class MetricsMiddleware:
@@ -86,9 +88,11 @@ class MetricsMiddleware:
 
 
 class _Records:
-    def __init__(self, vfolders: list[tuple[str, int]], kernels: list[tuple[str, int]]) -> None:
+    def __init__(self, vfolders: list[tuple[str, int]], kernels: list[tuple[str, int]],
+                 leader: bool | None = None) -> None:
         self.vfolders = vfolders
         self.kernels = kernels
+        self.leader = leader
 
     def collect(self):
         vf = GaugeMetricFamily("azfs_manager_vfolders", "vfolders by lifecycle state",
@@ -101,3 +105,7 @@ class _Records:
         for status, count in self.kernels:
             kernels.add_metric([status], count)
         yield kernels
+        if self.leader is not None:
+            yield GaugeMetricFamily("azfs_manager_leader",
+                                    "1 on the manager that runs the cluster's background work",
+                                    value=1 if self.leader else 0)

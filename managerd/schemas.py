@@ -116,7 +116,8 @@ class KernelOut(BaseModel):
     kernel_id: str
     owner: str
     agent: str
-    status: Literal["creating", "running", "destroying"]
+    status: Literal["creating", "running", "destroying", "gone"] = Field(
+        description="gone: its node came back without it (its vfolders are free again)")
     created_at: str
     vfolders: list[KernelMountOut]
     mounts: list[dict[str, Any]] = Field(description="OCI bind mounts the agent answered")
@@ -127,7 +128,10 @@ class AgentOut(BaseModel):
     socket: str | None
     url: str | None
     expires_at: str | None
-    source: Literal["api", "config"]
+    source: Literal["api", "config", "etcd"]
+    state: Literal["up", "down", "unknown"] = Field(
+        description="down: seen before (or has kernels) but no longer registered")
+    last_seen: str | None = None
 
 
 class VolumeOut(BaseModel):
@@ -139,3 +143,5 @@ class VolumeOut(BaseModel):
 class Health(BaseModel):
     status: str
     version: str
+    leader: bool | None = Field(default=None,
+                                description="this manager runs the cluster's background work")

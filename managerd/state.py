@@ -9,11 +9,14 @@ import trio
 from managerd.config import ManagerConfig
 from managerd.db import migrate
 from managerd.db.session import Database
+from managerd.leader import LeaderLease
 from managerd.services.agents import AgentDirectory, agent_tls
 from managerd.services.datasets import DatasetService
 from managerd.services.kernels import KernelService
+from managerd.services.reconcile import Reconciler
 from managerd.services.users import UserService
 from managerd.services.vfolders import VfolderService
+from managerd.sweeper import OrphanSweeper
 from managerd.volumes import VolumePool
 
 log = logging.getLogger(__name__)
@@ -35,6 +38,9 @@ class Manager:
                                        config.sas_max_ttl)
         self.kernels = KernelService(self.db, self.agents, self.datasets,
                                      config.agent_timeout, config.agent_url)
+        self.leader = LeaderLease(self.db.url, config.leader_interval)
+        self.reconciler = Reconciler(self.db, self.agents, config.agent_timeout,
+                                     config.reconcile_interval, config.reconcile_full_every)
 
     def migrate(self) -> None:
         """Brings the schema up to date (blocking; before serving)."""
@@ -44,7 +50,24 @@ class Manager:
 
     async def start(self) -> None:
         await trio.to_thread.run_sync(self.migrate)
-        await self.kernels.recover()
+
+    async def leader_work(self) -> None:
+        """What must run once in the cluster (under :attr:`leader`), until cancelled."""
+        sweeper = OrphanSweeper(self.db, self.volumes, self.config.sweep_min_age,
+                                self.config.sweep_interval)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sweeper.run)
+            nursery.start_soon(self.reconciler.run)
+            nursery.start_soon(self._undo_stale_creates)
+
+    async def _undo_stale_creates(self) -> None:
+        """Undoes kernels left ``creating`` by a crashed manager (at most one minute late)."""
+        while True:
+            try:
+                await self.kernels.recover(self.config.stale_create_age)
+            except Exception:  # noqa: BLE001 - retried at the next round
+                log.exception("undoing stale kernel creates failed")
+            await trio.sleep(60.0)
 
     async def close(self) -> None:
         await self.volumes.close()

@@ -185,3 +185,22 @@ class Agent(Base):
     url: Mapped[str | None] = mapped_column(String(1024), nullable=True)
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     registered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+
+
+class AgentPresence(Base):
+    """Agents the cluster has seen registered, so that a vanished one is shown as down.
+
+    Written by the leader's reconcile loop; ``lease`` is the etcd lease (or
+    the registration time) of the registration last seen, so that a new one
+    (the agent came back) is noticed and reconciled once.
+    """
+
+    __tablename__ = "agent_presence"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    lease: Mapped[str] = mapped_column(String(64), default="")
+    first_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=now)
+    #: when its kernels were last reconciled with its journal (None: never)
+    reconciled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True),
+                                                           nullable=True)

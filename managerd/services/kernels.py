@@ -29,6 +29,7 @@ import json
 import logging
 import secrets
 import uuid
+from datetime import timedelta
 from typing import Any
 from urllib.parse import quote
 
@@ -50,6 +51,7 @@ from managerd.db.models import (
     User,
     Vfolder,
     iso,
+    now,
 )
 from managerd.db.session import Database
 from managerd.errors import ApiError, Conflict, Forbidden, InvalidArgument, NotFound
@@ -155,6 +157,10 @@ class KernelService:
     def _prepare(self, session: Session, who: Principal, request: KernelRequest,
                  digest: str) -> ExportRequest | dict:
         existing = session.get(Kernel, request.kernel_id)
+        if existing is not None and existing.status == "gone":
+            session.delete(existing)  # it died with its node: the id is free again
+            session.flush()
+            existing = None
         if existing is not None:
             same = existing.owner_id == who.id and existing.request_hash == digest
             if same and existing.status == "running":
@@ -288,6 +294,10 @@ class KernelService:
         """
         if force and not who.is_admin:
             raise Forbidden("only admins may force-destroy a kernel")
+        if not force:  # a down agent: refuse before anything changes
+            agent = await self.db.read(_destroy_target, who, kernel_id)
+            if agent is not None:
+                await self.agents.resolve(agent)
         agent = await self.db.run(_begin_destroy, who, kernel_id)
         if agent is None:
             return
@@ -341,10 +351,15 @@ class KernelService:
         dataset = await self.db.read(work)
         return await trio.to_thread.run_sync(self.datasets.renewal, dataset)
 
-    async def recover(self) -> None:
-        """At start: a kernel left ``creating`` by a crash is undone if its agent agrees."""
+    async def recover(self, min_age: float = 0.0) -> None:
+        """A kernel left ``creating`` by a crash is undone if its agent agrees.
+
+        ``min_age``: only creates older than that (seconds), so that the creates
+        other managers have in flight are left alone."""
+        cutoff = now() - timedelta(seconds=min_age)
         stale = await self.db.read(lambda s: [
-            (k.id, k.agent) for k in s.scalars(select(Kernel).where(Kernel.status == "creating"))])
+            (k.id, k.agent) for k in s.scalars(select(Kernel).where(
+                Kernel.status == "creating", Kernel.created_at <= cutoff))])
         for kernel_id, agent in stale:
             try:
                 address = await self.agents.resolve(agent)
@@ -499,12 +514,23 @@ def _drop_mount(session: Session, mount_id: int) -> None:
             .values(status=READY))
 
 
+def _destroy_target(session: Session, who: Principal, kernel_id: str) -> str | None:
+    kernel = session.get(Kernel, kernel_id)
+    if kernel is None or kernel.status == "gone" or (
+            kernel.owner_id != who.id and not who.is_admin):
+        return None
+    return kernel.agent
+
+
 def _begin_destroy(session: Session, who: Principal, kernel_id: str) -> str | None:
     kernel = session.get(Kernel, kernel_id)
     if kernel is None:
         return None  # already gone: destroying twice is fine
     if kernel.owner_id != who.id and not who.is_admin:
         raise KernelNotFound(f"no kernel {kernel_id!r}")
+    if kernel.status == "gone":  # died with its node; nothing is left on any agent
+        session.delete(kernel)
+        return None
     kernel.status = "destroying"
     return kernel.agent
 

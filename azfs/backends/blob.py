@@ -324,6 +324,11 @@ class BlobBackend(Backend):
         self._stop.set()
         if self._nursery is not None:
             await self._stopped.wait()
+        if self._cache_queue and self.cache is not None:
+            # blocks fetched but not yet written: a closing mount keeps them too
+            batch = list(self._cache_queue)
+            self._cache_queue.clear()
+            await trio.to_thread.run_sync(_put_all, self.cache, batch)
         self.listings.drop(self)
         await trio.to_thread.run_sync(self.http.close)
 

@@ -267,7 +267,7 @@ async def test_sas_renewal_outlives_an_outage_of_the_sas_source(dataset, tmp_pat
     (connections refused) when renewal starts, and comes back later with a
     fresh SAS: the renewer keeps retrying through the outage and swaps it in.
     """
-    from agentd.fusehost import FuseHost
+    from agentd.views import FuseHost
     from azfs.backends.blob import BlobOptions as Defaults
     from azfs.fs.operations import AzfsOperations
 

@@ -1,6 +1,6 @@
 """The node FUSE process's request socket: only bad input is ``invalid``.
 
-A :class:`~agentd.fusehost.FuseHost` serves its JSON-lines API on a real unix
+A :class:`~agentd.views.FuseHost` serves its JSON-lines API on a real unix
 socket (no FUSE mount is needed for these requests).  Requests whose fields
 have the wrong JSON types are refused with ``invalid`` and change nothing; a
 fault inside the process (injected here by a subclass, the one thing a
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from agentd.fusehost import FuseHost
+from agentd.views import FuseHost
 from azfs.fs.operations import AzfsOperations
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import abc
 import stat
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from azfs.errors import NotFound, NotSupported, ReadOnly
@@ -87,8 +87,6 @@ class AttrChanges:
     size: int | None = None
     atime_ns: int | None = None
     mtime_ns: int | None = None
-    atime_now: bool = False
-    mtime_now: bool = False
 
 
 @dataclass(slots=True)
@@ -97,7 +95,6 @@ class DirEntry:
 
     name: str
     mode: int
-    ino_hint: int
 
 
 @dataclass(slots=True)
@@ -119,7 +116,6 @@ class Usage:
     files: int
     quota_bytes: int = 0
     quota_files: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class DirListing:
@@ -141,9 +137,6 @@ class Backend(abc.ABC):
 
     #: True when the store itself can never be written (a blob dataset).
     read_only: bool = False
-    #: True when the contents can change only through this backend, so the
-    #: kernel may keep page cache across opens when attributes are unchanged.
-    exclusive_writer: bool = True
     #: seconds the kernel may cache the backend's entries and attributes, when the
     #: store says (a dataset's listing TTL); None: the filesystem's default
     cache_timeout: float | None = None
@@ -210,6 +203,23 @@ class Backend(abc.ABC):
 
     async def usage(self) -> Usage:
         raise NotSupported("this backend does not account usage")
+
+    def usage_now(self) -> Usage | None:
+        """The usage as counted in memory right now (no call to the store); None if
+        this backend does not count it."""
+        return None
+
+    def set_quota(self, quota_bytes: int, quota_files: int) -> None:
+        """New limits for a live backend (a vfolder's quota changed at a re-export)."""
+        raise NotSupported("this backend has no quota")
+
+    def stats(self) -> dict[str, Any]:
+        """The backend's own counters (requests, cache hits) for metrics; {} if none."""
+        return {}
+
+    def refresh(self, path: str | None = None) -> None:
+        """Forgets what is cached of the store (all, or below ``path``)."""
+        raise NotSupported("this backend caches nothing to refresh")
 
     # ---- reading -----------------------------------------------------------
     @abc.abstractmethod

@@ -184,7 +184,6 @@ class BlobBackend(Backend):
     """A read-only tree over a blob container or prefix."""
 
     read_only = True
-    exclusive_writer = False
 
     def __init__(self, source: BlobSource, *, token_source: TokenSource | None = None,
                  cache: BlockCache | None = None, budget: PrefetchBudget | None = None,
@@ -414,7 +413,7 @@ class BlobBackend(Backend):
             raise OSError(errno.ENOTDIR, "not a directory")
         listing = await self._dir(node.path)
         return DirListing([
-            DirEntry(name, stat.S_IFDIR if e.is_dir else stat.S_IFREG, 0)
+            DirEntry(name, stat.S_IFDIR if e.is_dir else stat.S_IFREG)
             for name, e in sorted(listing.entries.items())])
 
     async def statfs(self) -> StatFs:

@@ -32,7 +32,6 @@ import logging
 import os
 import stat
 import threading
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -277,7 +276,7 @@ class PosixBackend(Backend):
                             mode = stat.S_IFMT(e.stat(follow_symlinks=False).st_mode)
                     except FileNotFoundError:
                         continue  # removed while listed: not part of the snapshot
-                    entries.append(DirEntry(e.name, mode, e.inode()))
+                    entries.append(DirEntry(e.name, mode))
         finally:
             os.close(dfd)
         return DirListing(entries)
@@ -307,9 +306,15 @@ class PosixBackend(Backend):
         return out
 
     async def usage(self) -> Usage:
+        return self.usage_now()
+
+    def usage_now(self) -> Usage:
         q = self.ledger.quota
         return Usage(bytes=self.ledger.bytes, files=self.ledger.files,
                      quota_bytes=q.bytes, quota_files=q.files)
+
+    def set_quota(self, quota_bytes: int, quota_files: int) -> None:
+        self.ledger.quota = Quota(quota_bytes, quota_files)
 
     # ---- files ---------------------------------------------------------------
     async def open(self, node: PosixNode, flags: int) -> PosixHandle:
@@ -446,14 +451,10 @@ class PosixBackend(Backend):
             if changes.uid is not None or changes.gid is not None:
                 os.chown(path, -1 if changes.uid is None else changes.uid,
                          -1 if changes.gid is None else changes.gid)
-            if (changes.atime_ns is not None or changes.mtime_ns is not None
-                    or changes.atime_now or changes.mtime_now):
+            if changes.atime_ns is not None or changes.mtime_ns is not None:
                 st = os.fstat(node_fd)
-                now = time.time_ns()
-                atime = now if changes.atime_now else (
-                    changes.atime_ns if changes.atime_ns is not None else st.st_atime_ns)
-                mtime = now if changes.mtime_now else (
-                    changes.mtime_ns if changes.mtime_ns is not None else st.st_mtime_ns)
+                atime = changes.atime_ns if changes.atime_ns is not None else st.st_atime_ns
+                mtime = changes.mtime_ns if changes.mtime_ns is not None else st.st_mtime_ns
                 os.utime(path, ns=(atime, mtime))
             return _attrs(os.fstat(node_fd))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Iterator
@@ -249,3 +250,55 @@ def test_holder_with_a_reused_pid_is_dead(root, root_fd, monkeypatch):
     again = UsageLedger(root_fd)
     assert again.load() is True
     assert (again.bytes, again.files) == (10, 1)
+
+
+def test_concurrent_merges_count_a_delta_once(root, root_fd):
+    """A close() overlapping a housekeeping tick (two merges at once) merges each
+    change exactly once."""
+    import threading
+
+    ledger = UsageLedger(root_fd)
+    ledger.load()
+    for _ in range(20):
+        ledger.add(bytes_delta=1000, files_delta=1)
+        barrier = threading.Barrier(2)
+
+        def merge(barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            ledger._merge(unregister=False)
+
+        threads = [threading.Thread(target=merge) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    record = json.loads(ledger_file(root).read_text())
+    assert (record["bytes"], record["files"]) == (20_000, 20)
+    assert (ledger.bytes, ledger.files) == (20_000, 20)
+    ledger.close()
+
+
+def test_a_scan_that_runs_out_of_descriptors_fails_instead_of_undercounting(root):
+    """A usage number that cannot be known is an error, never a smaller number."""
+    import subprocess
+    import sys
+
+    deep = root
+    for i in range(60):  # the walk holds one descriptor per level
+        deep = deep / f"d{i}"
+    deep.mkdir(parents=True)
+    (deep / "f").write_bytes(b"x" * 10)
+    script = (
+        "import os, resource, sys\n"
+        "from azfs.usage import scan_usage\n"
+        "fd = os.open(sys.argv[1], os.O_PATH | os.O_DIRECTORY)\n"
+        "print(scan_usage(fd))\n"  # enough descriptors: the whole tree
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))\n"
+        "try:\n"
+        "    print('counted', scan_usage(fd))\n"
+        "except OSError as exc:\n"
+        "    print('error', exc.errno)\n")
+    out = subprocess.run([sys.executable, "-c", script, str(root)], capture_output=True,
+                         text=True, timeout=60, check=True).stdout.split("\n")
+    assert out[0] == "(10, 61)"
+    assert out[1] == f"error {errno.EMFILE}"

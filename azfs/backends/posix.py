@@ -45,7 +45,15 @@ from azfs.backends.base import (
     StatFs,
     Usage,
 )
-from azfs.backends.posix_nodes import NodeNames, PosixNode, held, open_at, pool, release
+from azfs.backends.posix_nodes import (
+    NodeNames,
+    PosixNode,
+    held,
+    open_at,
+    open_stat,
+    pool,
+    release,
+)
 from azfs.errors import InvalidArgument, NotSupported, QuotaExceeded
 from azfs.usage import META_DIR, Quota, UsageLedger
 from azfs.volumes.io import IOLimits, Kind, VolumeIO, probe_statvfs
@@ -174,13 +182,7 @@ class PosixBackend(Backend):
         return self._size_locks[hash(key) % _SIZE_STRIPES]
 
     def _node_at(self, parent: PosixNode, name: str) -> tuple[PosixNode, Attributes]:
-        with held(parent) as parent_fd:
-            fd = open_at(name, parent_fd)
-        try:
-            st = os.fstat(fd)
-        except OSError:
-            os.close(fd)
-            raise
+        fd, st = open_stat(parent, name)
         node = PosixNode(fd, st.st_mode, (st.st_dev, st.st_ino), parent, name)
         pool.admit(node)
         self._names.add(node)

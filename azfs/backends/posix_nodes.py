@@ -137,6 +137,18 @@ def open_at(name: str | bytes, dir_fd: int, flags: int = PATH_FLAGS, mode: int =
     return os.open(name, flags, mode, dir_fd=dir_fd)
 
 
+def open_stat(parent: PosixNode, name: str) -> tuple[int, os.stat_result]:
+    """An ``O_PATH`` descriptor of ``name`` in ``parent`` (no symlink followed), and
+    the attributes of what it designates."""
+    with held(parent) as parent_fd:
+        fd = open_at(name, parent_fd)
+    try:
+        return fd, os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _acquire(node: PosixNode) -> int:
     """Holds the node's descriptor (reopened by name if it has none); see :func:`held`."""
     with pool.lock:
@@ -148,13 +160,7 @@ def _acquire(node: PosixNode) -> int:
         parent, name = node.parent, node.name
     if parent is None or name is None:
         raise StaleObject("the object is gone")
-    with held(parent) as parent_fd:
-        fd = open_at(name, parent_fd)
-    try:
-        st = os.fstat(fd)
-    except OSError:
-        os.close(fd)
-        raise
+    fd, st = open_stat(parent, name)
     if (st.st_dev, st.st_ino) != node.key:
         os.close(fd)
         raise StaleObject(f"{name!r} was replaced on the volume")

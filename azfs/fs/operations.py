@@ -225,13 +225,9 @@ class AzfsOperations(pyfuse3.Operations):
     def _changed(self, inode: Inode) -> None:
         """The object's data or size changed: other views must not serve their cache."""
         inode.cached_at = 0.0
-        siblings = self.table.siblings(inode)
-        if siblings:
-            for ino in siblings:
-                other = self.table.find_ino(ino)
-                if other is not None:
-                    other.cached_at = 0.0
-            self._stale_inodes.update(dict.fromkeys(siblings))
+        others = self._stale_siblings(inode)
+        if others:
+            self._stale_inodes.update(dict.fromkeys(o.ino for o in others))
             self._stale_wakeup.set()
 
     def _name_changed(self, parent: Inode, name: str) -> None:
@@ -241,16 +237,23 @@ class AzfsOperations(pyfuse3.Operations):
         repeat its attributes from before.
         """
         parent.cached_at = 0.0
-        siblings = self.table.siblings(parent)
-        if siblings:
-            for ino in siblings:
-                other = self.table.find_ino(ino)
-                if other is not None:
-                    other.cached_at = 0.0
-                    if other.kids is not None:
-                        other.kids.pop(name, None)
-            self._stale_entries.update(dict.fromkeys((ino, name) for ino in siblings))
+        others = self._stale_siblings(parent)
+        for other in others:
+            if other.kids is not None:
+                other.kids.pop(name, None)
+        if others:
+            self._stale_entries.update(dict.fromkeys((o.ino, name) for o in others))
             self._stale_wakeup.set()
+
+    def _stale_siblings(self, inode: Inode) -> list[Inode]:
+        """The object's inodes in other views, whose attributes may no longer be repeated."""
+        out = []
+        for ino in self.table.siblings(inode):
+            other = self.table.find_ino(ino)
+            if other is not None:
+                other.cached_at = 0.0
+                out.append(other)
+        return out
 
     def bookkeeping(self) -> dict[str, int]:
         """Sizes that must return to their baseline when the kernel forgets (tests, metrics)."""

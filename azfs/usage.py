@@ -101,6 +101,7 @@ class UsageLedger:
         self._delta_bytes = 0
         self._delta_files = 0
         self._last_flush = 0.0
+        self._last_refresh = 0.0
         self._registered = False
         #: deltas change in the volume's worker threads while a merge runs in another
         self._lock = threading.RLock()
@@ -188,6 +189,21 @@ class UsageLedger:
         if (changed and now - self._last_flush >= FLUSH_INTERVAL) or \
                 now - self._last_flush >= HEARTBEAT_INTERVAL:
             self._merge(unregister=False)
+        elif (self.quota.bytes or self.quota.files) and \
+                now - self._last_refresh >= FLUSH_INTERVAL:
+            # idle under a quota: learn the other nodes' writes every second, so
+            # that a write here after a pause is checked against a fresh total
+            self._refresh()
+
+    def _refresh(self) -> None:
+        """Reads the shared totals (a record is replaced atomically: no lock needed)."""
+        with self._merge_lock:
+            record = read_ledger_at(self._root_fd)
+            if record is not None:
+                with self._lock:
+                    self._base_bytes = int(record["bytes"])
+                    self._base_files = int(record["files"])
+            self._last_refresh = time.monotonic()
 
     def close(self) -> None:
         """Merges the last changes and unregisters (after the last write is done)."""
@@ -219,7 +235,7 @@ class UsageLedger:
                 self._base_bytes, self._base_files = b, f
                 self._delta_bytes -= delta_bytes
                 self._delta_files -= delta_files
-            self._last_flush = time.monotonic()
+            self._last_flush = self._last_refresh = time.monotonic()
 
     def _store(self, b: int, f: int, holders: dict[str, float]) -> None:
         _write_ledger_at(self._root_fd, {

@@ -302,3 +302,20 @@ def test_a_scan_that_runs_out_of_descriptors_fails_instead_of_undercounting(root
                          text=True, timeout=60, check=True).stdout.split("\n")
     assert out[0] == "(10, 61)"
     assert out[1] == f"error {errno.EMFILE}"
+
+
+def test_an_idle_holder_under_a_quota_sees_the_others_writes(root, root_fd, monkeypatch):
+    """SEMANTICS, Quotas: a node idle under a quota re-reads the shared total every
+    second, so its next write is checked against the other nodes' writes."""
+    monkeypatch.setattr(usage, "FLUSH_INTERVAL", 0.0)
+    writer, idle = UsageLedger(root_fd, Quota(bytes=1000)), UsageLedger(root_fd, Quota(bytes=1000))
+    writer.load()
+    idle.load()
+    writer.charge(bytes_delta=900)
+    writer.flush_if_due()
+    idle.flush_if_due()  # nothing of its own to merge
+    assert idle.bytes == 900
+    with pytest.raises(QuotaExceeded):
+        idle.charge(bytes_delta=200)
+    writer.close()
+    idle.close()

@@ -14,6 +14,8 @@ Modules and the names other packages rely on:
   (``volumes[1].mount.at: must be 'startup' or 'requested'``),
   ``parse_volumes(document)`` and ``dump_volumes(volumes, show_secrets=False)``
   (passwords as ``***`` unless asked), ``load_yaml_text``/``load_yaml_file``.
+* :mod:`azfs.volumes.base` — the abstract ``VolumeStore`` and what the stores
+  share; the stores import only it, :mod:`azfs.volumes.store` re-exports it.
 * :mod:`azfs.volumes.store` — the abstract ``VolumeStore`` (``list``, ``get``
   raising ``azfs.errors.NotFound``, ``replace_all``, ``import_volumes``,
   ``remove``, ``watch(callback) -> Watch``, ``close``; all writes validated and

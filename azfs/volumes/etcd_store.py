@@ -37,6 +37,7 @@ from etcd3.exceptions import Etcd3Exception
 
 from azfs.errors import BackendUnavailable, UserError
 from azfs.secret import Secret
+from azfs.volumes.base import VolumeStore, Watch, WatchCallback, atomic_write, check_unique
 from azfs.volumes.model import (
     Volume,
     VolumeConfigError,
@@ -46,7 +47,6 @@ from azfs.volumes.model import (
     parse_volume,
     validate_name,
 )
-from azfs.volumes.store import VolumeStore, Watch, WatchCallback, atomic_write, check_unique
 
 log = logging.getLogger(__name__)
 

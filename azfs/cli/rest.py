@@ -59,11 +59,11 @@ def add_client_flags(parser: argparse.ArgumentParser) -> None:
 
 def write_secret(path: str | Path, text: str) -> Path:
     """Writes a token or SAS to ``path``, mode 0600 from its creation; returns the path."""
-    from azfs.node.layout import write_file
+    from azfs.files import atomic_write
 
     target = Path(path)
     try:
-        write_file(target, text.rstrip("\n") + "\n", 0o600)
+        atomic_write(target, text.rstrip("\n") + "\n", 0o600)
     except OSError as exc:
         raise UserError(f"cannot write {target}: {exc.strerror}") from None
     return target

@@ -33,7 +33,8 @@ from azfs.client.manager import (
     vfolder_info,
 )
 from azfs.errors import UserError
-from azfs.node.layout import SAMPLE_DATASET, Layout, read_secret, write_file
+from azfs.files import atomic_write
+from azfs.node.layout import SAMPLE_DATASET, Layout, read_secret
 from azfs.node.provision import admin_client
 from azfs.tables import emit, emit_record
 
@@ -116,9 +117,9 @@ class Demo:
         if USER not in users:
             self.say(f"POST /v1/users {{\"name\": \"{USER}\"}}   (as the admin)")
             token = create_user(admin, USER)["token"]
-            write_file(self.token_file, token + "\n", 0o600)
+            atomic_write(self.token_file, token + "\n", 0o600)
         elif not self.token_file.exists():
-            write_file(self.token_file, issue_token(admin, USER, "demo") + "\n", 0o600)
+            atomic_write(self.token_file, issue_token(admin, USER, "demo") + "\n", 0o600)
         self.say(f"user '{USER}' (uid 1000); its token is in {self.token_file}")
 
     def ensure_vfolder(self) -> None:

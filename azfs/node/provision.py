@@ -17,13 +17,13 @@ from collections.abc import Callable
 from azfs.client.manager import ManagerClient, catalog
 from azfs.client.manager import register_dataset as register
 from azfs.errors import AzfsError, UserError
+from azfs.files import atomic_write
 from azfs.node.layout import (
     SAMPLE_DATASET,
     STORAGE_ACCOUNT,
     Layout,
     Settings,
     read_secret,
-    write_file,
 )
 from azfs.node.procs import Service
 from azfs.secret import Secret, redact
@@ -53,7 +53,7 @@ def ensure_admin(layout: Layout, manager: Service, say: Say) -> None:
                             "('azfs down --purge')")
         raise UserError(f"cannot create the admin user: {message[0]}")
     token = json.loads(done.stdout)["token"]
-    write_file(layout.admin_token, token + "\n", 0o600)
+    atomic_write(layout.admin_token, token + "\n", 0o600)
     say(f"managerd: admin user created; its token is in {layout.admin_token}")
 
 

@@ -10,11 +10,7 @@ gets is :func:`azfs.volumes.store.open_store`'s business.
 from __future__ import annotations
 
 import abc
-import contextlib
-import os
-import tempfile
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 from azfs.errors import NotFound
 from azfs.volumes.model import Volume, VolumeConfigError, validate_name
@@ -114,19 +110,3 @@ def merge(current: Iterable[Volume], new: Iterable[Volume]) -> list[Volume]:
     by_name = {v.name: v for v in current}
     by_name.update((v.name, v) for v in new)
     return sorted(by_name.values(), key=lambda v: v.name)
-
-
-def atomic_write(path: Path, text: str, mode: int) -> None:
-    """Replaces ``path`` with ``text`` (created with ``mode``) so readers see old or new."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

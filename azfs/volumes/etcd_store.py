@@ -36,8 +36,9 @@ import grpc
 from etcd3.exceptions import Etcd3Exception
 
 from azfs.errors import BackendUnavailable, UserError
+from azfs.files import atomic_write
 from azfs.secret import Secret
-from azfs.volumes.base import VolumeStore, Watch, WatchCallback, atomic_write, check_unique
+from azfs.volumes.base import VolumeStore, Watch, WatchCallback, check_unique
 from azfs.volumes.model import (
     Volume,
     VolumeConfigError,

@@ -22,14 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from azfs.errors import UserError
-from azfs.volumes.base import (
-    VolumeStore,
-    Watch,
-    WatchCallback,
-    atomic_write,
-    check_unique,
-    merge,
-)
+from azfs.files import atomic_write
+from azfs.volumes.base import VolumeStore, Watch, WatchCallback, check_unique, merge
 
 if TYPE_CHECKING:
     from azfs.volumes.etcd_store import EtcdAuth

@@ -377,15 +377,9 @@ class FuseHost:
     async def serve_socket(self, socket_path: Path,
                            task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                            ) -> None:
-        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        tmp = socket_path.with_name(f".{socket_path.name}.{os.getpid()}")
-        tmp.unlink(missing_ok=True)
-        old = os.umask(0o177)
-        try:
-            await sock.bind(str(tmp))
-        finally:
-            os.umask(old)
-        os.replace(tmp, socket_path)
+        from azfs.sockets import bind_unix
+
+        sock = trio.socket.from_stdlib_socket(bind_unix(socket_path))
         sock.listen(128)
         task_status.started()
         await trio.serve_listeners(self._handle, [trio.SocketListener(sock)])

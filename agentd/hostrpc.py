@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import trio
 
 from agentd.views import FuseHost, HostError, check_path
 from azfs.secret import redact
+from azfs.sockets import bind_unix
 
 log = logging.getLogger("agentd.fusehost")
 
@@ -44,15 +44,7 @@ class ControlServer:
 
     async def serve(self, socket_path: Path,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-        tmp = socket_path.with_name(f".{socket_path.name}.{os.getpid()}")
-        tmp.unlink(missing_ok=True)
-        old = os.umask(0o177)
-        try:
-            await sock.bind(str(tmp))
-        finally:
-            os.umask(old)
-        os.replace(tmp, socket_path)
+        sock = trio.socket.from_stdlib_socket(bind_unix(socket_path))
         sock.listen(128)
         task_status.started()
         await trio.serve_listeners(self._handle, [trio.SocketListener(sock)])

@@ -43,6 +43,7 @@ from azfs.errors import AzfsError, UserError
 from azfs.hostdirs import ensure_private_dir
 from azfs.logs import setup_logging
 from azfs.secret import redact
+from azfs.sockets import bind_unix
 
 log = logging.getLogger("agentd")
 
@@ -211,20 +212,7 @@ def unix_listener(config: Config) -> socket.socket:
     once its mode and group are right (no window where it is too open)."""
     path = config.socket
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        sock.bind(str(tmp))
-    finally:
-        os.umask(old)
-    gid = config.socket_gid
-    if gid is not None:
-        os.chown(tmp, -1, gid)
-    os.chmod(tmp, config.socket_mode)
-    os.replace(tmp, path)
-    return sock
+    return bind_unix(path, config.socket_mode, config.socket_gid)
 
 
 async def serve_unix(agent, stop: trio.Event,

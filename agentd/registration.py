@@ -36,23 +36,9 @@ class Registration:
 
     def _connect(self):
         """A client of the first member that answers (TLS/auth as for the volume store)."""
-        import etcd3
+        from azfs.volumes.etcd_client import connect_first
 
-        from azfs.volumes.etcd_store import EtcdAuth, parse_endpoints
-
-        kwargs = EtcdAuth.from_env().client_kwargs()
-        last: Exception | None = None
-        for host, port in parse_endpoints(self.config.etcd or ""):
-            client = etcd3.client(host=host, port=port, timeout=5, **kwargs)
-            if not client.uses_secure_channel:
-                client.call_credentials = None
-            try:
-                client.status()
-                return client
-            except Exception as exc:  # noqa: BLE001 - try the next member
-                last = exc
-                client.close()
-        raise last or RuntimeError("no etcd member answered")
+        return connect_first(self.config.etcd or "", timeout=5)
 
     def _register(self) -> None:
         if self._client is None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import socket
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,6 +24,7 @@ from typing import Any, Protocol
 import trio
 
 from azfs.errors import UserError
+from azfs.sockets import bind_unix
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +65,7 @@ def answer(backend: Refreshable, line: bytes) -> dict[str, Any]:
 async def serve(backend: Refreshable, path: Path) -> None:
     """Serves the socket at ``path`` until cancelled (then removes it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    old = os.umask(0o177)
-    try:
-        await sock.bind(str(tmp))
-    finally:
-        os.umask(old)
-    os.replace(tmp, path)
+    sock = trio.socket.from_stdlib_socket(bind_unix(path))
     sock.listen(16)
 
     async def handle(stream: trio.SocketStream) -> None:

@@ -20,25 +20,26 @@ import argparse
 import contextlib
 import datetime as dt
 import logging
-import mimetypes
 import os
 import sys
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from azfs.blob.account import (
+    Account,
+    MiB,
+    account_from_connection_string,
+    create_container,
+    sdk_errors,
+    service_client,
+    upload_file,
+    uploaded_versions,
+)
 from azfs.cli.dataset_catalog import register_catalog
 from azfs.errors import AzfsError, UserError
-from azfs.retry import RetryPolicy, retry_sync
 from azfs.secret import Secret, redact
-
-MiB = 1024 * 1024
-_SDK_OPTIONS: dict[str, Any] = {"retry_total": 0, "connection_timeout": 20,
-                                "read_timeout": 120, "max_single_put_size": 8 * MiB,
-                                "max_block_size": 8 * MiB}
-_POLICY = RetryPolicy(deadline=120)
 
 
 # ---- argument parsing ------------------------------------------------------------
@@ -158,14 +159,6 @@ def _split_dest(text: str) -> tuple[str, str]:
 
 
 # ---- connection ------------------------------------------------------------------
-@dataclass(frozen=True)
-class Account:
-    name: str
-    key: Secret | None
-    endpoint: str
-    connection_string: Secret | None
-
-
 def _env(name: str) -> str | None:
     return os.environ.get(name) or None
 
@@ -175,15 +168,7 @@ def resolve_account(args: argparse.Namespace) -> Account:
     cs = args.connection_string or _env("AZURE_STORAGE_CONNECTION_STRING")
     endpoint = args.endpoint or _env("AZURE_STORAGE_BLOB_ENDPOINT")
     if cs and not (args.account_name or args.account_key):
-        fields = dict(part.split("=", 1) for part in cs.split(";") if "=" in part)
-        name = fields.get("AccountName", "")
-        if not name:
-            raise UserError("the connection string has no AccountName")
-        key = fields.get("AccountKey")
-        endpoint = endpoint or fields.get("BlobEndpoint") or \
-            f"{fields.get('DefaultEndpointsProtocol', 'https')}://{name}.blob." \
-            f"{fields.get('EndpointSuffix', 'core.windows.net')}"
-        return Account(name, Secret(key) if key else None, endpoint.rstrip("/"), Secret(cs))
+        return account_from_connection_string(cs, endpoint)
     name = args.account_name or _env("AZURE_STORAGE_ACCOUNT")
     key = args.account_key or _env("AZURE_STORAGE_KEY")
     if not name or not key:
@@ -193,67 +178,13 @@ def resolve_account(args: argparse.Namespace) -> Account:
     return Account(name, Secret(key), endpoint.rstrip("/"), None)
 
 
-def service_client(account: Account):
-    from azure.storage.blob import BlobServiceClient
-    if account.key is None:
-        return BlobServiceClient.from_connection_string(
-            account.connection_string.reveal(), **_SDK_OPTIONS)  # type: ignore[union-attr]
-    return BlobServiceClient(account.endpoint, credential={
-        "account_name": account.name, "account_key": account.key.reveal()}, **_SDK_OPTIONS)
-
-
-@contextlib.contextmanager
-def sdk_errors(what: str, container: str | None = None) -> Iterator[None]:
-    """Turns the SDK's exceptions into one-line user errors without secrets."""
-    from azure.core.exceptions import (
-        ClientAuthenticationError,
-        HttpResponseError,
-        ResourceExistsError,
-        ResourceNotFoundError,
-        ServiceRequestError,
-    )
-    try:
-        yield
-    except ResourceNotFoundError as exc:
-        code = getattr(exc, "error_code", "") or ""
-        if container and "Container" in str(code):
-            raise UserError(f"{what}: container {container!r} does not exist "
-                            f"(create it with 'azfs dataset create {container}')") from None
-        raise UserError(f"{what}: not found ({code or 'no such blob'})") from None
-    except ResourceExistsError:
-        raise UserError(f"{what}: already exists") from None
-    except ClientAuthenticationError:
-        raise UserError(f"{what}: the storage service refused the credentials "
-                        "(check the account key or SAS)") from None
-    except ServiceRequestError as exc:
-        raise UserError(f"{what}: cannot reach the storage service "
-                        f"({redact(str(exc)).splitlines()[0][:200]})") from None
-    except HttpResponseError as exc:
-        if exc.status_code == 403:
-            raise UserError(f"{what}: the storage service refused the credentials "
-                            "(check the account key or SAS)") from None
-        code = getattr(exc, "error_code", None) or exc.status_code
-        raise UserError(f"{what}: the storage service answered "
-                        f"{getattr(code, 'value', code)}") from None
-
-
 # ---- create / ls / sas -------------------------------------------------------------
 def cmd_create(args: argparse.Namespace) -> int:
-    from azure.core.exceptions import ResourceExistsError
-
-    from azfs.blob.url import _CONTAINER
-    if not _CONTAINER.match(args.container):
-        raise UserError(f"{args.container!r} is not a valid container name "
-                        "(3-63 of a-z, 0-9 and single '-')")
-    client = service_client(resolve_account(args)).get_container_client(args.container)
-    with sdk_errors(f"create {args.container}"):
-        try:
-            retry_sync(client.create_container, "create container", _POLICY)
-        except ResourceExistsError:
-            if not args.exist_ok:
-                raise UserError(f"container {args.container!r} already exists") from None
-            print(f"container {args.container} exists")
-            return 0
+    if not create_container(service_client(resolve_account(args)), args.container):
+        if not args.exist_ok:
+            raise UserError(f"container {args.container!r} already exists")
+        print(f"container {args.container} exists")
+        return 0
     print(f"created container {args.container}")
     return 0
 
@@ -351,7 +282,6 @@ def _stderr_console():
 
 
 def cmd_upload(args: argparse.Namespace) -> int:
-    from azure.storage.blob import ContentSettings
     local = Path(args.local_path)
     if not local.exists():
         raise UserError(f"{local}: does not exist")
@@ -360,12 +290,7 @@ def cmd_upload(args: argparse.Namespace) -> int:
     if not items:
         raise UserError(f"{local}: no files to upload")
     client = service_client(resolve_account(args)).get_container_client(container)
-    existing: dict[str, tuple[int, str]] = {}
-    with sdk_errors(f"upload to {args.dest}", container):
-        if not args.force:
-            listed = client.list_blobs(name_starts_with=prefix or None, include=["metadata"])
-            for b in listed:
-                existing[b.name] = (b.size, (b.metadata or {}).get("azfs_mtime", ""))
+    existing = {} if args.force else uploaded_versions(client, prefix, container)
     todo = [i for i in items
             if args.force or existing.get(i.blob) != (i.size, str(i.mtime_ns))]
     skipped = len(items) - len(todo)
@@ -374,24 +299,17 @@ def cmd_upload(args: argparse.Namespace) -> int:
     failures: list[str] = []
 
     def upload(item: _Item, task) -> None:
-        ctype = args.content_type or mimetypes.guess_type(item.blob)[0] \
-            or "application/octet-stream"
         sent = [0]
 
         def hook(current: int, _total: int | None) -> None:
             progress.advance(task, current - sent[0])
             sent[0] = current
 
-        def once() -> None:
+        def restart() -> None:
             progress.advance(task, -sent[0])
             sent[0] = 0
-            with open(item.path, "rb") as data:
-                client.upload_blob(item.blob, data, length=item.size, overwrite=True,
-                                   content_settings=ContentSettings(content_type=ctype),
-                                   metadata={"azfs_mtime": str(item.mtime_ns)},
-                                   max_concurrency=4, progress_hook=hook)
-        with sdk_errors(f"upload {item.path}", container):
-            retry_sync(once, f"upload {item.blob}", _POLICY)
+        upload_file(client, item.blob, item.path, item.size, item.mtime_ns, container,
+                    content_type=args.content_type, hook=hook, restart=restart)
         progress.advance(task, item.size - sent[0])
 
     with progress:

@@ -14,49 +14,20 @@ import argparse
 import json
 from pathlib import Path
 
-from azfs.blob.url import parse_blob_url
 from azfs.cli.rest import (
-    ManagerClient,
     add_client_flags,
     check_name,
+    client_from_args,
     emit,
     ref_path,
     write_secret,
 )
+from azfs.client.manager import catalog, register_dataset
 from azfs.errors import UserError
 
 COLUMNS = [("name", "name"), ("visibility", "visibility"), ("url", "url"),
            ("users", "users"), ("created_at", "created")]
 CATALOG_COLUMNS = [("name", "name"), ("visibility", "visibility"), ("url", "url")]
-
-
-# ---- library functions (also used by the quickstart) ------------------------------
-def register_body(name: str, url: str, prefix: str | None = None,
-                  visibility: str = "private") -> dict:
-    """The ``POST /v1/datasets`` body for a container URL (``.../CONTAINER[/PREFIX]``)."""
-    check_name(name, "dataset name")
-    try:
-        source = parse_blob_url(url)
-    except UserError as exc:
-        raise UserError(f"bad dataset URL: {exc} [invalid-argument]") from None
-    if source.sas is not None:
-        raise UserError("the dataset URL must not carry a SAS: the manager signs its own "
-                        "[invalid-argument]")
-    if prefix is not None and source.prefix:
-        raise UserError("give the prefix in the URL or with --prefix, not both "
-                        "[invalid-argument]")
-    return {"name": name, "account_url": source.account_url, "container": source.container,
-            "prefix": source.prefix if prefix is None else prefix, "visibility": visibility}
-
-
-def register_dataset(client: ManagerClient, name: str, url: str, prefix: str | None = None,
-                     visibility: str = "private") -> dict:
-    return client.call("POST", "/v1/datasets", register_body(name, url, prefix, visibility))
-
-
-def catalog(client: ManagerClient) -> list[dict]:
-    """The datasets the caller may read (every dataset for admins)."""
-    return client.call("GET", "/v1/datasets")
 
 
 def _dataset(name: str) -> str:
@@ -65,14 +36,14 @@ def _dataset(name: str) -> str:
 
 # ---- commands ----------------------------------------------------------------------
 def _register(args: argparse.Namespace) -> int:
-    data = register_dataset(ManagerClient.from_args(args), args.name, args.source, args.prefix,
+    data = register_dataset(client_from_args(args), args.name, args.source, args.prefix,
                             "shared" if args.shared else "private")
     emit(args, data, COLUMNS)
     return 0
 
 
 def _unregister(args: argparse.Namespace) -> int:
-    ManagerClient.from_args(args).call("DELETE", f"/v1/datasets/{_dataset(args.name)}")
+    client_from_args(args).call("DELETE", f"/v1/datasets/{_dataset(args.name)}")
     if args.json:
         print(json.dumps({"dataset": args.name, "registered": False}))
     else:
@@ -83,7 +54,7 @@ def _unregister(args: argparse.Namespace) -> int:
 def _access(grant: bool):
     def run(args: argparse.Namespace) -> int:
         user = ref_path(check_name(args.user, "user name"))
-        data = ManagerClient.from_args(args).call(
+        data = client_from_args(args).call(
             "PUT" if grant else "DELETE", f"/v1/datasets/{_dataset(args.name)}/users/{user}")
         emit(args, data, [("name", "name"), ("visibility", "visibility"),
                           ("users", "users")])
@@ -92,7 +63,7 @@ def _access(grant: bool):
 
 
 def _catalog(args: argparse.Namespace) -> int:
-    emit(args, catalog(ManagerClient.from_args(args)), CATALOG_COLUMNS)
+    emit(args, catalog(client_from_args(args)), CATALOG_COLUMNS)
     return 0
 
 
@@ -100,7 +71,7 @@ def _issue_sas(args: argparse.Namespace) -> int:
     if args.out and not Path(args.out).parent.is_dir():
         raise UserError(f"cannot write {args.out}: no such directory")
     body = {"ttl": args.ttl} if args.ttl is not None else None
-    data = ManagerClient.from_args(args).call(
+    data = client_from_args(args).call(
         "POST", f"/v1/datasets/{_dataset(args.name)}/sas", body)
     if args.out:
         path = write_secret(args.out, data["sas"])

@@ -3,7 +3,7 @@
 The manager is ``--url`` or ``$AZFS_MANAGER_URL``; the token comes from
 ``--token-file`` or ``$AZFS_TOKEN`` (never a flag value, so it stays out of
 ``ps``).  Output is a table, or the API's JSON with ``--json``.  The REST
-client and output helpers live in :mod:`azfs.cli.rest`.
+client is :mod:`azfs.client.manager`, the flags live in :mod:`azfs.cli.rest`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import argparse
 import json
 import sys
 
-from azfs.cli.rest import ManagerClient, add_client_flags, emit, emit_record, ref_path
+from azfs.cli.rest import add_client_flags, client_from_args, emit, emit_record, ref_path
+from azfs.client.manager import create_vfolder, list_vfolders, vfolder_info
 from azfs.errors import UserError
 
 LIST_COLUMNS = [("alias", "alias"), ("id", "id"), ("owner", "owner"), ("access", "access"),
@@ -26,23 +27,21 @@ INFO_FIELDS = [("alias", "alias"), ("id", "id"), ("owner", "owner"), ("access", 
 
 
 def _create(args: argparse.Namespace) -> int:
-    body = {"alias": args.alias, "usage_mode": args.usage_mode,
-            "permission": "ro" if args.ro else "rw", "dotfolder": args.dotfolder}
-    if args.volume:
-        body["volume"] = args.volume
-    emit(args, ManagerClient.from_args(args).call("POST", "/v1/vfolders", body), LIST_COLUMNS)
+    data = create_vfolder(client_from_args(args), args.alias, usage_mode=args.usage_mode,
+                          permission="ro" if args.ro else "rw", dotfolder=args.dotfolder,
+                          volume=args.volume)
+    emit(args, data, LIST_COLUMNS)
     return 0
 
 
 def _ls(args: argparse.Namespace) -> int:
-    data = ManagerClient.from_args(args).call(
-        "GET", "/v1/vfolders", params={"all": args.all, "trash": args.trash})
+    data = list_vfolders(client_from_args(args), all=args.all, trash=args.trash)
     emit(args, data, LIST_COLUMNS, title="trash" if args.trash else None)
     return 0
 
 
 def _info(args: argparse.Namespace) -> int:
-    data = ManagerClient.from_args(args).call("GET", f"/v1/vfolders/{ref_path(args.ref)}")
+    data = vfolder_info(client_from_args(args), args.ref)
     emit_record(args, data, INFO_FIELDS)
     if not args.json and data.get("usage") is None and data.get("usage_error"):
         print(f"usage unknown: {data['usage_error']['message']}", file=sys.stderr)
@@ -50,7 +49,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _rename(args: argparse.Namespace) -> int:
-    data = ManagerClient.from_args(args).call(
+    data = client_from_args(args).call(
         "PATCH", f"/v1/vfolders/{ref_path(args.ref)}",
         {"alias": args.new_alias, "dotfolder": args.dotfolder})
     emit(args, data, LIST_COLUMNS)
@@ -58,7 +57,7 @@ def _rename(args: argparse.Namespace) -> int:
 
 
 def _rm(args: argparse.Namespace) -> int:
-    client = ManagerClient.from_args(args)
+    client = client_from_args(args)
     path = f"/v1/vfolders/{ref_path(args.ref)}"
     if args.purge:
         info = client.call("GET", path, params=None) if not _is_id(args.ref) else None
@@ -84,14 +83,14 @@ def _is_id(ref: str) -> bool:
 
 
 def _restore(args: argparse.Namespace) -> int:
-    data = ManagerClient.from_args(args).call(
+    data = client_from_args(args).call(
         "POST", f"/v1/vfolders/{ref_path(args.ref)}/restore")
     emit(args, data, LIST_COLUMNS)
     return 0
 
 
 def _share(args: argparse.Namespace) -> int:
-    data = ManagerClient.from_args(args).call(
+    data = client_from_args(args).call(
         "PUT", f"/v1/vfolders/{ref_path(args.ref)}/shares/{ref_path(args.user)}",
         {"permission": args.permission})
     emit(args, data, [("alias", "alias"), ("id", "id"), ("shared_with", "shared with")])
@@ -99,7 +98,7 @@ def _share(args: argparse.Namespace) -> int:
 
 
 def _unshare(args: argparse.Namespace) -> int:
-    ManagerClient.from_args(args).call(
+    client_from_args(args).call(
         "DELETE", f"/v1/vfolders/{ref_path(args.ref)}/shares/{ref_path(args.user)}")
     if args.json:
         print(json.dumps({"ref": args.ref, "user": args.user, "shared": False}))
@@ -111,7 +110,7 @@ def _unshare(args: argparse.Namespace) -> int:
 def _quota(args: argparse.Namespace) -> int:
     if args.bytes is None and args.files is None:
         raise UserError("give --bytes and/or --files (0 means unlimited)")
-    data = ManagerClient.from_args(args).call(
+    data = client_from_args(args).call(
         "PUT", f"/v1/vfolders/{ref_path(args.ref)}/quota",
         {"quota_bytes": args.bytes, "quota_files": args.files})
     emit(args, data, [("alias", "alias"), ("quota_bytes", "quota bytes"),

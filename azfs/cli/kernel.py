@@ -14,48 +14,13 @@ import argparse
 import json
 import shlex
 
-from azfs.cli.rest import ManagerClient, add_client_flags, emit, emit_record, ref_path
-from azfs.errors import UserError
+from azfs.cli.rest import add_client_flags, client_from_args, emit, emit_record, ref_path
+from azfs.client.manager import create_kernel, destroy_kernel
 
 COLUMNS = [("kernel_id", "kernel"), ("owner", "owner"), ("agent", "agent"),
            ("status", "status"), ("created_at", "created")]
 MOUNT_COLUMNS = [("destination", "container path"), ("source", "source"),
                  ("options", "options")]
-
-
-def parse_vfolder(spec: str) -> dict:
-    parts = spec.split(":")
-    item: dict = {"vfolder": parts[0]}
-    rest = parts[1:]
-    if rest and rest[-1] in ("ro", "rw"):
-        item["mode"] = rest.pop()
-    if len(rest) > 1 or not parts[0]:
-        raise UserError(f"bad vfolder spec {spec!r} (expected REF[:TARGET][:ro|rw])")
-    if rest and rest[0]:
-        item["target"] = rest[0]
-    return item
-
-
-def parse_dataset(spec: str) -> dict:
-    name, _, target = spec.partition(":")
-    if not name:
-        raise UserError(f"bad dataset spec {spec!r} (expected NAME[:TARGET])")
-    return {"dataset": name, **({"target": target} if target else {})}
-
-
-def create_kernel(client: ManagerClient, kernel_id: str, agent: str, vfolders: list[str],
-                  datasets: list[str], *, dotfolders: bool = True,
-                  owner: str | None = None) -> dict:
-    """Asks the manager to export ``-v``/``-d`` specs to a kernel; returns its record.
-
-    The record holds ``mounts``: the OCI bind mounts the agent answered.
-    """
-    body: dict = {"kernel_id": kernel_id, "agent": agent,
-                  "vfolders": [parse_vfolder(v) for v in vfolders],
-                  "datasets": [parse_dataset(d) for d in datasets], "dotfolders": dotfolders}
-    if owner:
-        body["owner"] = owner
-    return client.call("POST", "/v1/kernels", body)
 
 
 def docker_mount_args(kernel: dict) -> list[str]:
@@ -80,7 +45,7 @@ def show_mounts(args: argparse.Namespace, kernel: dict) -> None:
 
 
 def _create(args: argparse.Namespace) -> int:
-    kernel = create_kernel(ManagerClient.from_args(args), args.kernel_id, args.agent,
+    kernel = create_kernel(client_from_args(args), args.kernel_id, args.agent,
                            args.vfolder, args.dataset, dotfolders=not args.no_dotfolders,
                            owner=args.owner)
     show_mounts(args, kernel)
@@ -88,13 +53,13 @@ def _create(args: argparse.Namespace) -> int:
 
 
 def _ls(args: argparse.Namespace) -> int:
-    emit(args, ManagerClient.from_args(args).call("GET", "/v1/kernels",
+    emit(args, client_from_args(args).call("GET", "/v1/kernels",
                                                   params={"all": args.all}), COLUMNS)
     return 0
 
 
 def _info(args: argparse.Namespace) -> int:
-    data = ManagerClient.from_args(args).call("GET", f"/v1/kernels/{ref_path(args.kernel_id)}")
+    data = client_from_args(args).call("GET", f"/v1/kernels/{ref_path(args.kernel_id)}")
     if args.docker:
         print(shlex.join(docker_mount_args(data)))
         return 0
@@ -111,7 +76,7 @@ def _attach(args: argparse.Namespace) -> int:
         item["target"] = args.path
     if args.ro:
         item["mode"] = "ro"
-    kernel = ManagerClient.from_args(args).call(
+    kernel = client_from_args(args).call(
         "POST", f"/v1/kernels/{ref_path(args.kernel_id)}/vfolders", item)
     if args.json:
         emit(args, kernel, COLUMNS)
@@ -124,7 +89,7 @@ def _attach(args: argparse.Namespace) -> int:
 
 
 def _detach(args: argparse.Namespace) -> int:
-    kernel = ManagerClient.from_args(args).call(
+    kernel = client_from_args(args).call(
         "DELETE", f"/v1/kernels/{ref_path(args.kernel_id)}/vfolders/{ref_path(args.vfolder)}")
     if args.json:
         emit(args, kernel, COLUMNS)
@@ -134,8 +99,7 @@ def _detach(args: argparse.Namespace) -> int:
 
 
 def _rm(args: argparse.Namespace) -> int:
-    ManagerClient.from_args(args).call("DELETE", f"/v1/kernels/{ref_path(args.kernel_id)}",
-                                       params={"force": True} if args.force else None)
+    destroy_kernel(client_from_args(args), args.kernel_id, force=args.force)
     if args.json:
         print(json.dumps({"kernel_id": args.kernel_id, "destroyed": True}))
     else:

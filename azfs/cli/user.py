@@ -13,14 +13,15 @@ import json
 from pathlib import Path
 
 from azfs.cli.rest import (
-    ManagerClient,
     add_client_flags,
     check_name,
+    client_from_args,
     emit,
     emit_record,
     ref_path,
     write_secret,
 )
+from azfs.client.manager import create_user, issue_token, list_users
 from azfs.errors import UserError
 
 COLUMNS = [("name", "name"), ("admin", "admin"), ("uid", "uid"), ("gid", "gid"),
@@ -31,28 +32,6 @@ MAX_ID = 2**32 - 2
 def _public(user: dict) -> dict:
     """A user record without its token (``POST /v1/users`` answers one)."""
     return {k: v for k, v in user.items() if k != "token"}
-
-
-# ---- library functions (also used by the quickstart) ------------------------------
-def create_user(client: ManagerClient, name: str, *, admin: bool = False,
-                uid: int | None = None, gid: int | None = None) -> dict:
-    """Creates a user; the answer holds its first token under ``token``."""
-    body: dict = {"name": check_name(name, "user name"), "admin": admin}
-    if uid is not None:
-        body["uid"] = uid
-    if gid is not None:
-        body["gid"] = gid
-    return client.call("POST", "/v1/users", body)
-
-
-def list_users(client: ManagerClient) -> list[dict]:
-    return client.call("GET", "/v1/users")
-
-
-def issue_token(client: ManagerClient, name: str, label: str = "") -> str:
-    """A fresh token of ``name`` (in clear: the caller must keep it secret)."""
-    path = f"/v1/users/{ref_path(check_name(name, 'user name'))}/tokens"
-    return client.call("POST", path, {"label": label})["token"]
 
 
 # ---- commands ----------------------------------------------------------------------
@@ -71,7 +50,7 @@ def _id(text: str) -> int:
 
 
 def _create(args: argparse.Namespace) -> int:
-    user = create_user(ManagerClient.from_args(args), args.name, admin=args.admin,
+    user = create_user(client_from_args(args), args.name, admin=args.admin,
                        uid=args.uid, gid=args.gid)
     emit(args, _public(user), COLUMNS)
     if not args.json:
@@ -80,18 +59,18 @@ def _create(args: argparse.Namespace) -> int:
 
 
 def _ls(args: argparse.Namespace) -> int:
-    emit(args, list_users(ManagerClient.from_args(args)), COLUMNS)
+    emit(args, list_users(client_from_args(args)), COLUMNS)
     return 0
 
 
 def _info(args: argparse.Namespace) -> int:
-    data = ManagerClient.from_args(args).call("GET", f"/v1/users/{_user(args)}")
+    data = client_from_args(args).call("GET", f"/v1/users/{_user(args)}")
     emit_record(args, data, COLUMNS)
     return 0
 
 
 def _whoami(args: argparse.Namespace) -> int:
-    emit_record(args, ManagerClient.from_args(args).call("GET", "/v1/users/me"), COLUMNS)
+    emit_record(args, client_from_args(args).call("GET", "/v1/users/me"), COLUMNS)
     return 0
 
 
@@ -100,7 +79,7 @@ def _set(args: argparse.Namespace) -> int:
             if v is not None}
     if not body:
         raise UserError("nothing to change: give --uid, --gid, --admin or --no-admin")
-    data = ManagerClient.from_args(args).call("PATCH", f"/v1/users/{_user(args)}", body)
+    data = client_from_args(args).call("PATCH", f"/v1/users/{_user(args)}", body)
     emit(args, data, COLUMNS)
     return 0
 
@@ -108,7 +87,7 @@ def _set(args: argparse.Namespace) -> int:
 def _token(args: argparse.Namespace) -> int:
     if args.out and not Path(args.out).parent.is_dir():
         raise UserError(f"cannot write {args.out}: no such directory")
-    client = ManagerClient.from_args(args)
+    client = client_from_args(args)
     token = issue_token(client, args.name, args.label)
     if args.out:
         path = write_secret(args.out, token)
@@ -124,7 +103,7 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    ManagerClient.from_args(args).call("DELETE", f"/v1/users/{_user(args)}/tokens")
+    client_from_args(args).call("DELETE", f"/v1/users/{_user(args)}/tokens")
     if args.json:
         print(json.dumps({"user": args.name, "tokens_revoked": True}))
     else:

@@ -9,16 +9,14 @@ atomic step.  Passwords are printed as ``***`` unless ``--show-secrets``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import yaml
 
 from azfs.errors import UserError
+from azfs.files import atomic_write
 from azfs.volumes.model import (
     MAX_CONFIG_BYTES,
     Volume,
@@ -175,17 +173,7 @@ def _table(volumes: list[Volume], show_secrets: bool) -> str:
 
 
 def _write_file(path: Path, text: str, mode: int) -> None:
-    directory = path.parent if str(path.parent) else Path(".")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
+        atomic_write(path, text, mode)
     except OSError as exc:
-        raise UserError(f"{path}: cannot write: {exc.strerror}") from None
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         raise UserError(f"{path}: cannot write: {exc.strerror}") from None

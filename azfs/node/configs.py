@@ -10,7 +10,8 @@ from __future__ import annotations
 import tomli_w
 import yaml
 
-from azfs.node.layout import SHARE_VOLUME, STORAGE_ACCOUNT, Layout, Settings, write_file
+from azfs.files import atomic_write
+from azfs.node.layout import SHARE_VOLUME, STORAGE_ACCOUNT, Layout, Settings
 
 
 def volumes_config(layout: Layout) -> dict:
@@ -50,7 +51,7 @@ def agent_config(layout: Layout, settings: Settings) -> dict:
 
 
 def write_configs(layout: Layout, settings: Settings) -> None:
-    write_file(layout.volumes_yaml, yaml.safe_dump(volumes_config(layout), sort_keys=False),
+    atomic_write(layout.volumes_yaml, yaml.safe_dump(volumes_config(layout), sort_keys=False),
                0o644)
-    write_file(layout.manager_toml, tomli_w.dumps(manager_config(layout, settings)), 0o644)
-    write_file(layout.agent_toml, tomli_w.dumps(agent_config(layout, settings)), 0o644)
+    atomic_write(layout.manager_toml, tomli_w.dumps(manager_config(layout, settings)), 0o644)
+    atomic_write(layout.agent_toml, tomli_w.dumps(agent_config(layout, settings)), 0o644)

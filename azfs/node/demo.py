@@ -1,12 +1,14 @@
 """``azfs demo``: the main job of azfs, shown on a running single-node deployment.
 
-As a newcomer would do it, with the CLI against the manager's REST API:
+As a newcomer would do it with the CLI, against the manager's REST API:
 make a user and a vfolder, start a kernel (a real runc container of a
 busybox rootfs, uid 1000) that writes into ``/home/work/<alias>``, start a
 second kernel that reads what the first wrote and reads the blob dataset,
 show the vfolder's usage, destroy both kernels.  Every step is printed with
-the command that does it.  Kernel ids are new on each run, and whatever the
-demo started is removed even when a step fails, so it can run again.
+the ``azfs`` command that does it, and done by the same REST calls
+(:mod:`azfs.client.manager`; the CLI's parser is not involved).  Kernel
+ids are new on each run, and whatever the demo started is removed even when
+a step fails, so it can run again.
 """
 
 from __future__ import annotations
@@ -19,14 +21,32 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from azfs.cli.kernel import create_kernel, show_mounts
-from azfs.cli.rest import ManagerClient
-from azfs.cli.user import create_user, issue_token, list_users
+from azfs.client.manager import (
+    ManagerClient,
+    create_kernel,
+    create_user,
+    create_vfolder,
+    destroy_kernel,
+    issue_token,
+    list_users,
+    list_vfolders,
+    vfolder_info,
+)
 from azfs.errors import UserError
-from azfs.node.layout import SAMPLE_DATASET, Layout, read_secret, write_file
-from azfs.node.provision import admin_client, run_cli
+from azfs.files import atomic_write
+from azfs.node.layout import SAMPLE_DATASET, Layout, read_secret
+from azfs.node.provision import admin_client
+from azfs.tables import emit, emit_record
 
 Say = Callable[[str], None]
+#: What the demo shows of the records (as ``azfs folder ls|info`` and ``azfs kernel create``).
+VFOLDER_COLUMNS = [("alias", "alias"), ("id", "id"), ("owner", "owner"), ("access", "access"),
+                   ("status", "status"), ("volume", "volume"), ("quota_bytes", "quota")]
+VFOLDER_FIELDS = [("alias", "alias"), ("id", "id"), ("owner", "owner"),
+                  ("status", "status"), ("volume", "volume"), ("quota_bytes", "quota"),
+                  ("usage.bytes", "used"), ("usage.files", "files")]
+MOUNT_COLUMNS = [("destination", "container path"), ("source", "source"),
+                 ("options", "options")]
 USER = "demo"
 ALIAS = "data"
 WRITE_SCRIPT = (
@@ -58,7 +78,7 @@ class Demo:
     # ---- steps ----------------------------------------------------------------------
     def run(self) -> dict:
         """Runs every step; returns what the kernels printed and the usage seen."""
-        self.step("1. a user and a vfolder (REST through the CLI)")
+        self.step("1. a user and a vfolder (the manager's REST API)")
         self.ensure_user()
         self.ensure_vfolder()
         rootfs = self.rootfs()
@@ -73,7 +93,8 @@ class Demo:
                                                                   dataset=SAMPLE_DATASET))
             self.step("4. the vfolder's usage (from the filesystem's ledger, no scan)")
             result["usage"] = self.wait_usage(64 * 65536)
-            self.azfs("folder", "info", ALIAS)
+            self.show("folder", "info", ALIAS)
+            emit_record(_Args(), vfolder_info(self.client(), ALIAS), VFOLDER_FIELDS)
         finally:
             self.step("5. destroy both kernels")
             self.destroy_all()
@@ -82,13 +103,10 @@ class Demo:
     def step(self, title: str) -> None:
         self.say(f"\n== {title}")
 
-    def azfs(self, *argv: str) -> None:
-        """Runs an ``azfs`` command as the demo user, showing it first."""
+    def show(self, *argv: str) -> None:
+        """Shows the ``azfs`` command that does the next step (the demo calls the API)."""
         self.say("$ azfs " + shlex.join(argv))
         sys.stdout.flush()
-        code = run_cli([*argv, "--url", self.url, "--token-file", str(self.token_file)])
-        if code != 0:
-            raise UserError(f"'azfs {' '.join(argv)}' failed")
 
     def client(self) -> ManagerClient:
         return ManagerClient(self.url, read_secret(self.token_file))
@@ -99,18 +117,20 @@ class Demo:
         if USER not in users:
             self.say(f"POST /v1/users {{\"name\": \"{USER}\"}}   (as the admin)")
             token = create_user(admin, USER)["token"]
-            write_file(self.token_file, token + "\n", 0o600)
+            atomic_write(self.token_file, token + "\n", 0o600)
         elif not self.token_file.exists():
-            write_file(self.token_file, issue_token(admin, USER, "demo") + "\n", 0o600)
+            atomic_write(self.token_file, issue_token(admin, USER, "demo") + "\n", 0o600)
         self.say(f"user '{USER}' (uid 1000); its token is in {self.token_file}")
 
     def ensure_vfolder(self) -> None:
-        existing = {v["alias"] for v in self.client().call("GET", "/v1/vfolders")}
-        if ALIAS in existing:
+        vfolders = list_vfolders(self.client())
+        if ALIAS in {v["alias"] for v in vfolders}:
             self.say(f"vfolder '{ALIAS}' exists already (from an earlier run)")
-            self.azfs("folder", "ls")
+            self.show("folder", "ls")
+            emit(_Args(), vfolders, VFOLDER_COLUMNS)
         else:
-            self.azfs("folder", "create", ALIAS)
+            self.show("folder", "create", ALIAS)
+            emit(_Args(), create_vfolder(self.client(), ALIAS), VFOLDER_COLUMNS)
 
     def rootfs(self) -> Path:
         from azfs.containers.rootfs import build_busybox_rootfs
@@ -132,12 +152,11 @@ class Demo:
             argv += ["-v", v]
         for d in datasets:
             argv += ["-d", d]
-        self.say("$ azfs " + shlex.join(argv))
+        self.show(*argv)
         answer = create_kernel(self.client(), kernel_id, self.settings.agent_id, vfolders,
                                datasets)
         self.kernels.append(kernel_id)
-        sys.stdout.flush()
-        show_mounts(_Args(), answer)
+        emit(_Args(), answer["mounts"], MOUNT_COLUMNS, title=f"kernel {kernel_id}")
         export = ExportResponse.model_validate({"kernel_id": kernel_id,
                                                 "mounts": answer["mounts"]})
         workdir = self.layout.demo / "kernels" / kernel_id
@@ -180,7 +199,9 @@ class Demo:
                 errors.append(str(exc))
         for kernel_id in self.kernels:
             try:
-                self.azfs("kernel", "rm", kernel_id)
+                self.show("kernel", "rm", kernel_id)
+                destroy_kernel(self.client(), kernel_id)
+                self.say(f"{kernel_id}: exports dropped")
             except UserError as exc:
                 errors.append(str(exc))
         self.containers.clear()

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from azfs.errors import UserError
+from azfs.files import atomic_write
 from azfs.secret import Secret
 
 DEFAULT_STATE_DIR = Path("/var/lib/azfs/node")
@@ -205,7 +206,7 @@ class Layout:
         return Settings(**{k: v for k, v in data.items() if k in known})
 
     def save_settings(self, settings: Settings) -> None:
-        write_file(self.settings_file, json.dumps(asdict(settings), indent=2) + "\n", 0o644)
+        atomic_write(self.settings_file, json.dumps(asdict(settings), indent=2) + "\n", 0o644)
 
     def make_private_root(self) -> None:
         """The state directory, created 0700 (a looser mode is fixed, with a warning)."""
@@ -229,20 +230,9 @@ class Layout:
         """The emulated storage account's key: random per node, made on first use."""
         if not self.storage_key.exists():
             import base64
-            write_file(self.storage_key, base64.b64encode(secrets.token_bytes(64)).decode(),
+            atomic_write(self.storage_key, base64.b64encode(secrets.token_bytes(64)).decode(),
                        0o600)
         return read_secret(self.storage_key)
-
-
-def write_file(path: Path, text: str, mode: int) -> None:
-    """Writes ``text`` atomically with ``mode`` from the start (no window where it is open)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
-    os.chmod(tmp, mode)
-    tmp.replace(path)
 
 
 def read_secret(path: Path) -> Secret:

@@ -9,23 +9,24 @@ of a tool run here.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 import sys
 from collections.abc import Callable
 
-from azfs.errors import UserError
+from azfs.client.manager import ManagerClient, catalog
+from azfs.client.manager import register_dataset as register
+from azfs.errors import AzfsError, UserError
+from azfs.files import atomic_write
 from azfs.node.layout import (
     SAMPLE_DATASET,
     STORAGE_ACCOUNT,
     Layout,
     Settings,
     read_secret,
-    write_file,
 )
 from azfs.node.procs import Service
-from azfs.secret import Secret
+from azfs.secret import Secret, redact
 
 Say = Callable[[str], None]
 SAMPLE_FILES = {
@@ -52,31 +53,25 @@ def ensure_admin(layout: Layout, manager: Service, say: Say) -> None:
                             "('azfs down --purge')")
         raise UserError(f"cannot create the admin user: {message[0]}")
     token = json.loads(done.stdout)["token"]
-    write_file(layout.admin_token, token + "\n", 0o600)
+    atomic_write(layout.admin_token, token + "\n", 0o600)
     say(f"managerd: admin user created; its token is in {layout.admin_token}")
 
 
 def import_volumes(layout: Layout, settings: Settings, say: Say) -> None:
-    """The YAML volume config imported into etcd with ``azfs volumes import``."""
+    """The YAML volume config imported into etcd (what ``azfs volumes import`` does)."""
+    from azfs.volumes.model import load_yaml_file
+    from azfs.volumes.store import open_store
+
     endpoint = settings.etcd_endpoint
-    code = run_cli(["volumes", "import", str(layout.volumes_yaml), "--etcd", str(endpoint)])
-    if code != 0:
-        raise UserError(f"cannot import the volume config into etcd at {endpoint}")
-    say(f"volumes: {layout.volumes_yaml} imported into etcd at {endpoint}")
-
-
-def run_cli(argv: list[str]) -> int:
-    """Runs one ``azfs`` command in this process (its output is the user's)."""
-    from azfs.cli.main import build_parser
-    from azfs.errors import AzfsError
-    from azfs.secret import redact
-
-    args = build_parser().parse_args(argv)
+    volumes = load_yaml_file(layout.volumes_yaml)
     try:
-        return int(args.func(args) or 0)
+        with open_store(etcd=str(endpoint)) as store:
+            store.import_volumes(volumes)
     except AzfsError as exc:
-        print(f"azfs: {redact(str(exc))}", file=sys.stderr)
-        return 1
+        raise UserError(f"cannot import the volume config into etcd at {endpoint}: "
+                        f"{redact(str(exc))}") from None
+    say(f"volumes: {layout.volumes_yaml} imported into etcd at {endpoint} "
+        f"({len(volumes)} volume(s))")
 
 
 def connection_string(layout: Layout, settings: Settings) -> Secret:
@@ -86,37 +81,41 @@ def connection_string(layout: Layout, settings: Settings) -> Secret:
 
 
 def upload_sample(layout: Layout, settings: Settings, say: Say) -> None:
-    """The sample dataset, uploaded with ``azfs dataset upload`` (skips what is there)."""
-    from azfs.cli.main import build_parser
+    """The sample dataset in its container (skips what is there, as ``azfs dataset upload``)."""
+    from azfs.blob.account import (
+        account_from_connection_string,
+        create_container,
+        service_client,
+        upload_file,
+        uploaded_versions,
+    )
 
     for name, text in SAMPLE_FILES.items():
         path = layout.sample_dataset / name
         if not path.exists() or path.read_text() != text:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
-    parser = build_parser()
-    for argv in (["dataset", "create", SAMPLE_DATASET, "--exist-ok"],
-                 ["dataset", "upload", str(layout.sample_dataset), SAMPLE_DATASET]):
-        args = parser.parse_args(argv)
-        # the key travels in memory only: not in argv, not in the environment
-        args.connection_string = connection_string(layout, settings).reveal()
-        with contextlib.redirect_stdout(sys.stderr):
-            args.func(args)
+    # the key travels in memory only: not in argv, not in the environment
+    service = service_client(account_from_connection_string(
+        connection_string(layout, settings).reveal()))
+    create_container(service, SAMPLE_DATASET)
+    client = service.get_container_client(SAMPLE_DATASET)
+    existing = uploaded_versions(client, "", SAMPLE_DATASET)
+    for name in SAMPLE_FILES:
+        path = layout.sample_dataset / name
+        st = path.stat()
+        if existing.get(name) != (st.st_size, str(st.st_mtime_ns)):
+            upload_file(client, name, path, st.st_size, st.st_mtime_ns, SAMPLE_DATASET)
     say(f"azurite: sample dataset in container '{SAMPLE_DATASET}' "
         f"({len(SAMPLE_FILES)} files)")
 
 
-def admin_client(layout: Layout, settings: Settings):
-    from azfs.cli.rest import ManagerClient
-
+def admin_client(layout: Layout, settings: Settings) -> ManagerClient:
     return ManagerClient(settings.manager_url, read_secret(layout.admin_token))
 
 
 def register_dataset(layout: Layout, settings: Settings, say: Say) -> None:
     """The sample container in the manager's catalog (``azfs dataset register --shared``)."""
-    from azfs.cli.dataset_catalog import catalog
-    from azfs.cli.dataset_catalog import register_dataset as register
-
     client = admin_client(layout, settings)
     if SAMPLE_DATASET in {d["name"] for d in catalog(client)}:
         return

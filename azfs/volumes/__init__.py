@@ -14,6 +14,8 @@ Modules and the names other packages rely on:
   (``volumes[1].mount.at: must be 'startup' or 'requested'``),
   ``parse_volumes(document)`` and ``dump_volumes(volumes, show_secrets=False)``
   (passwords as ``***`` unless asked), ``load_yaml_text``/``load_yaml_file``.
+* :mod:`azfs.volumes.base` — the abstract ``VolumeStore`` and what the stores
+  share; the stores import only it, :mod:`azfs.volumes.store` re-exports it.
 * :mod:`azfs.volumes.store` — the abstract ``VolumeStore`` (``list``, ``get``
   raising ``azfs.errors.NotFound``, ``replace_all``, ``import_volumes``,
   ``remove``, ``watch(callback) -> Watch``, ``close``; all writes validated and
@@ -25,6 +27,9 @@ Modules and the names other packages rely on:
   etcd store takes several members (``h1:2379,h2:2379``), TLS and a login
   (``EtcdAuth``, from ``$AZFS_ETCD_*`` by default) and an optional
   ``cache_file`` that serves reads during an etcd outage.
+* :mod:`azfs.volumes.etcd_client` — endpoints, ``EtcdAuth`` and
+  ``connect_first`` (a client of the first member that answers), shared with
+  the agent's registration and the manager's agent lookup.
 * :mod:`azfs.volumes.hostmount` — ``HostMounter(state_dir, uid, gid)``: async
   refcounted ``acquire``/``release`` of host mounts at
   ``state_dir/volumes/<name>``, ``mount_startup``, ``mounts()``, ``path_for``,

@@ -22,11 +22,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
-import re
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
@@ -36,7 +33,16 @@ import grpc
 from etcd3.exceptions import Etcd3Exception
 
 from azfs.errors import BackendUnavailable, UserError
-from azfs.secret import Secret
+from azfs.files import atomic_write
+from azfs.volumes.base import VolumeStore, Watch, WatchCallback, check_unique
+from azfs.volumes.etcd_client import (
+    GRPC_OPTIONS,
+    EtcdAuth,
+    fmt_endpoint,
+    member_client,
+    parse_endpoint,
+    parse_endpoints,
+)
 from azfs.volumes.model import (
     Volume,
     VolumeConfigError,
@@ -46,87 +52,16 @@ from azfs.volumes.model import (
     parse_volume,
     validate_name,
 )
-from azfs.volumes.store import VolumeStore, Watch, WatchCallback, atomic_write, check_unique
 
 log = logging.getLogger(__name__)
 
+__all__ = ["DEFAULT_PREFIX", "EtcdAuth", "EtcdVolumeStore", "parse_endpoint", "parse_endpoints"]
+
 DEFAULT_PREFIX = "/azfs/volumes/"
-DEFAULT_PORT = 2379
-_ENDPOINT_RE = re.compile(r"^(?:https?://)?(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::(\d{1,5}))?/?$")
 _WRITE_ATTEMPTS = 10
 T = TypeVar("T")
-#: gRPC backs off up to 120 s between reconnects by default; a restarted etcd
-#: should be used again within a second or two.
-_GRPC_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
-
-
-def parse_endpoint(endpoint: str) -> tuple[str, int]:
-    """``HOST:PORT`` (or ``http://HOST:PORT``, ``[::1]:2379``; port defaults to 2379)."""
-    match = _ENDPOINT_RE.fullmatch(endpoint.strip())
-    port = int(match.group(2) or DEFAULT_PORT) if match else 0
-    if not match or not 0 < port < 65536:
-        raise UserError(f"malformed etcd endpoint {endpoint!r} (expected HOST:PORT)")
-    return match.group(1).strip("[]"), port
-
-
 def _prefix_end(prefix: bytes) -> bytes:
     return etcd3.utils.increment_last_byte(prefix)
-
-
-@dataclass(frozen=True)
-class EtcdAuth:
-    """How to authenticate to etcd: a user and password, and/or TLS.
-
-    ``ca_cert`` alone gives a TLS channel; with ``cert`` and ``key`` also a
-    client certificate.  From the environment (:meth:`from_env`):
-    ``AZFS_ETCD_USER``, ``AZFS_ETCD_PASSWORD_FILE`` (a file, so that the
-    password is never on a command line), ``AZFS_ETCD_CA``,
-    ``AZFS_ETCD_CERT``, ``AZFS_ETCD_KEY``.
-    """
-
-    user: str | None = None
-    password: Secret | None = None
-    ca_cert: str | None = None
-    cert: str | None = None
-    key: str | None = None
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> EtcdAuth:
-        env = os.environ if environ is None else environ
-        password = None
-        if env.get("AZFS_ETCD_PASSWORD_FILE"):
-            path = Path(env["AZFS_ETCD_PASSWORD_FILE"])
-            try:
-                password = Secret(path.read_text().rstrip("\r\n"))
-            except OSError as exc:
-                raise UserError(f"$AZFS_ETCD_PASSWORD_FILE {path}: cannot read: "
-                                f"{exc.strerror}") from None
-        return cls(user=env.get("AZFS_ETCD_USER") or None, password=password,
-                   ca_cert=env.get("AZFS_ETCD_CA") or None, cert=env.get("AZFS_ETCD_CERT") or None,
-                   key=env.get("AZFS_ETCD_KEY") or None)
-
-    def client_kwargs(self) -> dict[str, object]:
-        if bool(self.user) != bool(self.password):
-            raise UserError("etcd authentication needs both a user and a password")
-        if (self.cert or self.key) and not (self.cert and self.key and self.ca_cert):
-            raise UserError("an etcd client certificate needs the CA, the cert and the key")
-        for what, path in (("CA", self.ca_cert), ("cert", self.cert), ("key", self.key)):
-            if path and not os.path.isfile(path):
-                raise UserError(f"etcd TLS {what} file {path} does not exist")
-        return {"user": self.user, "password": self.password.reveal() if self.password else None,
-                "ca_cert": self.ca_cert, "cert_cert": self.cert, "cert_key": self.key}
-
-
-def parse_endpoints(endpoints: str) -> list[tuple[str, int]]:
-    """A comma-separated list of endpoints (the members of one etcd cluster)."""
-    parsed = [parse_endpoint(e) for e in endpoints.split(",") if e.strip()]
-    if not parsed:
-        raise UserError("no etcd endpoint given (expected HOST:PORT[,HOST:PORT...])")
-    return parsed
 
 
 class EtcdVolumeStore(VolumeStore):
@@ -151,7 +86,7 @@ class EtcdVolumeStore(VolumeStore):
         self.generation_key = prefix.rstrip("/") + ".generation"
         self.timeout = timeout
         self.cache_file = Path(cache_file) if cache_file else None
-        self.description = f"etcd {','.join(_fmt(e) for e in self.endpoints)}{self.prefix}"
+        self.description = f"etcd {','.join(fmt_endpoint(e) for e in self.endpoints)}{self.prefix}"
         self._current = 0
         self._clients: dict[int, etcd3.Etcd3Client] = {}
         self._clients_lock = threading.Lock()
@@ -162,17 +97,12 @@ class EtcdVolumeStore(VolumeStore):
     @property
     def endpoint(self) -> str:
         """The member in use, ``HOST:PORT``."""
-        return _fmt(self.endpoints[self._current])
+        return fmt_endpoint(self.endpoints[self._current])
 
     def _connect(self, index: int | None = None) -> etcd3.Etcd3Client:
-        host, port = self.endpoints[self._current if index is None else index]
-        client = etcd3.client(host=host, port=port, timeout=self.timeout,
-                              grpc_options=_GRPC_OPTIONS, **self._client_kwargs)
-        if not client.uses_secure_channel:
-            # gRPC refuses call credentials on a plain channel; the auth token
-            # also travels in the metadata, which is what etcd reads.
-            client.call_credentials = None
-        return client
+        endpoint = self.endpoints[self._current if index is None else index]
+        return member_client(endpoint, timeout=self.timeout, client_kwargs=self._client_kwargs,
+                             grpc_options=GRPC_OPTIONS)
 
     def _client_at(self, index: int) -> etcd3.Etcd3Client:
         with self._clients_lock:
@@ -212,7 +142,7 @@ class EtcdVolumeStore(VolumeStore):
             reason = f"{exc.code().name.lower()}: {exc.details()}"
         else:
             reason = str(exc) or type(exc).__name__
-        where = ", ".join(_fmt(e) for e in self.endpoints)
+        where = ", ".join(fmt_endpoint(e) for e in self.endpoints)
         return BackendUnavailable(f"etcd at {where} is unavailable ({what}): {reason}")
 
     def _call(self, what: str, fn: Callable[[etcd3.Etcd3Client], T]) -> T:
@@ -404,11 +334,6 @@ class _Snapshot(NamedTuple):
     generation_rev: int  # mod revision of the generation key (0: absent)
     revision: int
     invalid: list[str]  # names whose entries do not parse (strict=False only)
-
-
-def _fmt(endpoint: tuple[str, int]) -> str:
-    host, port = endpoint
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _encode(volume: Volume) -> bytes:

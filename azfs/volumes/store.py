@@ -1,4 +1,4 @@
-"""Where the remote volume config lives: one abstract store, one module per kind.
+"""Where the remote volume config lives: which store to open, and the names callers use.
 
 * :class:`~azfs.volumes.etcd_store.EtcdVolumeStore` — the cluster store (one
   key per volume under a prefix, passwords under a separate prefix, every
@@ -6,145 +6,36 @@
 * :class:`~azfs.volumes.yaml_store.YamlVolumeStore` — the embedded default of
   a single node: a YAML file, passwords in a mode-0600 side file.
 
-Every write validates the whole new config first and is atomic: a failed
-write leaves the store as it was.  Methods are blocking; daemons call them
-through ``trio.to_thread.run_sync``.  Watch callbacks run in a background
-thread of the store.
+Both derive from :class:`~azfs.volumes.base.VolumeStore` (re-exported here)
+and import only :mod:`azfs.volumes.base`; this module imports them, lazily,
+so a YAML-only caller never loads the etcd client.  Every write validates
+the whole new config first and is atomic: a failed write leaves the store as
+it was.  Methods are blocking; daemons call them through
+``trio.to_thread.run_sync``.  Watch callbacks run in a background thread of
+the store.
 """
 
 from __future__ import annotations
 
-import abc
-import contextlib
 import os
-import tempfile
-from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from azfs.errors import NotFound, UserError
-from azfs.volumes.model import Volume, VolumeConfigError, validate_name
+from azfs.errors import UserError
+from azfs.files import atomic_write
+from azfs.volumes.base import VolumeStore, Watch, WatchCallback, check_unique, merge
 
 if TYPE_CHECKING:
     from azfs.volumes.etcd_store import EtcdAuth
+
+__all__ = ["DEFAULT_VOLUMES_FILE", "ENV_ETCD", "ENV_VOLUMES_FILE", "VolumeStore", "Watch",
+           "WatchCallback", "atomic_write", "check_unique", "merge", "open_store"]
 
 #: Environment variables naming the store when no flag is given.
 ENV_ETCD = "AZFS_ETCD"
 ENV_VOLUMES_FILE = "AZFS_VOLUMES_FILE"
 #: The embedded default of a single-node install.
 DEFAULT_VOLUMES_FILE = Path("/etc/azfs/volumes.yaml")
-
-#: Called with the full new list of volumes after each change.
-WatchCallback = Callable[[list[Volume]], None]
-
-
-class Watch(abc.ABC):
-    """A running watch; :meth:`cancel` stops it (idempotent)."""
-
-    @abc.abstractmethod
-    def cancel(self) -> None: ...
-
-    def __enter__(self) -> Watch:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.cancel()
-
-
-class VolumeStore(abc.ABC):
-    """The remote volume config, whatever holds it."""
-
-    #: A human-readable description of the store, e.g. ``etcd 10.0.0.1:2379``.
-    description: str = "volume store"
-
-    @abc.abstractmethod
-    def list(self) -> list[Volume]:
-        """All volumes, sorted by name, with their passwords."""
-
-    def get(self, name: str) -> Volume:
-        """One volume; raises :class:`~azfs.errors.NotFound`."""
-        validate_name(name)
-        for volume in self.list():
-            if volume.name == name:
-                return volume
-        raise NotFound(f"no volume named {name!r} in {self.description}")
-
-    @abc.abstractmethod
-    def replace_all(self, volumes: Iterable[Volume]) -> None:
-        """Makes the store hold exactly ``volumes``, in one atomic write."""
-
-    def import_volumes(self, volumes: Iterable[Volume], replace: bool = False) -> None:
-        """Adds or updates ``volumes``; with ``replace``, also drops all others."""
-        volumes = check_unique(volumes)
-        if replace:
-            self.replace_all(volumes)
-            return
-        self._update(lambda current: merge(current, volumes))
-
-    def remove(self, name: str) -> None:
-        """Removes one volume; raises :class:`~azfs.errors.NotFound`."""
-        validate_name(name)
-
-        def without(current: list[Volume]) -> list[Volume]:
-            if not any(v.name == name for v in current):
-                raise NotFound(f"no volume named {name!r} in {self.description}")
-            return [v for v in current if v.name != name]
-
-        self._update(without)
-
-    @abc.abstractmethod
-    def _update(self, change: Callable[[list[Volume]], list[Volume]]) -> None:
-        """Read-modify-write of the whole config, atomic against other writers."""
-
-    @abc.abstractmethod
-    def watch(self, callback: WatchCallback) -> Watch:
-        """Calls ``callback(volumes)`` from a background thread after each change."""
-
-    def close(self) -> None:  # noqa: B027 - optional hook
-        """Releases connections and stops watches."""
-
-    def __enter__(self) -> VolumeStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def check_unique(volumes: Iterable[Volume]) -> list[Volume]:
-    """Revalidates volumes built in code (not parsed): names and duplicates."""
-    volumes = list(volumes)
-    for volume in volumes:
-        if not isinstance(volume, Volume):
-            raise VolumeConfigError(f"not a Volume: {type(volume).__name__}")
-    seen: set[str] = set()
-    for index, volume in enumerate(volumes):
-        validate_name(volume.name, f"volumes[{index}].name")
-        if volume.name in seen:
-            raise VolumeConfigError(f"volumes[{index}].name: duplicate name {volume.name!r}")
-        seen.add(volume.name)
-    return volumes
-
-
-def merge(current: Iterable[Volume], new: Iterable[Volume]) -> list[Volume]:
-    by_name = {v.name: v for v in current}
-    by_name.update((v.name, v) for v in new)
-    return sorted(by_name.values(), key=lambda v: v.name)
-
-
-def atomic_write(path: Path, text: str, mode: int) -> None:
-    """Replaces ``path`` with ``text`` (created with ``mode``) so readers see old or new."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def open_store(etcd: str | None = None, config_file: str | Path | None = None,

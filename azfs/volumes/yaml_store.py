@@ -23,7 +23,9 @@ from pathlib import Path
 import yaml
 
 from azfs.errors import UserError
+from azfs.files import atomic_write
 from azfs.secret import redact
+from azfs.volumes.base import VolumeStore, Watch, WatchCallback, check_unique
 from azfs.volumes.model import (
     MAX_CONFIG_BYTES,
     Volume,
@@ -31,7 +33,6 @@ from azfs.volumes.model import (
     dump_volumes,
     load_yaml_file,
 )
-from azfs.volumes.store import VolumeStore, Watch, WatchCallback, atomic_write, check_unique
 
 log = logging.getLogger(__name__)
 

@@ -185,22 +185,9 @@ class AgentDirectory:
     def _etcd_connect(self):
         """A client of the first member that answers; TLS/auth from the environment,
         as for the volume store and the agents' own registrations."""
-        import etcd3
+        from azfs.volumes.etcd_client import connect_first
 
-        from azfs.volumes.etcd_store import EtcdAuth, parse_endpoints
-        kwargs = EtcdAuth.from_env().client_kwargs()
-        last: Exception | None = None
-        for host, port in parse_endpoints(self.etcd or ""):
-            client = etcd3.client(host=host, port=port, timeout=self.timeout, **kwargs)
-            if not client.uses_secure_channel:
-                client.call_credentials = None
-            try:
-                client.status()
-                return client
-            except Exception as exc:  # noqa: BLE001 - try the next member
-                last = exc
-                client.close()
-        raise last or RuntimeError("no etcd member answered")
+        return connect_first(self.etcd or "", timeout=self.timeout)
 
     async def register(self, who: Principal, name: str, socket: str | None, url: str | None,
                        ttl: int) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Clients of azfs's own services, for the CLI, the node tooling and scripts alike."""

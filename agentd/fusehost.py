@@ -19,6 +19,7 @@ from pathlib import Path
 
 import trio
 
+from agentd.hostrpc import ControlServer
 from agentd.views import FuseHost
 from azfs.fs.operations import AzfsOperations
 from azfs.logs import setup_logging
@@ -53,7 +54,7 @@ async def _run(args: argparse.Namespace) -> None:
     host = FuseHost(ops, args.mountpoint, args.cache_dir, args.cache_bytes, limits)
 
     async def control() -> None:
-        await host.serve_socket(args.socket)
+        await ControlServer(host).serve(args.socket)
 
     try:
         await serve(ops, args.mountpoint, [], tasks=[control])

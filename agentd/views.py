@@ -350,14 +350,6 @@ class FuseHost:
         if self.cache is not None:
             self.cache.close()
 
-    async def serve_socket(self, socket_path: Path,
-                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-                           ) -> None:
-        """Serves the control API of this namespace on ``socket_path`` (mode 0600)."""
-        from agentd.hostrpc import ControlServer
-
-        await ControlServer(self).serve(socket_path, task_status=task_status)
-
 
 def _open_vfolder(root: str, rel: str) -> tuple[int, os.stat_result]:
     """Runs in the volume's worker: both calls may wait on the share."""

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from agentd.hostrpc import ControlServer
 from agentd.views import FuseHost
 from azfs.fs.operations import AzfsOperations
 
@@ -46,7 +47,7 @@ async def _ask(sock: Path, *lines: bytes) -> list[dict]:
 async def host(tmp_path: Path, nursery):
     h = FaultyHost(AzfsOperations(), tmp_path / "mnt")
     sock = tmp_path / "host.sock"
-    await nursery.start(h.serve_socket, sock)
+    await nursery.start(ControlServer(h).serve, sock)
     yield h, sock
     await h.close_all()
 

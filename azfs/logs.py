@@ -22,5 +22,7 @@ def setup_logging(level: int = logging.INFO, stream=None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # The Azure SDK logs full request URLs (with SAS) at INFO.
-    logging.getLogger("azure").setLevel(max(level, logging.WARNING))
+    # The Azure SDK logs full request URLs (with SAS) at INFO; httpx logs every
+    # request line (a manager's call to each agent) at INFO.
+    for name in ("azure", "httpx", "httpcore"):
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))

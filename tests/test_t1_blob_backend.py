@@ -259,25 +259,35 @@ async def test_random_small_reads_fetch_only_what_they_need(dataset):
 
 async def test_reread_hits_the_shared_disk_cache(dataset, cache):
     url = dataset.container_url("dataset", sas=dataset.container_sas("dataset"))
-    first = await started(url, cache=cache)
+    # a read-ahead budget of its own: the process-wide one may still be held by the
+    # buffers of earlier tests' idle files, and a read that cannot read ahead
+    # fetches only its own range, which is not cached
+    budget = PrefetchBudget(64 * MiB)
+    first = await started(url, cache=cache, budget=budget)
     try:
         assert await read_all(first, "big.bin") == BIG
     finally:
         await first.close()
-    assert cache.stats().entries == -(-len(BIG) // BLOCK)
-    # a second mount of the same daemon shares the cache: no data over HTTP
-    second = await started(url, cache=cache)
+    blocks = -(-len(BIG) // BLOCK)
+    cached = cache.stats().entries
+    # the reads before the reader is known to be sequential, and a read that
+    # overtakes its block's fetch, go to the service for their own range and are
+    # not cached: nearly every block is
+    assert blocks - 4 <= cached <= blocks
+    # a second mount of the same daemon shares the cache: no data over HTTP but
+    # the blocks that were not cached
+    second = await started(url, cache=cache, budget=budget)
     try:
         hits = cache.stats().hits
         assert await read_all(second, "big.bin") == BIG
-        assert cache.stats().hits - hits >= len(BIG) // BLOCK
-        assert second.http.bytes_received < 64 * KiB  # listings and HEADs only
+        assert cache.stats().hits - hits >= cached - 1
+        assert second.http.bytes_received < 64 * KiB + (blocks - cached) * BLOCK
         # random reads inside cached blocks are hits too
         fh = await second.open(await node_at(second, "big.bin"), os.O_RDONLY)
         assert await second.read(fh, 3 * BLOCK + 5, 4 * KiB) == BIG[3 * BLOCK + 5:
                                                                      3 * BLOCK + 5 + 4 * KiB]
         await second.release(fh)
-        assert second.http.bytes_received < 64 * KiB
+        assert second.http.bytes_received < 64 * KiB + (blocks - cached) * BLOCK
     finally:
         await second.close()
 

@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import multiprocessing
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -48,26 +47,15 @@ from azfs.units import parse_size  # noqa: E402
 from azfs.volumes.mountinfo import is_mounted  # noqa: E402
 from tests.support.slowfs import SlowVolume, slow_volume  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from posix_fs import machine  # noqa: E402  (one description of the machine for every bench)
+
 CHUNK = 1 << 20
 FAILED = float("nan")
 TARGETS = ("azfs", "bindfs", "bindfs-mt", "fixture")
 
 
 # ---- environment (shared with posix_metadata.py) ------------------------------------
-def machine() -> str:
-    cpu = "unknown CPU"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem = ""
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        kib = int(Path("/proc/meminfo").read_text().split()[1])
-        mem = f", {kib / 2**20:.0f} GiB RAM"
-    return f"{os.cpu_count()} CPUs ({cpu}){mem}, Linux {platform.release()}"
-
-
 def drop_caches() -> bool:
     """Page, dentry and inode caches; False when the system does not let us."""
     os.sync()

@@ -173,3 +173,41 @@ async def test_a_view_may_have_its_own_cache_timeout(backend):
     assert (await ops.lookup(slow, b"missing", CTX)).entry_timeout == 60.0
     assert (await ops.lookup(fast, b"f", CTX)).attr_timeout == ops.cache_timeout
     assert (await ops.lookup(fast, b"missing", CTX)).entry_timeout == ops.cache_timeout
+
+
+async def test_read_only_views_presented_alike_share_file_inodes(backend):
+    """One page cache for every kernel reading a file; each view's own directories."""
+    ops = AzfsOperations()
+    (backend.source / "d").mkdir()
+    (backend.source / "f").write_bytes(b"shared bytes")
+    w = ops.attach(["kernels", "kw", "v"], View(label="v", backend=backend))
+    r1 = ops.attach(["kernels", "k1", "v"], View(label="v", backend=backend, read_only=True))
+    r2 = ops.attach(["kernels", "k2", "v"], View(label="v", backend=backend, read_only=True))
+    r3 = ops.attach(["kernels", "k3", "v"], View(label="v", backend=backend, read_only=True,
+                                                 uid=1000))
+    f1, f2, f3, fw = [await ops.lookup(r, b"f", CTX) for r in (r1, r2, r3, w)]
+    assert f1.st_ino == f2.st_ino
+    assert len({f1.st_ino, f3.st_ino, fw.st_ino}) == 3  # another uid, a writable view
+    d1, d2 = [await ops.lookup(r, b"d", CTX) for r in (r1, r2)]
+    assert d1.st_ino != d2.st_ino  # a directory inode has one name only
+    shared = f1.st_ino
+
+    # a write through the writable view drops the shared inode's cache once
+    info, _ = await ops.create(w, b"f", 0o644, os.O_RDWR, CTX)
+    await ops.write(info.fh, 0, b"SHARED")
+    await ops.release(info.fh)
+    assert shared in ops._stale_inodes and f3.st_ino in ops._stale_inodes
+
+    # the view the inode came from goes: the other one still reads through it
+    fi = await ops.open(shared, os.O_RDONLY, CTX)
+    ops.detach(["kernels", "k1", "v"])
+    assert await ops.read(fi.fh, 0, 12) == b"SHARED bytes"
+    assert (await ops.getattr(shared, CTX)).st_size == 12
+    ops.detach(["kernels", "k2", "v"])
+    with pytest.raises(pyfuse3.FUSEError) as exc:
+        await ops.read(fi.fh, 0, 12)
+    assert exc.value.errno == 116  # ESTALE: no view shows it any more
+    await ops.release(fi.fh)
+    table = len(ops.table)
+    await ops.forget([(shared, 2)])
+    assert len(ops.table) == table - 1 and shared not in ops.table

@@ -24,8 +24,8 @@ FILES = {f"img/c{i % 4}/{i:03d}.jpg": RNG.randbytes(RNG.choice([10, 20_000, 90_0
          for i in range(40)}
 
 
-def export(alias: str, azurite) -> dict:
-    return {"uid": 1000, "gid": 1000, "vfolders": [
+def export(alias: str, azurite, uid: int = 1000) -> dict:
+    return {"uid": uid, "gid": 1000, "vfolders": [
         {"alias": alias, "kind": "blob", "mode": "ro", "vfolder_id": "ds-train",
          "dataset": {"url": azurite.container_url("train"),
                      "sas": azurite.container_sas("train")}}]}
@@ -48,8 +48,9 @@ async def test_second_kernel_reads_from_the_node_cache_and_counters_show_it(
     agent.start()
     azurite.upload("train", FILES)
     async with agent.client() as http:
-        for kernel in ("k1", "k2"):
-            r = await http.put(f"/v1/kernels/{kernel}", json=export("ds", azurite))
+        # k2 is another user's kernel (its own inodes); k3 the same user's second job
+        for kernel, uid in (("k1", 1000), ("k2", 1001), ("k3", 1000)):
+            r = await http.put(f"/v1/kernels/{kernel}", json=export("ds", azurite, uid))
             assert r.status_code == 200, r.text
         assert read_tree(agent.fuse_path("k1", "ds") / "img") == expected()
 
@@ -68,6 +69,16 @@ async def test_second_kernel_reads_from_the_node_cache_and_counters_show_it(
         second = await datasets()
         assert second["data_gets"] == first["data_gets"]  # no data GET
         assert second["cache_hits"] - first["cache_hits"] == len(FILES)
+        # the third shows the files as the first does: the same inodes, so the same
+        # page cache; its reads never reach the FUSE process
+        for name in FILES:
+            rel = name[len("img/"):]
+            assert os.stat(agent.fuse_path("k3", "ds") / "img" / rel).st_ino == \
+                os.stat(agent.fuse_path("k1", "ds") / "img" / rel).st_ino
+        reads = (await host.stats())["fs"]["ops"]["read"]["count"]
+        assert read_tree(agent.fuse_path("k3", "ds") / "img") == expected()
+        assert (await host.stats())["fs"]["ops"]["read"]["count"] == reads
+        assert (await datasets())["cache_hits"] == second["cache_hits"]
         metrics = (await http.get("/metrics")).text
         assert f'azfs_blob_http_requests_total{{dataset="ds-train",kind="get"}} ' \
                f'{len(FILES)}.0' in metrics

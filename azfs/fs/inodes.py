@@ -1,10 +1,16 @@
 """FUSE inode bookkeeping: which inode is which backend node of which view.
 
 A *view* is one vfolder as one kernel (or one admin mount) sees it: a backend
-plus presentation options (read-only, uid/gid).  Every backing object gets one
-inode per view (two kernels that see the same vfolder with different modes
-must not share attribute or page caches), keyed by ``(view id, backend key)``.
-Virtual directories (the root, ``/kernels/<id>``...) hold named children.
+plus presentation options (read-only, uid/gid).  A backing object gets one
+inode per view, keyed by ``(view id, backend key)`` (two kernels that see the
+same vfolder with different modes must not share attribute or page caches),
+with one exception: read-only views of one backend that present it the same
+way (:attr:`View.presentation`) share the inodes of its files, so the kernel
+keeps one page cache of a dataset file for every kernel reading it (eight
+training jobs on one node hold a dataset once, and the second one reads it
+from memory).  Directories are never shared: the kernel allows a directory
+inode one name only.  Virtual directories (the root, ``/kernels/<id>``...)
+hold named children.
 
 Invariant: an inode stays in the table while the kernel holds lookups on it
 or a handle is open on it; the backend node is forgotten exactly once, when
@@ -46,10 +52,22 @@ class View:
     #: inodes of this view currently in the table (for teardown)
     inodes: set[int] = field(default_factory=set)
 
+    @property
+    def presentation(self) -> Hashable | None:
+        """Views with equal keys show a file identically and may share its inode.
+
+        Read-only views only: a writable view keeps inodes of its own, whose
+        writes invalidate the other views' caches.
+        """
+        if not (self.read_only or self.backend.read_only):
+            return None
+        return (id(self.backend), self.uid, self.gid, self.cache_timeout)
+
 
 class Inode:
     __slots__ = ("ino", "lookups", "opens", "view", "node", "key", "children", "name",
-                 "parent", "stamp", "attrs", "cached", "cached_at", "kids")
+                 "parent", "stamp", "attrs", "cached", "cached_at", "kids", "sharers",
+                 "table_key")
 
     def __init__(self, ino: int, view: View | None, node: Node | None,
                  key: Hashable | None) -> None:
@@ -73,6 +91,10 @@ class Inode:
         self.cached_at = 0.0
         #: view directories: child name → inode, as last looked up or listed here
         self.kids: dict[str, int] | None = None
+        #: a shared file's other views (``view`` is the one it answers through)
+        self.sharers: list[View] | None = None
+        #: the inode's key in the table (by view, or by presentation when shared)
+        self.table_key: tuple | None = None
 
     @property
     def is_virtual(self) -> bool:
@@ -82,7 +104,7 @@ class Inode:
 class InodeTable:
     def __init__(self) -> None:
         self._inodes: dict[int, Inode] = {}
-        self._by_key: dict[tuple[int, Hashable], int] = {}
+        self._by_key: dict[tuple, int] = {}
         #: backing key → inodes of it in every view (for cross-view invalidation)
         self._by_backing: dict[Hashable, set[int]] = {}
         #: attached view roots (their key is the view's, not the backing object's)
@@ -103,19 +125,30 @@ class InodeTable:
         """The inode if it is still in the table (no error for a forgotten one)."""
         return self._inodes.get(ino)
 
-    def find(self, view: View, key: Hashable) -> Inode | None:
-        """The inode of a backing object in a view, if the kernel knows one."""
-        ino = self._by_key.get((view.id, key))
-        return self._inodes.get(ino) if ino is not None else None
-
     def get(self, ino: int) -> Inode:
         try:
             inode = self._inodes[ino]
         except KeyError:
             raise StaleObject(f"unknown inode {ino}") from None
         if inode.view is not None and not inode.view.alive:
-            raise StaleObject(f"view {inode.view.label} was removed")
+            self.live_view(inode)
         return inode
+
+    @staticmethod
+    def live_view(inode: Inode) -> View:
+        """A live view of a view inode: a shared file outlives the view it came from.
+
+        Raises :class:`StaleObject` when no view that showed it is attached any more.
+        """
+        view = inode.view
+        assert view is not None
+        if view.alive:
+            return view
+        live = [v for v in inode.sharers or () if v.alive]
+        if not live:
+            raise StaleObject(f"view {view.label} was removed")
+        inode.view, inode.sharers = live[0], live[1:] or None
+        return live[0]
 
     def new_view(self, view: View) -> View:
         view.id = next(self._view_ids)
@@ -156,14 +189,19 @@ class InodeTable:
 
     def add_node(self, view: View, node: Node, attrs: Attributes) -> Inode:
         """The inode for a node just returned by the backend (deduplicated by key)."""
-        k = (view.id, attrs.key)
+        share = None if stat.S_ISDIR(attrs.mode) else view.presentation
+        k = (view.id, attrs.key) if share is None else ("shared", share, attrs.key)
         ino = self._by_key.get(k)
         if ino is not None:
             existing = self._inodes[ino]
             if existing.node is not node:
                 view.backend.adopt(existing.node, node)
+            if existing.view is not view and view not in (existing.sharers or ()):
+                existing.sharers = [*(existing.sharers or ()), view]
+                view.inodes.add(existing.ino)
             return existing
         inode = Inode(next(self._next), view, node, attrs.key)
+        inode.table_key = k
         self._inodes[inode.ino] = inode
         self._by_key[k] = inode.ino
         self._by_backing.setdefault(attrs.key, set()).add(inode.ino)
@@ -183,7 +221,7 @@ class InodeTable:
             other = self._inodes.get(ino)
             if other is None:
                 continue
-            if other.view is not None and other.view is not inode.view \
+            if other is not inode and other.view is not None \
                     and other.view.backend is inode.view.backend:
                 out.append(ino)
         return out
@@ -235,8 +273,10 @@ class InodeTable:
         del self._inodes[inode.ino]
         self._view_roots.discard(inode.ino)
         view.inodes.discard(inode.ino)
+        for other in inode.sharers or ():
+            other.inodes.discard(inode.ino)
         if inode.key is not None:
-            self._by_key.pop((view.id, inode.key), None)
+            self._by_key.pop(inode.table_key, None)
             same = self._by_backing.get(inode.key)
             if same is not None:
                 same.discard(inode.ino)

@@ -687,20 +687,28 @@ class AzfsOperations(pyfuse3.Operations):
         self._files[fh] = _OpenFile(inode, view, handle)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True), entry
 
-    @op
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    def _open_file(self, fh: int) -> _OpenFile:
+        """A handle and a live view to call through.
+
+        A handle on a shared file works while any view still shows the file
+        (the kernel's open does not say through which view it came); once none
+        does, :class:`StaleObject` (ESTALE).
+        """
         f = self._files[fh]
         if not f.view.alive:
-            raise pyfuse3.FUSEError(errno.ESTALE)
+            f.view = self.table.live_view(f.inode)
+        return f
+
+    @op
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        f = self._open_file(fh)
         data = await f.view.backend.read(f.handle, off, size)
         self.stats.bytes_read[f.view.label] += len(data)
         return data
 
     @op
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        f = self._files[fh]
-        if not f.view.alive:
-            raise pyfuse3.FUSEError(errno.ESTALE)
+        f = self._open_file(fh)
         if f.view.read_only or f.view.backend.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
         n = await f.view.backend.write(f.handle, off, buf)

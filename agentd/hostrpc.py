@@ -45,7 +45,6 @@ class ControlServer:
     async def serve(self, socket_path: Path,
                     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         sock = trio.socket.from_stdlib_socket(bind_unix(socket_path))
-        sock.listen(128)
         task_status.started()
         await trio.serve_listeners(self._handle, [trio.SocketListener(sock)])
 
@@ -88,7 +87,7 @@ class ControlServer:
             elif op == "detach":
                 result = await self.host.detach(request["path"])
             elif op == "refresh":
-                result = self.host.refresh(request.get("path"))
+                result = await self.host.refresh(request.get("path"))
             elif op == "list":
                 result = self.host.list()
             elif op == "stats":

@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -32,6 +32,9 @@ from azfs.fs.operations import AzfsOperations
 from azfs.secret import Secret, redact
 from azfs.usage import Quota
 from azfs.volumes.io import IOLimits, Kind, VolumeIO
+
+if TYPE_CHECKING:
+    from azfs.blob.sas import TokenPool
 
 log = logging.getLogger("agentd.fusehost")
 
@@ -55,6 +58,8 @@ class _Shared:
     users: set[tuple[str, ...]] = field(default_factory=set)
     #: the host volume's I/O of a posix backend
     io: VolumeIO | None = None
+    #: a blob backend's credentials: each attached kernel's SAS source
+    tokens: TokenPool | None = None
 
 
 @dataclass
@@ -103,7 +108,7 @@ class FuseHost:
                     return {"path": list(key_path), "created": False}
                 raise HostError("exists", f"{'/'.join(key_path)} is attached with another "
                                           "configuration")
-            shared = await self._backend_for(backend)
+            shared = await self._backend_for(backend, key_path)
             try:
                 v = View(label=str(view.get("label") or "/".join(key_path)),
                          backend=shared.backend, read_only=bool(view.get("read_only")),
@@ -117,7 +122,7 @@ class FuseHost:
                 except ValueError as exc:
                     raise HostError("invalid", str(exc)) from None
             except BaseException:
-                await self._drop_user(shared, None)
+                await self._drop_user(shared, key_path)
                 raise
             shared.users.add(key_path)
             self._attached[key_path] = _Attached(key_path, v, shared, digest,
@@ -141,15 +146,15 @@ class FuseHost:
         finally:
             self._prune_lock(key_path)
 
-    def refresh(self, path: Sequence[str]) -> dict:
-        """Forgets the cached listings of the dataset attached at ``path``."""
+    async def refresh(self, path: Sequence[str]) -> dict:
+        """Forgets the cached listings of the dataset attached at ``path`` (every view's)."""
         key_path = check_path(path)
         entry = self._attached.get(key_path)
         if entry is None:
             raise HostError("not-found", f"{'/'.join(key_path)} is not attached")
         if entry.kind != "blob":
             raise HostError("invalid", f"{'/'.join(key_path)} is not a blob dataset")
-        entry.shared.backend.refresh()
+        await self.ops.refresh(entry.shared.backend)
         return {"path": list(key_path), "refreshed": True}
 
     def _forget_label(self, label: str) -> None:
@@ -224,12 +229,12 @@ class FuseHost:
     def _path_lock(self, path: tuple[str, ...]) -> trio.Lock:
         return self._path_locks.setdefault(path, trio.Lock())
 
-    async def _backend_for(self, spec: dict) -> _Shared:
+    async def _backend_for(self, spec: dict, owner: tuple[str, ...]) -> _Shared:
         kind = spec.get("kind")
         if kind == "posix":
             return await self._posix(spec)
         if kind == "blob":
-            return await self._blob(spec)
+            return await self._blob(spec, owner)
         raise HostError("invalid", f"unknown backend kind {kind!r}")
 
     async def _posix(self, spec: dict) -> _Shared:
@@ -285,31 +290,53 @@ class FuseHost:
             out[io.name] = entry
         return out
 
-    async def _blob(self, spec: dict) -> _Shared:
+    async def _blob(self, spec: dict, owner: tuple[str, ...]) -> _Shared:
+        """The dataset's one backend on the node, reading with the kernels' own SAS.
+
+        Every kernel's views of a dataset share its listings, read-ahead and
+        page cache; a kernel joining one already read must bring a SAS that
+        reads it (probed), so no kernel reads with another's credential alone.
+        """
         from azfs.backends.blob import BlobBackend
-        from azfs.blob.sas import static_token_source, url_token_source
+        from azfs.blob.sas import TokenPool, static_token_source, url_token_source
 
         url = str(spec.get("url") or "")
         sas, sas_url = spec.get("sas"), spec.get("sas_url")
-        key = ("blob", url, sas or "", sas_url or "")
+        if sas_url:
+            source = url_token_source(str(sas_url), timeout=SAS_FETCH_TIMEOUT)
+        elif sas:
+            source = static_token_source(Secret(str(sas)))
+        else:
+            raise HostError("invalid", "a blob dataset needs 'sas' or 'sas_url'")
+        key = ("blob", url)
         async with self._key_locks.setdefault(key, trio.Lock()):
             shared = self._backends.get(key)
             if shared is not None:
+                assert shared.tokens is not None
+                await self._admit(shared.backend, source)
+                shared.tokens.add(owner, source)
                 return shared
-            if sas_url:
-                token_source = url_token_source(str(sas_url), timeout=SAS_FETCH_TIMEOUT)
-            elif sas:
-                token_source = static_token_source(Secret(str(sas)))
-            else:
-                raise HostError("invalid", "a blob dataset needs 'sas' or 'sas_url'")
+            pool = TokenPool()
+            pool.add(owner, source)
             try:
-                backend = BlobBackend.from_url(url, token_source=token_source,
-                                               cache=self._cache())
+                backend = BlobBackend.from_url(url, token_source=pool, cache=self._cache())
             except AzfsError as exc:
                 raise HostError("invalid", redact(str(exc))) from None
             await self._start(backend)
-            shared = self._backends[key] = _Shared(key, backend)
+            shared = self._backends[key] = _Shared(key, backend, tokens=pool)
             return shared
+
+    @staticmethod
+    async def _admit(backend, source) -> None:
+        from azfs.blob.sas import fetch
+        from azfs.blob.url import normalize_sas
+
+        try:
+            with trio.fail_after(SAS_FETCH_TIMEOUT):
+                await backend.http.probe(Secret(normalize_sas(await fetch(source))))
+        except (AzfsError, trio.TooSlowError) as exc:
+            raise HostError("backend-failed", redact(str(exc)) or "the SAS source timed out") \
+                from None
 
     def _cache(self):
         if self.cache is None and self.cache_dir is not None and self.cache_bytes > 0:
@@ -334,6 +361,8 @@ class FuseHost:
     async def _drop_user(self, shared: _Shared, path: tuple[str, ...] | None) -> None:
         if path is not None:
             shared.users.discard(path)
+            if shared.tokens is not None:
+                shared.tokens.remove(path)  # that kernel's SAS source is never asked again
         if shared.users or self._backends.get(shared.key) is not shared:
             return
         del self._backends[shared.key]

@@ -16,8 +16,13 @@ import socket
 from pathlib import Path
 
 
-def bind_unix(path: str | Path, mode: int = 0o600, gid: int | None = None) -> socket.socket:
-    """A stream socket bound at ``path`` with ``mode`` (and group ``gid``), not listening."""
+def bind_unix(path: str | Path, mode: int = 0o600, gid: int | None = None,
+              backlog: int = 128) -> socket.socket:
+    """A stream socket listening at ``path`` with ``mode`` (and group ``gid``).
+
+    It listens before it appears at ``path``: a client that waits for the path
+    (the agent starting its fusehost) never connects to a socket that refuses.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.unlink(missing_ok=True)
@@ -31,6 +36,7 @@ def bind_unix(path: str | Path, mode: int = 0o600, gid: int | None = None) -> so
         if gid is not None:
             os.chown(tmp, -1, gid)
         os.chmod(tmp, mode)
+        sock.listen(backlog)
         os.replace(tmp, path)
     except BaseException:
         sock.close()

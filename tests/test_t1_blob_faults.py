@@ -278,7 +278,7 @@ async def test_sas_renewal_outlives_an_outage_of_the_sas_source(dataset, tmp_pat
     host = FuseHost(AzfsOperations(), tmp_path)
     try:
         shared = await host._backend_for({"kind": "blob", "url": dataset.container_url("faults"),
-                                          "sas_url": source.url})
+                                          "sas_url": source.url}, ("kernels", "k1", "ds"))
         backend = shared.backend
         assert backend.sas.current == Secret(short)
         source.stop()
@@ -297,3 +297,28 @@ async def test_sas_renewal_outlives_an_outage_of_the_sas_source(dataset, tmp_pat
     finally:
         await host.close_all()
         source.stop()
+
+
+async def test_a_token_pool_asks_the_newest_kernel_first_and_never_a_removed_one(dataset):
+    """One backend for every kernel of a dataset, renewing through the kernels still there."""
+    from azfs.blob.sas import TokenPool, url_token_source
+
+    first = SasSource(dataset.container_sas("faults")).start()
+    second = SasSource(dataset.container_sas("faults", seconds=7200)).start()
+    try:
+        pool = TokenPool()
+        pool.add(("k1",), url_token_source(first.url))
+        pool.add(("k2",), url_token_source(second.url))
+        assert Secret(await pool()) == Secret(second.sas) and first.requests == 0
+        second.stop()  # the newest kernel's renewal URL fails: the next one answers
+        assert Secret(await pool()) == Secret(first.sas)
+        pool.remove(("k1",))
+        with pytest.raises(TemporaryFailure):  # only the failing source is left
+            await pool()
+        assert first.requests == 1
+        pool.remove(("k2",))
+        with pytest.raises(AccessDenied, match="no kernel"):
+            await pool()
+    finally:
+        first.stop()
+        second.stop()

@@ -16,7 +16,7 @@ from azfs.sockets import bind_unix
 
 
 def _roundtrip(path: Path, server: socket.socket) -> bytes:
-    server.listen(1)
+    """Connects as soon as the path is there: the socket listens before it appears."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
         client.settimeout(5)
         client.connect(str(path))

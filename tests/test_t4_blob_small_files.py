@@ -150,18 +150,31 @@ def test_blob_replaced_between_listing_and_open_gives_estale(mount, dataset):
 
 def test_refresh_makes_a_new_blob_visible(mount, dataset):
     m = mount()  # default listing TTL: a minute
-    assert "late.bin" not in os.listdir(m.mnt / "train" / "c00")
-    dataset.upload("small", {"train/c00/late.bin": b"late"})
+    c00 = m.mnt / "train" / "c00"
+    assert "late.bin" not in os.listdir(c00)
+    # what the kernel holds for the TTL: a negative entry, a file's size and its pages
+    assert errno_of(lambda: os.stat(c00 / "probe.bin")) == errno.ENOENT
+    grown = sorted(os.listdir(c00))[0]
+    old = (c00 / grown).read_bytes()
+    dataset.upload("small", {"train/c00/late.bin": b"late", "train/c00/probe.bin": b"probe",
+                             f"train/c00/{grown}": b"new " + old})
     try:
-        assert "late.bin" not in os.listdir(m.mnt / "train" / "c00")  # the cached listing
+        assert "late.bin" not in os.listdir(c00)  # the cached listing
+        assert errno_of(lambda: os.stat(c00 / "probe.bin")) == errno.ENOENT
         res = dataset_cli(m, "refresh")
         assert res.returncode == 0, res.stderr
-        assert "late.bin" in os.listdir(m.mnt / "train" / "c00")
-        assert (m.mnt / "train" / "c00" / "late.bin").read_bytes() == b"late"
+        # once refresh returns, neither the daemon nor the kernel serves the old state
+        assert "late.bin" in os.listdir(c00)
+        assert (c00 / "late.bin").read_bytes() == b"late"
+        assert (c00 / "probe.bin").read_bytes() == b"probe"
+        assert os.stat(c00 / grown).st_size == len(old) + 4
+        assert (c00 / grown).read_bytes() == b"new " + old
         assert stats(m)["refreshes"] == 1
     finally:
-        dataset.service_client().get_container_client("small").delete_blob(
-            "train/c00/late.bin")
+        dataset.upload("small", {f"train/c00/{grown}": old})
+        for name in ("late.bin", "probe.bin"):
+            dataset.service_client().get_container_client("small").delete_blob(
+                f"train/c00/{name}")
 
 
 def test_refresh_of_a_path_and_bad_refresh_requests(mount, tmp_path):

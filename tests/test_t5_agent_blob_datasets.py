@@ -13,6 +13,7 @@ import random
 import subprocess
 import sys
 
+import pytest
 import trio
 
 from agentd.fuseclient import FuseHostClient
@@ -98,6 +99,8 @@ async def test_refresh_endpoint_makes_a_new_blob_visible(agent: AgentHarness, az
         assert r.status_code == 200, r.text
         folder = agent.fuse_path("kr", "ds") / "img" / "c0"
         before = sorted(os.listdir(folder))
+        with pytest.raises(FileNotFoundError):  # a negative entry, kept for the TTL
+            os.stat(folder / "new.jpg")
         azurite.upload("train", {"img/c0/new.jpg": b"new"})
         try:
             assert sorted(os.listdir(folder)) == before  # the cached listing (a minute)
@@ -105,6 +108,7 @@ async def test_refresh_endpoint_makes_a_new_blob_visible(agent: AgentHarness, az
             assert r.status_code == 200, r.text
             assert r.json()["refreshed"] == ["ds"]
             assert "new.jpg" in os.listdir(folder)
+            assert os.stat(folder / "new.jpg").st_size == 3
             assert (folder / "new.jpg").read_bytes() == b"new"
             missing = await http.post("/v1/kernels/nope/refresh")
             assert missing.status_code == 404
@@ -112,3 +116,33 @@ async def test_refresh_endpoint_makes_a_new_blob_visible(agent: AgentHarness, az
         finally:
             azurite.service_client().get_container_client("train").delete_blob(
                 "img/c0/new.jpg")
+
+
+async def test_kernels_share_a_dataset_backend_each_with_a_sas_that_reads_it(
+        agent: AgentHarness, azurite) -> None:
+    azurite.upload("train", FILES)
+    host = FuseHostClient(agent.state_dir / "run" / "fusehost.sock")
+    async with agent.client() as http:
+        r = await http.put("/v1/kernels/ka", json=export("ds", azurite))
+        assert r.status_code == 200, r.text
+        backends = (await host.call("list"))["backends"]
+        # a kernel whose own SAS does not read the dataset is refused, not let in on
+        # the SAS of the kernel already reading it
+        forged = export("ds", azurite)
+        sas = forged["vfolders"][0]["dataset"]["sas"]
+        forged["vfolders"][0]["dataset"]["sas"] = sas.replace("sig=", "sig=AAAA")
+        r = await http.put("/v1/kernels/kb", json=forged)
+        assert r.status_code == 502, r.text
+        assert r.json()["error"]["code"] == "dataset-unavailable"
+        assert "sig=" not in r.text
+        assert not agent.fuse_path("kb", "ds").exists()
+        # another kernel with its own (fresh) SAS joins the same backend
+        r = await http.put("/v1/kernels/kc", json=export("ds", azurite))
+        assert r.status_code == 200, r.text
+        assert (await host.call("list"))["backends"] == backends
+        assert read_tree(agent.fuse_path("kc", "ds") / "img") == expected()
+        # the first kernel goes: the dataset stays open for the other
+        assert (await http.delete("/v1/kernels/ka")).status_code == 204
+        assert read_tree(agent.fuse_path("kc", "ds") / "img") == expected()
+        assert (await http.delete("/v1/kernels/kc")).status_code == 204
+        assert (await host.call("list"))["backends"] == backends - 1

@@ -2,8 +2,9 @@
 
 A dataset mount caches listings (and the kernel caches entries) for the
 listing TTL; ``azfs dataset refresh MOUNTPOINT`` asks the daemon to forget
-them now, through a unix socket next to the mount's pid file (mode 0600:
-root, or the user who mounted).  One JSON request per line, one answer per
+them now (and the kernel to forget its entries and attributes of them),
+through a unix socket next to the mount's pid file (mode 0600: root, or the
+user who mounted).  One JSON request per line, one answer per
 line::
 
     {"op": "refresh", "path": "train/class1"}   → {"ok": true, "result": {...}}
@@ -19,12 +20,16 @@ import json
 import logging
 import socket
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
 from azfs.errors import UserError
 from azfs.sockets import bind_unix
+
+if TYPE_CHECKING:
+    from azfs.backends.base import Backend
+    from azfs.fs.operations import AzfsOperations
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +37,23 @@ MAX_LINE = 64 * 1024
 
 
 class Refreshable(Protocol):
-    def refresh(self, path: str | None = None) -> None: ...
+    async def refresh(self, path: str | None = None) -> None: ...
 
     def stats(self) -> dict[str, object]: ...
+
+
+class DatasetControl:
+    """A mount's dataset as the socket drives it: a refresh reaches the kernel's caches too."""
+
+    def __init__(self, ops: AzfsOperations, backend: Backend) -> None:
+        self.ops = ops
+        self.backend = backend
+
+    async def refresh(self, path: str | None = None) -> None:
+        await self.ops.refresh(self.backend, path)
+
+    def stats(self) -> dict[str, object]:
+        return self.backend.stats()
 
 
 def socket_path(pidfile: Path) -> Path:
@@ -42,7 +61,7 @@ def socket_path(pidfile: Path) -> Path:
     return pidfile.with_suffix(".sock")
 
 
-def answer(backend: Refreshable, line: bytes) -> dict[str, Any]:
+async def answer(backend: Refreshable, line: bytes) -> dict[str, Any]:
     """The answer to one request line (never raises)."""
     try:
         request = json.loads(line)
@@ -55,7 +74,7 @@ def answer(backend: Refreshable, line: bytes) -> dict[str, Any]:
         path = request.get("path")
         if path is not None and not isinstance(path, str):
             return {"ok": False, "message": "path must be a string"}
-        backend.refresh(path or None)
+        await backend.refresh(path or None)
         return {"ok": True, "result": {"refreshed": path or "/"}}
     if op == "stats":
         return {"ok": True, "result": backend.stats()}
@@ -65,8 +84,7 @@ def answer(backend: Refreshable, line: bytes) -> dict[str, Any]:
 async def serve(backend: Refreshable, path: Path) -> None:
     """Serves the socket at ``path`` until cancelled (then removes it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    sock = trio.socket.from_stdlib_socket(bind_unix(path))
-    sock.listen(16)
+    sock = trio.socket.from_stdlib_socket(bind_unix(path, backlog=16))
 
     async def handle(stream: trio.SocketStream) -> None:
         buf = b""
@@ -79,7 +97,7 @@ async def serve(backend: Refreshable, path: Path) -> None:
                     buf += data
                     while b"\n" in buf:
                         line, buf = buf.split(b"\n", 1)
-                        out = answer(backend, line)
+                        out = await answer(backend, line)
                         await stream.send_all(json.dumps(out).encode() + b"\n")
 
     try:

@@ -25,7 +25,7 @@ import inspect
 import json
 import logging
 import urllib.parse
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Hashable, Iterator
 from pathlib import Path
 
 import trio
@@ -105,6 +105,47 @@ def url_token_source(url: str, *, timeout: float = 30.0,
     return read
 
 
+class TokenPool:
+    """The token sources of every kernel reading one dataset through one backend.
+
+    The node's FUSE process reads a dataset through one backend whatever the
+    number of kernels (one listing cache, one page cache), but each kernel
+    brings its own SAS and renewal URL, which ends with it.  The pool asks the
+    most recently added source first (the kernel likely to live longest) and
+    the others if it fails; a removed source is never asked again.
+    """
+
+    def __init__(self) -> None:
+        self._sources: dict[Hashable, TokenSource] = {}
+
+    def add(self, owner: Hashable, source: TokenSource) -> None:
+        self._sources.pop(owner, None)
+        self._sources[owner] = source
+
+    def remove(self, owner: Hashable) -> None:
+        self._sources.pop(owner, None)
+
+    def __len__(self) -> int:
+        return len(self._sources)
+
+    async def __call__(self) -> str | Secret:
+        first: AzfsError | None = None
+        for source in reversed(list(self._sources.values())):
+            try:
+                return await fetch(source)
+            except AzfsError as exc:
+                first = first or exc
+        raise first or AccessDenied("no kernel that reads this dataset is attached")
+
+
+async def fetch(source: TokenSource) -> str | Secret:
+    """What a token source gives, whether it is sync or async."""
+    value = source()
+    if inspect.isawaitable(value):
+        value = await value
+    return value
+
+
 class SasManager:
     """The current SAS of one blob source, renewed before expiry and on refusal."""
 
@@ -143,9 +184,7 @@ class SasManager:
     async def _fetch(self) -> Secret:
         if self._source is None:
             raise AccessDenied("no token source to renew the SAS from")
-        value = self._source()
-        if inspect.isawaitable(value):
-            value = await value
+        value = await fetch(self._source)
         try:
             return Secret(normalize_sas(value))
         except UserError as exc:

@@ -255,7 +255,8 @@ def _run_foreground(args: argparse.Namespace, mountpoint: Path) -> int:
         from azfs.blob import control
 
         # 'azfs dataset refresh' and the dataset's counters
-        tasks.append(functools.partial(control.serve, backend, control.socket_path(pidfile)))
+        tasks.append(functools.partial(control.serve, control.DatasetControl(ops, backend),
+                                       control.socket_path(pidfile)))
     try:
         trio.run(functools.partial(serve, ops, mountpoint, [backend], on_ready=ready,
                                    allow_other=args.allow_other, tasks=tasks))

@@ -66,8 +66,8 @@ class View:
 
 class Inode:
     __slots__ = ("ino", "lookups", "opens", "view", "node", "key", "children", "name",
-                 "parent", "stamp", "attrs", "cached", "cached_at", "kids", "sharers",
-                 "table_key")
+                 "parent", "stamp", "attrs", "cached", "cached_at", "kids", "missing",
+                 "sharers", "table_key")
 
     def __init__(self, ino: int, view: View | None, node: Node | None,
                  key: Hashable | None) -> None:
@@ -91,6 +91,8 @@ class Inode:
         self.cached_at = 0.0
         #: view directories: child name → inode, as last looked up or listed here
         self.kids: dict[str, int] | None = None
+        #: view directories: names the kernel was told are missing (oldest first)
+        self.missing: dict[str, None] | None = None
         #: a shared file's other views (``view`` is the one it answers through)
         self.sharers: list[View] | None = None
         #: the inode's key in the table (by view, or by presentation when shared)
@@ -207,6 +209,11 @@ class InodeTable:
         self._by_backing.setdefault(attrs.key, set()).add(inode.ino)
         view.inodes.add(inode.ino)
         return inode
+
+    def of_backend(self, backend: Backend) -> list[Inode]:
+        """Every inode the kernel knows of the views of ``backend``."""
+        return [i for i in self._inodes.values()
+                if i.view is not None and i.view.backend is backend]
 
     def siblings(self, inode: Inode) -> list[int]:
         """Inodes of the same backing object in *other* views of the same backend."""

@@ -50,17 +50,24 @@ DEFAULT_CACHE_TIMEOUT = 1.0
 _NO_STATFS = StatFs(block_size=4096, blocks=0, blocks_free=0, blocks_avail=0, files=0,
                     files_free=0)
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
+#: missing names remembered per directory, to drop the kernel's negative entries
+#: of them on a refresh (older ones expire with their timeout)
+_MISSING_PER_DIR = 4096
 
 
 def _name(raw: bytes) -> str:
     return os.fsdecode(raw)
 
 
-def _invalidate(inodes: list[int], entries: list[tuple[int, str]]) -> None:
-    """Runs in a thread: the kernel may wait on this very process to answer."""
-    for ino in inodes:
+def _invalidate(inodes: list[int], entries: list[tuple[int, str]],
+                attrs: list[int] = ()) -> None:
+    """Runs in a thread: the kernel may wait on this very process to answer.
+
+    ``inodes`` lose their attributes and page cache, ``attrs`` only their attributes.
+    """
+    for ino, attr_only in [(i, False) for i in inodes] + [(i, True) for i in attrs]:
         try:
-            pyfuse3.invalidate_inode(ino, False)
+            pyfuse3.invalidate_inode(ino, attr_only)
         except OSError as exc:
             if exc.errno not in (errno.ENOENT, errno.EBADF):
                 log.debug("invalidate_inode(%d): %s", ino, exc)
@@ -196,6 +203,26 @@ class AzfsOperations(pyfuse3.Operations):
             if inodes or entries:
                 await trio.to_thread.run_sync(_invalidate, list(inodes), list(entries))
 
+    async def refresh(self, backend: Backend, path: str | None = None) -> None:
+        """A dataset's explicit refresh: its listings, and what the kernel was told of them.
+
+        The kernel trusts entries and attributes for the listing TTL; once this
+        returns it asks again: every name of the backend's views it was told of, present
+        or missing, is dropped, and every inode's attributes.  Page caches stay:
+        an ``open`` keeps one only if the file's size and time are unchanged.
+        """
+        backend.refresh(path)
+        attrs: list[int] = []
+        entries: list[tuple[int, str]] = []
+        for inode in self.table.of_backend(backend):
+            inode.cached_at = 0.0
+            attrs.append(inode.ino)
+            entries += [(inode.ino, name) for name in [*(inode.kids or ()),
+                                                      *(inode.missing or ())]]
+            inode.missing = None
+        # done when this returns: the next access after a refresh sees the new state
+        await trio.to_thread.run_sync(_invalidate, [], entries, attrs)
+
     async def run_housekeeping(self, interval: float = 0.5) -> None:
         """Background task: lets backends persist state (usage ledgers) periodically.
 
@@ -241,6 +268,8 @@ class AzfsOperations(pyfuse3.Operations):
         for other in others:
             if other.kids is not None:
                 other.kids.pop(name, None)
+            if other.missing is not None:
+                other.missing.pop(name, None)
         if others:
             self._stale_entries.update(dict.fromkeys((o.ino, name) for o in others))
             self._stale_wakeup.set()
@@ -320,6 +349,8 @@ class AzfsOperations(pyfuse3.Operations):
         if parent.kids is None:
             parent.kids = {}
         parent.kids[name] = inode.ino
+        if parent.missing:
+            parent.missing.pop(name, None)
 
     def _unlink_name(self, parent: Inode, name: str) -> None:
         if parent.kids is not None:
@@ -345,6 +376,14 @@ class AzfsOperations(pyfuse3.Operations):
         e.entry_timeout = timeout
         return e
 
+    @staticmethod
+    def _remember_missing(parent: Inode, name: str) -> None:
+        if parent.missing is None:
+            parent.missing = {}
+        elif len(parent.missing) >= _MISSING_PER_DIR:
+            del parent.missing[next(iter(parent.missing))]
+        parent.missing[name] = None
+
     @op
     async def lookup(self, parent_inode: int, name: bytes, ctx=None) -> pyfuse3.EntryAttributes:
         parent = self.table.get(parent_inode)
@@ -362,6 +401,7 @@ class AzfsOperations(pyfuse3.Operations):
         except (FileNotFoundError, NotFound):
             timeout = self._timeout(parent.view)
             if timeout > 0:
+                self._remember_missing(parent, sname)
                 return self._missing(timeout)
             raise
         return self._remember(parent, sname, parent.view, node, attrs)

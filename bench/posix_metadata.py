@@ -8,7 +8,10 @@ user would do it, in Python: one vfolder directory served four ways at once,
 * bindfs: ``bindfs -o allow_other`` of it (the C passthrough peer);
 * azfs mount: ``azfs mount`` of it;
 * kernel view: a real ``azfs-agentd`` (tests/support/agent.py) exports it to a
-  kernel; the work runs in ``<fuse>/kernels/<id>/<alias>``, as in a container.
+  kernel; the work runs in ``<fuse>/kernels/<id>/<alias>``, as in a container;
+* pyfuse3 floor: ``bench/memfs.py``, an in-memory pyfuse3 filesystem with
+  azfs's mount options and timeouts that does no work but answer (always in
+  memory, also with --latency-ms): the most any pyfuse3 daemon reaches here.
 
 Rows, each target in a fresh directory of its own:
 
@@ -17,8 +20,8 @@ Rows, each target in a fresh directory of its own:
 * scandir+stat: ``os.scandir`` of that directory and ``stat()`` of every
   entry, --rounds times (listings/s).
 
-The ratio columns are speed ratios against bindfs (>= 1.00: azfs as fast),
-for ``azfs mount`` and for the kernel view.  The directory is on local disk,
+The ratio columns are speed ratios against bindfs (>= 1.00: as fast), for
+``azfs mount``, the kernel view and the pyfuse3 floor.  The directory is on local disk,
 or with --latency-ms on the slowfs share stand-in (tests/support/slowfs.py)
 with that delay per request.  Needs root, ``bindfs`` and ``fusermount3``.
 
@@ -56,12 +59,14 @@ from posix_latency import (  # noqa: E402
     rate,
     ratio,
     render,
+    wait_mounted,
 )
 
 from tests.support.agent import AgentHarness  # noqa: E402
 from tests.support.slowfs import slow_volume  # noqa: E402
 
-TARGETS = ("plain", "bindfs", "azfs mount", "kernel view")
+TARGETS = ("plain", "bindfs", "azfs mount", "kernel view", "pyfuse3 floor")
+MEMFS = Path(__file__).resolve().parent / "memfs.py"
 PAYLOAD = b"x" * 100
 
 
@@ -85,6 +90,24 @@ def scandir_stat(directory: Path, rounds: int) -> float:
             for entry in entries:
                 entry.stat()
     return rounds / (time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def memfs_mount(mnt: Path) -> Iterator[Path]:
+    """``bench/memfs.py`` at ``mnt``: pyfuse3 with no backend behind it."""
+    mnt.mkdir()
+    proc = subprocess.Popen([sys.executable, str(MEMFS), str(mnt)], stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        wait_mounted(mnt, proc)
+        yield mnt
+    finally:
+        lazy_unmount(mnt)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 @contextlib.contextmanager
@@ -138,6 +161,7 @@ def run(args: argparse.Namespace) -> int:
             paths["azfs mount"] = stack.enter_context(
                 azfs_mount(vf, work / "via-azfs", work / "run" / "azfs.log", args.azfs_option))
             paths["kernel view"] = stack.enter_context(kernel_view(work, base, "vf"))
+            paths["pyfuse3 floor"] = stack.enter_context(memfs_mount(work / "via-memfs"))
             for rep in range(args.repeat):
                 for target in TARGETS:
                     if target in failed:
@@ -155,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
                     print(f"  {target:12} {rate(made)}, {rate(listed, 'listings/s')}",
                           file=sys.stderr, flush=True)
     finally:
-        for name in ("via-azfs", "via-bindfs", "share"):
+        for name in ("via-azfs", "via-bindfs", "via-memfs", "share"):
             lazy_unmount(work / name)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -169,13 +193,14 @@ def report(args: argparse.Namespace, results: dict[tuple[str, str], list[float]]
         runs = results.get((row, target), [])
         return FAILED if target in failed or not runs else statistics.median(runs)
 
-    head = ["workload", *TARGETS, "azfs mount/bindfs", "kernel view/bindfs"]
+    head = ["workload", *TARGETS, "azfs mount/bindfs", "kernel view/bindfs", "floor/bindfs"]
     rows = []
     for row, label, unit in (("create", f"create+stat {args.files} files", "files/s"),
                              ("list", f"scandir+stat of {args.files}", "listings/s")):
         v = {t: value(row, t) for t in TARGETS}
         rows.append([label, *(rate(v[t], unit) for t in TARGETS),
-                     ratio(v["azfs mount"], v["bindfs"]), ratio(v["kernel view"], v["bindfs"])])
+                     ratio(v["azfs mount"], v["bindfs"]), ratio(v["kernel view"], v["bindfs"]),
+                     ratio(v["pyfuse3 floor"], v["bindfs"])])
     where = (f"slowfs share, {args.latency_ms} ms per request" if args.latency_ms is not None
              else "local disk")
     return (f"\nMachine: {machine()}\nSource: {where}; {args.files} files of 100 bytes, "

@@ -34,7 +34,8 @@ from azfs.usage import Quota
 from azfs.volumes.io import IOLimits, Kind, VolumeIO
 
 if TYPE_CHECKING:
-    from azfs.blob.sas import TokenPool
+    from azfs.backends.blob import BlobBackend
+    from azfs.blob.sas import TokenPool, TokenSource
 
 log = logging.getLogger("agentd.fusehost")
 
@@ -327,7 +328,9 @@ class FuseHost:
             return shared
 
     @staticmethod
-    async def _admit(backend, source) -> None:
+    async def _admit(backend: BlobBackend, source: TokenSource) -> None:
+        """Probes a joining kernel's SAS, taken from its source as a new backend's is
+        (its renewal URL when it has one: a SAS replayed from the journal may be old)."""
         from azfs.blob.sas import fetch
         from azfs.blob.url import normalize_sas
 

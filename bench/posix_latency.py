@@ -109,10 +109,16 @@ def azfs_mount(source: Path, mnt: Path, log: Path, options: list[str]) -> Iterat
 
 @contextlib.contextmanager
 def bindfs_mount(source: Path, mnt: Path, *options: str) -> Iterator[Path]:
+    with daemon_mount(["bindfs", "-f", "-o", "allow_other", *options, str(source), str(mnt)],
+                      mnt) as path:
+        yield path
+
+
+@contextlib.contextmanager
+def daemon_mount(argv: list[str], mnt: Path) -> Iterator[Path]:
+    """A FUSE daemon run in the foreground (``argv``) serving ``mnt``; unmounted after."""
     mnt.mkdir(exist_ok=True)
-    proc = subprocess.Popen(["bindfs", "-f", "-o", "allow_other", *options, str(source),
-                             str(mnt)],
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_mounted(mnt, proc)
         yield mnt

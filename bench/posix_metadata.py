@@ -53,13 +53,13 @@ from posix_latency import (  # noqa: E402
     FAILED,
     azfs_mount,
     bindfs_mount,
+    daemon_mount,
     exit_on_sigterm,
     lazy_unmount,
     machine,
     rate,
     ratio,
     render,
-    wait_mounted,
 )
 
 from tests.support.agent import AgentHarness  # noqa: E402
@@ -92,22 +92,9 @@ def scandir_stat(directory: Path, rounds: int) -> float:
     return rounds / (time.perf_counter() - start)
 
 
-@contextlib.contextmanager
-def memfs_mount(mnt: Path) -> Iterator[Path]:
+def memfs_mount(mnt: Path) -> contextlib.AbstractContextManager[Path]:
     """``bench/memfs.py`` at ``mnt``: pyfuse3 with no backend behind it."""
-    mnt.mkdir()
-    proc = subprocess.Popen([sys.executable, str(MEMFS), str(mnt)], stdin=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        wait_mounted(mnt, proc)
-        yield mnt
-    finally:
-        lazy_unmount(mnt)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    return daemon_mount([sys.executable, str(MEMFS), str(mnt)], mnt)
 
 
 @contextlib.contextmanager

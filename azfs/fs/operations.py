@@ -59,8 +59,8 @@ def _name(raw: bytes) -> str:
     return os.fsdecode(raw)
 
 
-def _invalidate(inodes: list[int], entries: list[tuple[int, str]],
-                attrs: list[int] = ()) -> None:
+def _invalidate(inodes: Sequence[int], entries: Sequence[tuple[int, str]],
+                attrs: Sequence[int] = ()) -> None:
     """Runs in a thread: the kernel may wait on this very process to answer.
 
     ``inodes`` lose their attributes and page cache, ``attrs`` only their attributes.
@@ -207,8 +207,8 @@ class AzfsOperations(pyfuse3.Operations):
         """A dataset's explicit refresh: its listings, and what the kernel was told of them.
 
         The kernel trusts entries and attributes for the listing TTL; once this
-        returns it asks again: every name of the backend's views it was told of, present
-        or missing, is dropped, and every inode's attributes.  Page caches stay:
+        returns it asks again: every name of the backend's views it was told
+        of, present or missing, is dropped, and every inode's attributes.  Page caches stay:
         an ``open`` keeps one only if the file's size and time are unchanged.
         """
         backend.refresh(path)

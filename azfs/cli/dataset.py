@@ -412,5 +412,5 @@ async def _download(source, name: str, target: Path, concurrency: int) -> int:
             raise first from None
         raise
     finally:
-        http.close()
+        await http.aclose()
     return props.size

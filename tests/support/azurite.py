@@ -50,8 +50,10 @@ def azurite_binary() -> str:
 class Azurite:
     """One Azurite blob service process; restartable on the same port and data."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, tls: tuple[Path, Path, Path] | None = None) -> None:
+        """``tls``: (certificate, key, CA certificate) to serve HTTPS instead of HTTP."""
         self.workdir = workdir
+        self.tls = tls
         self.data = workdir / "data"
         self.data.mkdir(parents=True, exist_ok=True)
         self.log = workdir / "azurite.log"
@@ -65,12 +67,16 @@ class Azurite:
         return f"127.0.0.1:{self.port}"
 
     @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    @property
     def blob_endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}/{self.account}"
+        return f"{self.scheme}://127.0.0.1:{self.port}/{self.account}"
 
     @property
     def connection_string(self) -> str:
-        return (f"DefaultEndpointsProtocol=http;AccountName={self.account};"
+        return (f"DefaultEndpointsProtocol={self.scheme};AccountName={self.account};"
                 f"AccountKey={self.key};BlobEndpoint={self.blob_endpoint};")
 
     def start(self) -> None:
@@ -79,6 +85,8 @@ class Azurite:
         cmd = [azurite_binary(), "--blobHost", "127.0.0.1", "--blobPort", str(self.port),
                "--location", str(self.data), "--skipApiVersionCheck", "--silent",
                "--disableTelemetry"]
+        if self.tls:
+            cmd += ["--cert", str(self.tls[0]), "--key", str(self.tls[1])]
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True)
@@ -95,7 +103,8 @@ class Azurite:
 
     def service_client(self):
         from azure.storage.blob import BlobServiceClient
-        return BlobServiceClient.from_connection_string(self.connection_string)
+        extra = {"connection_verify": str(self.tls[2])} if self.tls else {}
+        return BlobServiceClient.from_connection_string(self.connection_string, **extra)
 
     def container_sas(self, container: str, *, seconds: float = 3600, permission: str = "rl",
                       start_offset: float = -300) -> str:

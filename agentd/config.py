@@ -10,6 +10,7 @@ Layering: defaults → the TOML file → command-line flags.  Example::
     socket_group = "azfs"                     # optional
     unmount_on_exit = false                   # see agentd.main
     bind_startup_volumes = true               # /home/work/<volume> in every kernel
+    xattrs = false                            # extended attributes (user.*) in views
     max_body_bytes = 1048576
 
     [store]                                   # where the volume config lives
@@ -88,6 +89,8 @@ class Config:
     registration_ttl: int = 30
     watchdog_interval: float = 2.0
     volume_io: IOLimits = field(default_factory=IOLimits)
+    #: serve extended attributes; off, every write() and ``ls -l`` entry costs less
+    xattrs: bool = False
     debug: bool = False
 
     # ---- derived paths -----------------------------------------------------------
@@ -179,7 +182,7 @@ class Config:
                   "socket_mode": _mode, "socket_group": str, "unmount_on_exit": bool,
                   "bind_startup_volumes": bool, "max_body_bytes": _size, "volume_uid": int,
                   "volume_gid": int, "registration_ttl": int, "watchdog_interval": float,
-                  "debug": bool}
+                  "xattrs": bool, "debug": bool}
         for key, value in data.items():
             conv = simple.get(key)
             if conv is None:

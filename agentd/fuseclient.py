@@ -147,6 +147,7 @@ class FuseHostSpec:
     cache_dir: Path | None = None
     cache_bytes: int = 0
     volume_io: IOLimits = field(default_factory=IOLimits)
+    xattrs: bool = False
     debug: bool = False
 
     def argv(self) -> list[str]:
@@ -157,6 +158,8 @@ class FuseHostSpec:
                 "--data-deadline", str(io.data_deadline), "--io-mode", io.mode]
         if self.cache_dir is not None and self.cache_bytes > 0:
             argv += ["--cache-dir", str(self.cache_dir), "--cache-bytes", str(self.cache_bytes)]
+        if self.xattrs:
+            argv.append("--xattrs")
         if self.debug:
             argv.append("--debug")
         return argv

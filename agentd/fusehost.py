@@ -40,6 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metadata-deadline", type=float, default=IOLimits.metadata_deadline)
     p.add_argument("--data-deadline", type=float, default=IOLimits.data_deadline)
     p.add_argument("--io-mode", choices=("auto", "threads", "inline"), default=IOLimits.mode)
+    p.add_argument("--xattrs", action="store_true", help="serve extended attributes")
     p.add_argument("--debug", action="store_true")
     return p
 
@@ -50,7 +51,7 @@ async def _run(args: argparse.Namespace) -> None:
     raise_fd_limit()
     limits = IOLimits(threads=args.io_threads, metadata_deadline=args.metadata_deadline,
                       data_deadline=args.data_deadline, mode=args.io_mode)
-    ops = AzfsOperations()
+    ops = AzfsOperations(xattrs=args.xattrs)
     host = FuseHost(ops, args.mountpoint, args.cache_dir, args.cache_bytes, limits)
 
     async def control() -> None:

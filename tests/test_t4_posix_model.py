@@ -176,7 +176,7 @@ TIGHT_DESCRIPTORS = ["setpriv", "--bounding-set", "-sys_resource",
 
 @pytest.mark.parametrize("prefix", [[], TIGHT_DESCRIPTORS], ids=["default", "tight-fds"])
 def test_random_operations_match_a_plain_directory(mounted, tmp_path, prefix):
-    m = mounted(prefix=prefix)
+    m = mounted("--xattrs", prefix=prefix)
     plain = tmp_path / "plain"
     plain.mkdir()
     counter = itertools.count()

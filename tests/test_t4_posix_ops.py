@@ -300,7 +300,7 @@ def test_statfs_matches_backing_volume(mounted):
 
 
 def test_xattrs(mounted):
-    m = mounted()
+    m = mounted("--xattrs")
     p = m.mnt / "f"
     p.touch()
     os.setxattr(p, "user.color", b"blue")
@@ -364,7 +364,7 @@ def test_read_only_refuses_every_write(mounted, tmp_path):
     (src / "f").write_text("content")
     (src / "d").mkdir()
     os.setxattr(src / "f", "user.a", b"1")
-    m = mounted("--ro", source=src)
+    m = mounted("--ro", "--xattrs", source=src)
     p = m.mnt / "f"
     assert p.read_text() == "content"
     assert os.getxattr(p, "user.a") == b"1"
@@ -465,7 +465,7 @@ def test_rename_whiteout_is_refused(mounted):
 
 
 def test_xattr_namespaces_other_than_user(mounted):
-    m = mounted()
+    m = mounted("--xattrs")
     p = m.mnt / "f"
     p.touch()
     os.setxattr(m.source / "f", "trusted.t", b"1")
@@ -772,3 +772,18 @@ def test_renames_in_a_sticky_directory_follow_the_sticky_rules(mounted):
     assert as_user(1000, 1000, own_then_others, cwd=t) == [0, errno.EPERM, errno.EPERM]
     assert sorted(os.listdir(m.source / "t")) == ["mine2", "roots"]
     assert (m.source / "t" / "roots").read_text() == "root's"
+
+
+def test_without_xattrs_the_kernel_answers_and_stops_asking(mounted):
+    """Off by default: no request per write() for security.capability, none for ls -l."""
+    m = mounted()
+    p = m.mnt / "f"
+    with open(p, "wb") as f:
+        for _ in range(50):
+            f.write(b"x" * 4096)
+    assert p.stat().st_size == 50 * 4096
+    assert errno_of(lambda: os.getxattr(p, "user.k")) == errno.EOPNOTSUPP
+    assert errno_of(lambda: os.setxattr(p, "user.k", b"v")) == errno.EOPNOTSUPP
+    assert errno_of(lambda: os.listxattr(p)) == errno.EOPNOTSUPP
+    os.setxattr(m.source / "f", "user.k", b"on the volume")  # present, but not served
+    assert errno_of(lambda: os.getxattr(p, "user.k")) == errno.EOPNOTSUPP

@@ -162,7 +162,7 @@ def test_statfs_reports_quota(mounted):
 
 
 def test_quota_does_not_affect_reads_or_chmod(mounted):
-    m = mounted("--quota-bytes", "10K", "--quota-files", "1")
+    m = mounted("--quota-bytes", "10K", "--quota-files", "1", "--xattrs")
     (m.mnt / "f").write_bytes(b"a" * 10 * K)
     os.chmod(m.mnt / "f", 0o600)
     assert stat.S_IMODE(os.stat(m.mnt / "f").st_mode) == 0o600

@@ -440,3 +440,44 @@ async def test_quota_of_the_export_is_enforced(agent: AgentHarness) -> None:
         assert info.value.errno == errno.EDQUOT
         assert not (root / name).exists()
     assert sorted(os.listdir(root)) == ["big", "f2", "small"]
+
+
+async def _getxattr_requests(agent: AgentHarness) -> int:
+    stats = await FuseHostClient(agent.state_dir / "run" / "fusehost.sock").stats()
+    return stats["fs"]["ops"].get("getxattr", {}).get("count", 0)
+
+
+@pytest.mark.parametrize("xattrs", [False, True])
+async def test_xattrs_switch_what_each_write_and_ls_costs(agent: AgentHarness,
+                                                          xattrs: bool) -> None:
+    """Off (the default), the kernel stops asking after one ENOSYS; on, user.* works."""
+    if xattrs:
+        agent.stop()
+        agent.kill_fusehost()
+        agent.write_config(xattrs=True)
+        agent.start()
+    agent.vfolder("vol1", "vf-x")
+    async with agent.client() as http:
+        r = await http.put("/v1/kernels/kx", json=body(posix("data", path="vf-x")))
+        assert r.status_code == 200, r.text
+    root = agent.fuse_path("kx", "data")
+    before = await _getxattr_requests(agent)
+    with open(root / "big", "wb") as f:
+        for _ in range(40):
+            f.write(b"x" * 65536)
+    for i in range(30):
+        (root / f"f{i}").write_bytes(b"y")
+    listing = subprocess.run(["ls", "-l", str(root)], capture_output=True, text=True)
+    assert listing.returncode == 0 and listing.stdout.count("\n") == 32
+    asked = await _getxattr_requests(agent) - before
+    if xattrs:
+        # one security.capability check per write(), the ls -l probes per file
+        assert asked >= 40 + 30
+        os.setxattr(root / "big", "user.k", b"v")
+        assert os.getxattr(root / "big", "user.k") == b"v"
+    else:
+        assert asked <= 1  # the one that answered ENOSYS
+        assert (root / "big").stat().st_size == 40 * 65536
+        with pytest.raises(OSError) as exc:
+            os.setxattr(root / "big", "user.k", b"v")
+        assert exc.value.errno == errno.EOPNOTSUPP

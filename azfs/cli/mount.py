@@ -71,6 +71,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "loop (auto: inline only on a local filesystem)")
     p.add_argument("--allow-other", action="store_true",
                    help="let other users of the host in (default: only the mounting user)")
+    p.add_argument("--xattrs", action="store_true",
+                   help="serve extended attributes (user.*); off by default: with them, "
+                        "every write() and every file 'ls -l' shows costs extra requests")
     p.add_argument("--foreground", "-f", action="store_true",
                    help="stay in the foreground, logging to stderr")
     p.add_argument("--log-file", default=None,
@@ -242,7 +245,7 @@ def _run_foreground(args: argparse.Namespace, mountpoint: Path) -> int:
                 backend=backend, read_only=args.ro, uid=args.uid, gid=args.gid)
     timeout = args.cache_timeout if args.cache_timeout is not None else \
         backend.cache_timeout if backend.cache_timeout is not None else DEFAULT_CACHE_TIMEOUT
-    ops = AzfsOperations(view, cache_timeout=timeout)
+    ops = AzfsOperations(view, cache_timeout=timeout, xattrs=args.xattrs)
     pidfile = _pidfile(mountpoint)
 
     def ready() -> None:
@@ -324,6 +327,8 @@ def _forwarded_options(args: argparse.Namespace) -> list[str]:
         out.append("--ro")
     if args.allow_other:
         out.append("--allow-other")
+    if args.xattrs:
+        out.append("--xattrs")
     for opt in ("uid", "gid", "cache_timeout", "listing_ttl", "sas_file", "cache_dir",
                 "cache_bytes", "io_threads", "metadata_deadline", "data_deadline", "io_mode"):
         value = getattr(args, opt)

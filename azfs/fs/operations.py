@@ -110,10 +110,13 @@ class AzfsOperations(pyfuse3.Operations):
     enable_acl = False
 
     def __init__(self, root_view: View | None = None,
-                 cache_timeout: float = DEFAULT_CACHE_TIMEOUT) -> None:
+                 cache_timeout: float = DEFAULT_CACHE_TIMEOUT, xattrs: bool = False) -> None:
         super().__init__()
         self.table = InodeTable()
         self.cache_timeout = cache_timeout
+        #: extended attributes served (``user.*``); off, the kernel answers EOPNOTSUPP
+        #: itself and stops asking (see :meth:`_xattrs_off`)
+        self.xattrs = xattrs
         if root_view is not None:
             self.table.new_view(root_view)
         self.root_view = root_view
@@ -783,8 +786,19 @@ class AzfsOperations(pyfuse3.Operations):
             self.table.closed(f.inode)
 
     # ---- xattrs --------------------------------------------------------------------------
+    def _xattrs_off(self) -> None:
+        """ENOSYS when extended attributes are off: the kernel then stops sending them.
+
+        With them on, every ``write()`` costs a second request (the kernel's
+        ``security.capability`` check) and ``ls -l`` two more per file
+        (``security.selinux``, ``system.posix_acl_access``); see PERFORMANCE.md.
+        """
+        if not self.xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
+
     @op
     async def getxattr(self, inode: int, name: bytes, ctx=None) -> bytes:
+        self._xattrs_off()
         node = self.table.get(inode)
         if node.view is None:
             raise pyfuse3.FUSEError(errno.ENODATA)
@@ -792,6 +806,7 @@ class AzfsOperations(pyfuse3.Operations):
 
     @op
     async def listxattr(self, inode: int, ctx=None) -> list[bytes]:
+        self._xattrs_off()
         node = self.table.get(inode)
         if node.view is None:
             return []
@@ -799,10 +814,12 @@ class AzfsOperations(pyfuse3.Operations):
 
     @op
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx=None) -> None:
+        self._xattrs_off()
         node, _, backend = self._writable(inode)
         await backend.setxattr(node.node, _name(name), value)
 
     @op
     async def removexattr(self, inode: int, name: bytes, ctx=None) -> None:
+        self._xattrs_off()
         node, _, backend = self._writable(inode)
         await backend.removexattr(node.node, _name(name))

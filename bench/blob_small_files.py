@@ -15,12 +15,13 @@ views of the dataset (two kernels, one backend, one block cache); the first
 reads everything, the page cache is dropped and the second reads everything:
 its data GETs, counted from the process's ``stats``, and its files/s.
 
-Then listing: a folder of ``--list-files`` blobs, ``ls -f | wc -l`` then
-``ls -l`` on fresh mounts.  Then memory: on a fresh mount, a helper process
-opens ``--mem-files`` blobs of ``--mem-size-mib`` MiB, reads the first 64 KiB
-of each and keeps them all open; the daemon's RSS (and, for azfs, its
-read-ahead budget from ``azfs dataset stats``) before, while open and after.
-With ``import torch`` working (the ``bench`` extra), a DataLoader row
+Then listing: a folder of ``--list-files`` blobs in an Azurite of its own
+(see :func:`listing_store`), ``ls -f | wc -l`` then ``ls -l`` on fresh
+mounts.  Then memory: on a fresh mount, a helper process opens
+``--mem-files`` blobs of ``--mem-size-mib`` MiB, reads the head of each
+(``--mem-read-kib``) and keeps them all open; the daemon's RSS (and, for
+azfs, its read-ahead budget from ``azfs dataset stats``) before, while open
+and after.  With ``import torch`` working (the ``bench`` extra), a DataLoader row
 (``num_workers`` 8): samples/s, epoch 1 (cold) and 2 (warm), through each
 mount and a local copy.  The machine's load average is printed at the start
 and end of every row.  Needs root, ``rclone``, ``fusermount3`` and Azurite.

@@ -483,22 +483,31 @@ def timed(cmd: str, cwd: Path) -> tuple[float, str]:
 
 
 def listing(az: Azurite, work: Path, sas: str, count: int) -> dict[str, float]:
+    """Seconds of ``ls -f | wc -l``, then ``ls -l``; for azfs also its List Blobs calls."""
     out: dict[str, float] = {}
     for label, mount in (("azfs", lambda: azfs_mount(az, work)),
                          ("rclone", lambda: rclone_mount(az, work, sas))):
+        lists = ""
         with mount() as mnt:
             drop_page_cache()
             t, got = timed("ls -f | wc -l", mnt / LISTDIR)
             if int(got) != count + 2:
                 raise RuntimeError(f"{label}: ls -f listed {got} names, expected {count + 2}")
             out[f"{label} ls -f"] = t
+            if label == "azfs":
+                out["azfs lists ls -f"] = azfs_stats(work, mnt)["http.lists"]
             t, got = timed("ls -l | wc -l", mnt / LISTDIR)
             if int(got) != count + 1:  # the "total" line
                 raise RuntimeError(f"{label}: ls -l listed {int(got) - 1} names, "
                                    f"expected {count}")
             out[f"{label} ls -l"] = t
+            if label == "azfs":
+                out["azfs lists ls -l"] = azfs_stats(work, mnt)["http.lists"] - \
+                    out["azfs lists ls -f"]
+                lists = (f" (List Blobs calls: {out['azfs lists ls -f']:.0f} for ls -f, "
+                         f"{out['azfs lists ls -l']:.0f} more for ls -l)")
         print(f"  listing {count} blobs, {label}: ls -f {out[f'{label} ls -f']:.2f} s, "
-              f"ls -l {out[f'{label} ls -l']:.2f} s", flush=True)
+              f"ls -l {out[f'{label} ls -l']:.2f} s{lists}", flush=True)
     return out
 
 
@@ -787,7 +796,9 @@ def main() -> int:
         print(f"listing {list_files} blobs: ls -f azfs {lst['azfs ls -f']:.2f} s, rclone "
               f"{lst['rclone ls -f']:.2f} s ({ratio(lst['rclone ls -f'], lst['azfs ls -f'])} "
               f"speed); ls -l azfs {lst['azfs ls -l']:.2f} s, rclone "
-              f"{lst['rclone ls -l']:.2f} s ({ratio(lst['rclone ls -l'], lst['azfs ls -l'])})")
+              f"{lst['rclone ls -l']:.2f} s ({ratio(lst['rclone ls -l'], lst['azfs ls -l'])}); "
+              f"azfs List Blobs calls {lst['azfs lists ls -f']:.0f} + "
+              f"{lst['azfs lists ls -l']:.0f}")
     if mem:
         print(f"daemon memory, {mem_files} blobs of {args.mem_size_mib} MiB open, the head "
               f"of each read (MiB)")

@@ -15,11 +15,17 @@ views of the dataset (two kernels, one backend, one block cache); the first
 reads everything, the page cache is dropped and the second reads everything:
 its data GETs, counted from the process's ``stats``, and its files/s.
 
-Then listing: a folder of ``--list-files`` blobs, ``ls -f | wc -l`` then
-``ls -l`` on fresh mounts.  With ``import torch`` working, a DataLoader row
-(``num_workers`` 8): samples/s, epoch 1 and 2, through each mount and a
-local copy.  Needs root, ``rclone``, ``fusermount3`` and Azurite.  Never run
-by the test suite.
+Then listing: a folder of ``--list-files`` blobs in an Azurite of its own
+(see :func:`listing_store`), ``ls -f | wc -l`` then ``ls -l`` on fresh
+mounts.  Then memory: on a fresh mount, a helper process opens
+``--mem-files`` blobs of ``--mem-size-mib`` MiB, reads the head of each
+(``--mem-read-kib``) and keeps them all open; the daemon's RSS (and, for
+azfs, its read-ahead budget from ``azfs dataset stats``) before, while open
+and after.  With ``import torch`` working (the ``bench`` extra), a DataLoader row
+(``num_workers`` 8): samples/s, epoch 1 (cold) and 2 (warm), through each
+mount and a local copy.  The machine's load average is printed at the start
+and end of every row.  Needs root, ``rclone``, ``fusermount3`` and Azurite.
+Never run by the test suite.
 
     .venv/bin/python bench/blob_small_files.py [--quick] [--files 4000] [--readers 8,32]
 """
@@ -29,6 +35,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import gc
 import http.client
 import itertools
 import json
@@ -42,6 +49,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,25 +62,158 @@ from tests.support.azurite import Azurite  # noqa: E402
 
 CONTAINER = "train"
 LISTDIR = "flat"
+MEMDIR = "mem"
+MiB = 1024 * 1024
+X_MS_VERSION = "2021-08-06"
+#: the SAS must outlive the whole run (rclone's is fixed in its config)
+SAS_SECONDS = 12 * 3600
+
+
+# ---- machine ------------------------------------------------------------------------
+def load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+#: row name -> (load at start, load at end, seconds)
+ROW_LOADS: dict[str, tuple[str, str, float]] = {}
+
+
+@contextlib.contextmanager
+def row(name: str):
+    """Prints the load average (1/5/15 min) at the start and end of one row."""
+    before, start = load(), time.perf_counter()
+    print(f"[{name}] load {before}", flush=True)
+    try:
+        yield
+    finally:
+        took = time.perf_counter() - start
+        ROW_LOADS[name] = (before, load(), took)
+        print(f"[{name}] done in {took:.0f} s, load {ROW_LOADS[name][1]}", flush=True)
 
 
 # ---- dataset ------------------------------------------------------------------------
-def upload(az: Azurite, names: list[str], size: int, threads: int = 16) -> None:
+class Blobs:
+    """Keep-alive HTTP to Azurite with a SAS, one connection per thread."""
+
+    def __init__(self, az: Azurite, sas: str) -> None:
+        self.az, self.sas = az, sas
+        self.base = f"/{az.account}/{CONTAINER}/"
+        self._local = threading.local()
+
+    def _conn(self) -> http.client.HTTPConnection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = http.client.HTTPConnection("127.0.0.1", self.az.port,
+                                                                 timeout=60)
+        return conn
+
+    def request(self, method: str, name: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        headers = {"x-ms-version": X_MS_VERSION, **(headers or {})}
+        for attempt in (1, 2):
+            conn = self._conn()
+            try:
+                conn.request(method, f"{self.base}{name}?{self.sas}", body=body,
+                             headers=headers)
+                resp = conn.getresponse()
+                return resp.status, resp.read()
+            except (ConnectionError, http.client.HTTPException):
+                # the server closed an idle keep-alive connection: one retry, new socket
+                conn.close()
+                self._local.conn = None
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def put(self, name: str, data: bytes) -> None:
+        status, body = self.request("PUT", name, data, {"x-ms-blob-type": "BlockBlob"})
+        if status != 201:
+            raise RuntimeError(f"PUT {name}: HTTP {status} {body[:200]!r}")
+
+    def get(self, name: str, size: int) -> bytes:
+        status, body = self.request("GET", name)
+        if status != 200 or len(body) != size:
+            raise RuntimeError(f"GET {name}: HTTP {status}, {len(body)} bytes")
+        return body
+
+
+def upload(az: Azurite, names: list[str], size: int, threads: int = 32) -> float:
+    """PUTs ``names`` (``size`` bytes each, distinct first 8 bytes); returns seconds.
+
+    Raw keep-alive PUTs with a write SAS, not the SDK: its per-request cost made
+    100,000 tiny blobs take longer than the rest of the run."""
     from azure.core.exceptions import ResourceExistsError
 
-    client = az.service_client().get_container_client(CONTAINER)
     with contextlib.suppress(ResourceExistsError):
-        client.create_container()
-    rng = random.Random(7)
-    base = rng.randbytes(size)
+        az.service_client().create_container(CONTAINER)
+    blobs = Blobs(az, az.container_sas(CONTAINER, permission="cw", seconds=SAS_SECONDS))
+    base = random.Random(7).randbytes(size)
+    start = time.perf_counter()
 
     def put(i_name: tuple[int, str]) -> None:
         i, name = i_name
-        data = i.to_bytes(8, "little") + base[8:] if size >= 8 else base
-        client.upload_blob(name, data, overwrite=True)
+        blobs.put(name, i.to_bytes(8, "little") + base[8:] if size >= 8 else base)
 
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        list(pool.map(put, enumerate(names)))
+        list(pool.map(put, enumerate(names), chunksize=64))
+    took = time.perf_counter() - start
+    print(f"  uploaded {len(names)} blobs of {size} bytes in {took:.1f} s "
+          f"({len(names) / took:.0f} blobs/s, {threads} connections)", flush=True)
+    return took
+
+
+#: Azurite's metadata file (LokiJS) and its collection of blobs
+AZURITE_DB = "__azurite_db_blob__.json"
+BLOBS_COLLECTION = "$BLOBS_COLLECTION$"
+
+
+def listing_store(work: Path, count: int, put: int) -> Azurite:
+    """An Azurite of its own (started) holding ``LISTDIR/`` with ``count`` blobs.
+
+    Its own, so that the other rows' GETs do not pay for these blobs: Azurite
+    scans every blob of the account on each PUT and GET, so 100,000 PUTs take
+    hours on 2 CPUs.  The first ``put`` blobs are uploaded; the rest are copies of
+    their entries in Azurite's metadata file (new names and ETags, same extents):
+    real blobs to every client, listed and read like the uploaded ones."""
+    names = [f"{LISTDIR}/f{i:07d}" for i in range(count)]
+    az = Azurite(work / "azurite-list")
+    az.start()
+    try:
+        upload(az, names[:put], 16)
+    finally:
+        az.stop()  # writes the metadata file
+    if count > put:
+        start = time.perf_counter()
+        clone_blobs(az.data / AZURITE_DB, names[put:])
+        print(f"  {count - put} more blobs as copies of those entries in "
+              f"{time.perf_counter() - start:.1f} s", flush=True)
+    az.start()
+    # a copied entry reads back like an uploaded one
+    Blobs(az, az.container_sas(CONTAINER, seconds=SAS_SECONDS)).get(names[-1], 16)
+    return az
+
+
+def clone_blobs(db_file: Path, names: list[str]) -> None:
+    """Adds a blob entry per name to a stopped Azurite's metadata, copying existing ones."""
+    db = json.loads(db_file.read_text())
+    coll = next(c for c in db["collections"] if c["name"] == BLOBS_COLLECTION)
+    docs = coll["data"]
+    templates = [json.dumps(d) for d in docs]
+    if not templates:
+        raise RuntimeError("no uploaded blob to copy")
+    for i, name in enumerate(names):
+        doc = json.loads(templates[i % len(templates)])
+        coll["maxId"] += 1
+        doc["$loki"] = coll["maxId"]
+        doc["name"] = name
+        doc["properties"]["etag"] = f'"0x{0x1D00000000000000 + coll["maxId"]:X}"'
+        docs.append(doc)
+    # LokiJS trusts its saved indexes (positions sorted by the property): rebuild them
+    for prop, index in coll["binaryIndices"].items():
+        index["values"] = sorted(range(len(docs)), key=lambda j: docs[j][prop])
+        index["dirty"] = False
+    coll["idIndex"] = None
+    db_file.write_text(json.dumps(db))
 
 
 def dataset_names(files: int, folders: int) -> list[str]:
@@ -138,26 +279,34 @@ def walk_and_read(root: Path, readers: int, expect: int, size: int) -> float:
 
 def plain_gets(az: Azurite, sas: str, names: list[str], readers: int, size: int) -> float:
     """files/s of keep-alive GETs, one connection per reader thread (the ceiling)."""
-    local = threading.local()
-    base = f"/{az.account}/{CONTAINER}/"
+    blobs = Blobs(az, sas)
+    start = time.perf_counter()
+    parallel(lambda name: blobs.get(name, size), names, readers)
+    return len(names) / (time.perf_counter() - start)
+
+
+def download(az: Azurite, sas: str, names: list[str], size: int, dest: Path,
+             readers: int = 8) -> float:
+    """Copies the blobs to ``dest`` with plain GETs (not through a mount); returns seconds."""
+    blobs = Blobs(az, sas)
+    start = time.perf_counter()
 
     def one(name: str) -> None:
-        conn = getattr(local, "conn", None)
-        if conn is None:
-            conn = local.conn = http.client.HTTPConnection("127.0.0.1", az.port, timeout=30)
-        conn.request("GET", f"{base}{name}?{sas}", headers={"x-ms-version": "2021-08-06"})
-        resp = conn.getresponse()
-        body = resp.read()
-        if resp.status != 200 or len(body) != size:
-            raise RuntimeError(f"GET {name}: HTTP {resp.status}, {len(body)} bytes")
+        path = dest / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(blobs.get(name, size))
 
-    start = time.perf_counter()
     parallel(one, names, readers)
-    return len(names) / (time.perf_counter() - start)
+    os.sync()
+    return time.perf_counter() - start
 
 
 # ---- mounts -------------------------------------------------------------------------
 _serial = itertools.count()
+
+
+def azfs_env(work: Path) -> dict[str, str]:
+    return dict(os.environ, AZFS_RUN_DIR=str(work / "run"))
 
 
 @contextlib.contextmanager
@@ -169,8 +318,7 @@ def azfs_mount(az: Azurite, work: Path, cache: Path | None = None):
     cmd = [str(REPO / ".venv" / "bin" / "azfs"), "mount", "--sas-file", str(work / "sas"),
            "--cache-dir", str(cache), "--cache-bytes", "4G", "--log-file",
            str(work / f"azfs-{n}.log"), az.container_url(CONTAINER), str(mnt)]
-    env = dict(os.environ, AZFS_RUN_DIR=str(work / "run"))
-    subprocess.run(cmd, check=True, env=env)
+    subprocess.run(cmd, check=True, env=azfs_env(work))
     try:
         wait_mounted(mnt)
         yield mnt
@@ -200,6 +348,40 @@ def rclone_mount(az: Azurite, work: Path, sas: str):
             proc.wait(10)
         if proc.poll() is None:
             proc.kill()
+
+
+def daemon_pid(mnt: Path) -> int:
+    """The pid of the process serving ``mnt``: the one whose argv names the mountpoint."""
+    target = os.fsencode(str(mnt))
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            if target in argv:
+                found.append(int(entry))
+    if len(found) != 1:
+        raise RuntimeError(f"{mnt}: {len(found)} processes name it, expected one")
+    return found[0]
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS since the process started) of ``pid``, in KiB."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0])
+    return out
+
+
+def azfs_stats(work: Path, mnt: Path) -> dict:
+    """The dataset's counters, as an operator reads them (``azfs dataset stats``)."""
+    res = subprocess.run([str(REPO / ".venv" / "bin" / "azfs"), "dataset", "stats", str(mnt)],
+                         capture_output=True, text=True, check=True, env=azfs_env(work))
+    return json.loads(res.stdout)
 
 
 class FuseHost:
@@ -317,29 +499,156 @@ def second_kernel(az: Azurite, work: Path, sas: str, n: int, readers: int,
 def timed(cmd: str, cwd: Path) -> tuple[float, str]:
     start = time.perf_counter()
     res = subprocess.run(["sh", "-c", cmd], cwd=cwd, capture_output=True, text=True,
-                         check=True)
+                         check=True, timeout=3600)
     return time.perf_counter() - start, res.stdout.strip()
 
 
 def listing(az: Azurite, work: Path, sas: str, count: int) -> dict[str, float]:
+    """Seconds of ``ls -f | wc -l``, then ``ls -l``; for azfs also its List Blobs calls."""
     out: dict[str, float] = {}
     for label, mount in (("azfs", lambda: azfs_mount(az, work)),
                          ("rclone", lambda: rclone_mount(az, work, sas))):
+        lists = ""
         with mount() as mnt:
             drop_page_cache()
             t, got = timed("ls -f | wc -l", mnt / LISTDIR)
             if int(got) != count + 2:
                 raise RuntimeError(f"{label}: ls -f listed {got} names, expected {count + 2}")
             out[f"{label} ls -f"] = t
-            out[f"{label} ls -l"], _ = timed("ls -l > /dev/null", mnt / LISTDIR)
+            if label == "azfs":
+                out["azfs lists ls -f"] = azfs_stats(work, mnt)["http.lists"]
+            t, got = timed("ls -l | wc -l", mnt / LISTDIR)
+            if int(got) != count + 1:  # the "total" line
+                raise RuntimeError(f"{label}: ls -l listed {int(got) - 1} names, "
+                                   f"expected {count}")
+            out[f"{label} ls -l"] = t
+            if label == "azfs":
+                out["azfs lists ls -l"] = azfs_stats(work, mnt)["http.lists"] - \
+                    out["azfs lists ls -f"]
+                lists = (f" (List Blobs calls: {out['azfs lists ls -f']:.0f} for ls -f, "
+                         f"{out['azfs lists ls -l']:.0f} more for ls -l)")
         print(f"  listing {count} blobs, {label}: ls -f {out[f'{label} ls -f']:.2f} s, "
-              f"ls -l {out[f'{label} ls -l']:.2f} s", flush=True)
+              f"ls -l {out[f'{label} ls -l']:.2f} s{lists}", flush=True)
     return out
 
 
-def torch_rows(az: Azurite, work: Path, sas: str, n: int) -> dict[str, float] | None:
+#: The helper of the memory row: opens every path of the list file, reads the first
+#: HEAD bytes of each in reads of 64 KiB (refusing a short read), says so, and keeps
+#: them all open until its stdin closes.
+HOLDER = """
+import os, sys
+chunk = int(sys.argv[2])
+fds = []
+for path in open(sys.argv[1]).read().split():
+    fd = os.open(path, os.O_RDONLY)
+    fds.append(fd)
+    got = 0
+    while got < chunk:
+        data = os.read(fd, min(65536, chunk - got))
+        if not data:
+            sys.exit(f"{path}: short read, {got} of {chunk} bytes")
+        got += len(data)
+print(f"open {len(fds)}", flush=True)
+sys.stdin.read()
+"""
+
+
+def memory(work: Path, mount, names: list[str], head: int, hold: float,
+           stats=None) -> dict[str, float]:
+    """The daemon's memory while a helper holds ``names`` open (``head`` bytes read from each).
+
+    RSS before, the largest VmRSS sampled while the files are open (every 50 ms
+    for ``hold`` seconds once all are open, and while they are being opened),
+    VmHWM (the kernel's peak RSS of the daemon, fresh with the mount), RSS
+    once they are closed; ``stats(mnt)`` adds the daemon's budget counters."""
+    out: dict[str, float] = {}
+    listfile = work / "holder-paths"
+    with mount() as mnt:
+        drop_page_cache()
+        pid = daemon_pid(mnt)
+        out["rss before"] = memory_kib(pid)["VmRSS"] / 1024
+        listfile.write_text("\n".join(str(mnt / n) for n in names) + "\n")
+        holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(listfile), str(head)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        peak = 0
+        stop = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not stop.wait(0.05):
+                with contextlib.suppress(OSError):
+                    peak = max(peak, memory_kib(pid)["VmRSS"])
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            start = time.perf_counter()
+            line = holder.stdout.readline().strip()
+            if line != f"open {len(names)}":
+                raise RuntimeError(f"holder failed ({holder.wait()}): {line!r}")
+            out["open s"] = time.perf_counter() - start
+            time.sleep(hold)  # read-ahead of the open files runs or sits buffered
+            if stats:
+                now = stats(mnt)
+                out["open_files"] = now["open_files"]
+                out["budget used"] = now["budget.used"] / MiB
+            holder.stdin.close()
+            if holder.wait(60) != 0:
+                raise RuntimeError(f"holder exited with {holder.returncode}")
+        finally:
+            stop.set()
+            sampler.join()
+            if holder.poll() is None:
+                holder.kill()
+                holder.wait()
+        out["rss peak"] = peak / 1024
+        out["hwm"] = memory_kib(pid)["VmHWM"] / 1024
+        if stats:
+            deadline = time.monotonic() + 30
+            after = stats(mnt)
+            while after["open_files"] and time.monotonic() < deadline:
+                time.sleep(0.1)
+                after = stats(mnt)
+            out.update({"budget after": after["budget.used"] / MiB,
+                        "budget peak": after["budget.peak"] / MiB,
+                        "budget max": after["budget.max"] / MiB,
+                        "fallbacks": after["read.budget_fallbacks"]})
+        out["rss after"] = memory_kib(pid)["VmRSS"] / 1024
+    return out
+
+
+def memory_rows(az: Azurite, work: Path, sas: str, names: list[str], heads_kib: list[int],
+                hold: float) -> dict[str, dict[str, float]]:
+    """For each size of head read: azfs (RSS and budget), then rclone (RSS)."""
+    out = {}
+    for kib, (label, mount, stats) in itertools.product(heads_kib, (
+            ("azfs", lambda: azfs_mount(az, work), lambda mnt: azfs_stats(work, mnt)),
+            ("rclone", lambda: rclone_mount(az, work, sas), None))):
+        m = out[f"{label}, {kib} KiB"] = memory(work, mount, names, kib * 1024, hold, stats)
+        budget = (f", budget used {m['budget used']:.0f} MiB while open, peak "
+                  f"{m['budget peak']:.0f} of {m['budget max']:.0f} MiB, "
+                  f"{m['budget after']:.0f} MiB after close" if stats else "")
+        print(f"  {len(names)} files open, {kib} KiB read, {label}: "
+              f"RSS {m['rss before']:.0f} MiB before, "
+              f"peak {m['rss peak']:.0f} MiB while open (VmHWM {m['hwm']:.0f}), "
+              f"{m['rss after']:.0f} MiB after close{budget}", flush=True)
+    return out
+
+
+def torch_rows(az: Azurite, work: Path, sas: str, names: list[str],
+               size: int) -> dict[str, float] | None:
+    """A DataLoader (8 worker processes) over a Dataset that opens and reads each file.
+
+    For each path: list the tree (timed apart: a training job lists once, then
+    reads), drop the kernel caches, then two epochs of the same loader
+    (persistent workers, shuffled): samples/s cold, then warm.  Every sample must
+    read ``size`` bytes, and every epoch must see every file once.  The local copy
+    is made with plain GETs before any timed epoch."""
     try:
-        import torch.utils.data as tud
+        with warnings.catch_warnings():  # a CPU build without numpy warns on import
+            warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+            import torch
+            import torch.utils.data as tud
     except ImportError:
         return None
 
@@ -351,29 +660,49 @@ def torch_rows(az: Azurite, work: Path, sas: str, n: int) -> dict[str, float] | 
             return len(self.paths)
 
         def __getitem__(self, i: int) -> int:
-            return read_file(self.paths[i])
+            n = read_file(self.paths[i])
+            if n != size:
+                raise RuntimeError(f"{self.paths[i]}: read {n} bytes, expected {size}")
+            return n
 
-    def epochs(root: Path) -> tuple[float, float]:
+    # torch warns that 8 workers exceed the CPUs; the row is about 8 readers all the same
+    warnings.filterwarnings("ignore", message="This DataLoader will create")
+
+    def epochs(label: str, root: Path) -> tuple[float, float]:
+        start = time.perf_counter()
+        paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(root / "data") for f in fs)
+        listed = time.perf_counter() - start
+        if [os.path.relpath(p, root) for p in paths] != sorted(names):
+            raise RuntimeError(f"{label}: listed {len(paths)} files, not the {len(names)}")
+        loader = tud.DataLoader(Files(paths), batch_size=32, num_workers=8, shuffle=True,
+                                persistent_workers=True,
+                                generator=torch.Generator().manual_seed(0))
         drop_page_cache()
         rates = []
         for _ in range(2):
             start = time.perf_counter()
-            paths = sorted(os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs)
-            loader = tud.DataLoader(Files(paths), batch_size=32, num_workers=8,
-                                    shuffle=True)
-            count = sum(len(batch) for batch in loader)
+            count = nbytes = 0
+            for batch in loader:
+                count += len(batch)
+                nbytes += int(batch.sum())
             rates.append(count / (time.perf_counter() - start))
+            if count != len(names) or nbytes != len(names) * size:
+                raise RuntimeError(f"{label}: an epoch read {count} samples, {nbytes} bytes")
+        del loader  # its workers exit before the mount goes
+        gc.collect()
+        print(f"  DataLoader, {label}: listing {listed:.2f} s, epoch 1 {rates[0]:.0f}, "
+              f"epoch 2 {rates[1]:.0f} samples/s", flush=True)
         return rates[0], rates[1]
 
     out: dict[str, float] = {}
     local = work / "local-copy"
+    took = download(az, sas, names, size, local)
+    print(f"  local copy: {len(names)} files in {took:.1f} s (plain GETs)", flush=True)
     with azfs_mount(az, work) as mnt:
-        out["azfs e1"], out["azfs e2"] = epochs(mnt / "data")
-        shutil.copytree(mnt / "data", local / "data")
+        out["azfs e1"], out["azfs e2"] = epochs("azfs", mnt)
     with rclone_mount(az, work, sas) as mnt:
-        out["rclone e1"], out["rclone e2"] = epochs(mnt / "data")
-    out["local e1"], out["local e2"] = epochs(local / "data")
-    print("  torch: " + ", ".join(f"{k} {v:.0f}" for k, v in out.items()), flush=True)
+        out["rclone e1"], out["rclone e2"] = epochs("rclone", mnt)
+    out["local e1"], out["local e2"] = epochs("local", local)
     return out
 
 
@@ -384,13 +713,27 @@ def ratio(a: float, b: float) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="1,000 files, a listing of 3,000 blobs")
+                        help="1,000 files, a listing of 3,000 blobs, 100 files held open")
     parser.add_argument("--files", type=int, default=None, help="default 4000")
     parser.add_argument("--folders", type=int, default=100)
     parser.add_argument("--size-kib", type=int, default=112)
     parser.add_argument("--readers", default="8,32")
     parser.add_argument("--list-files", type=int, default=None, help="default 100000")
-    parser.add_argument("--skip", default="", help="rows to skip: kernel,listing,torch")
+    parser.add_argument("--list-put", type=int, default=5000,
+                        help="of those, how many are uploaded by PUT (default 5000); the "
+                             "rest are copies of their entries in Azurite's metadata")
+    parser.add_argument("--mem-files", type=int, default=None,
+                        help="files held open in the memory row (default 500)")
+    parser.add_argument("--mem-size-mib", type=int, default=4,
+                        help="size of each of those blobs (default 4)")
+    parser.add_argument("--mem-read-kib", default="64,256",
+                        help="bytes read from the head of each held file, one run per "
+                             "value (default 64,256: one 64 KiB read leaves azfs's "
+                             "read-ahead idle; a second one starts it)")
+    parser.add_argument("--hold", type=float, default=3.0,
+                        help="seconds the memory row keeps the files open (default 3)")
+    parser.add_argument("--skip", default="",
+                        help="rows to skip: small,kernel,listing,memory,torch")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench needs root (FUSE mounts, drop_caches)", file=sys.stderr)
@@ -402,49 +745,71 @@ def main() -> int:
     files = args.files or (1000 if args.quick else 4000)
     list_files = args.list_files if args.list_files is not None else \
         (3000 if args.quick else 100_000)
+    mem_files = args.mem_files if args.mem_files is not None else (100 if args.quick else 500)
     readers = [int(r) for r in args.readers.split(",")]
     skip = set(filter(None, args.skip.split(",")))
     size = args.size_kib * 1024
     names = dataset_names(files, args.folders)
+    mem_names = [f"{MEMDIR}/blob{i:04d}.bin" for i in range(mem_files)]
     work = Path(tempfile.mkdtemp(prefix="azfs-smallbench-"))
     az = Azurite(work / "azurite")
     results: dict[int, dict[str, float]] = {}
-    kernel = lst = torch = None
+    kernel = lst = mem = torch = None
+    az_list: Azurite | None = None
     try:
         az.start()
-        print(f"machine: {machine()}; load {os.getloadavg()[0]:.1f}")
-        print(f"uploading {files} blobs of {args.size_kib} KiB in {args.folders} folders ...",
-              flush=True)
-        upload(az, names, size)
-        if "listing" not in skip and list_files:
-            print(f"uploading {list_files} blobs into {LISTDIR}/ ...", flush=True)
-            upload(az, [f"{LISTDIR}/f{i:07d}" for i in range(list_files)], 16)
-        sas = az.container_sas(CONTAINER, permission="rl")
+        print(f"machine: {machine()}; load {load()}")
+        with row("upload"):
+            print(f"  {files} blobs of {args.size_kib} KiB in {args.folders} folders ...",
+                  flush=True)
+            upload(az, names, size)
+            if "memory" not in skip and mem_files:
+                print(f"  {mem_files} blobs of {args.mem_size_mib} MiB into {MEMDIR}/ ...",
+                      flush=True)
+                upload(az, mem_names, args.mem_size_mib * MiB, threads=8)
+        sas = az.container_sas(CONTAINER, permission="rl", seconds=SAS_SECONDS)
         (work / "sas").write_text(sas)
-        for r in readers:
-            results[r] = small_files(az, work, sas, names, r, size)
+        if "small" not in skip:
+            for r in readers:
+                with row(f"small files, {r} readers"):
+                    results[r] = small_files(az, work, sas, names, r, size)
         if "kernel" not in skip:
-            kernel = second_kernel(az, work, sas, files, readers[0], size)
+            with row("second kernel"):
+                kernel = second_kernel(az, work, sas, files, readers[0], size)
         if "listing" not in skip and list_files:
-            lst = listing(az, work, sas, list_files)
+            with row("listing"):
+                print(f"  {list_files} blobs of 16 bytes in {LISTDIR}/ of their own Azurite "
+                      f"...", flush=True)
+                az_list = listing_store(work, list_files, min(list_files, args.list_put))
+                lst = listing(az_list, work, sas, list_files)
+                az_list.stop()
+        if "memory" not in skip and mem_files:
+            with row("memory"):
+                mem = memory_rows(az, work, sas, mem_names,
+                                      [int(k) for k in args.mem_read_kib.split(",")],
+                                      args.hold)
         if "torch" not in skip:
-            torch = torch_rows(az, work, sas, files)
+            with row("DataLoader"):
+                torch = torch_rows(az, work, sas, names, size)
     finally:
         for mnt in work.glob("mnt-*"):
             unmount(mnt)
         az.stop()
+        if az_list is not None:
+            az_list.stop()
         shutil.rmtree(work, ignore_errors=True)
 
     print()
-    print(f"files/s, {files} blobs of {args.size_kib} KiB")
-    head = f"{'readers':<10}{'azfs cold':>11}{'rclone cold':>13}{'GET':>8}" \
-           f"{'azfs/rclone':>13}{'azfs/GET':>10}{'azfs warm':>11}{'rclone warm':>13}"
-    print(head)
-    for r, row in results.items():
-        print(f"{r:<10}{row['azfs cold']:>11.0f}{row['rclone cold']:>13.0f}{row['GET']:>8.0f}"
-              f"{ratio(row['azfs cold'], row['rclone cold']):>13}"
-              f"{ratio(row['azfs cold'], row['GET']):>10}"
-              f"{row['azfs warm']:>11.0f}{row['rclone warm']:>13.0f}")
+    if results:
+        print(f"files/s, {files} blobs of {args.size_kib} KiB")
+        head = f"{'readers':<10}{'azfs cold':>11}{'rclone cold':>13}{'GET':>8}" \
+               f"{'azfs/rclone':>13}{'azfs/GET':>10}{'azfs warm':>11}{'rclone warm':>13}"
+        print(head)
+        for r, res in results.items():
+            print(f"{r:<10}{res['azfs cold']:>11.0f}{res['rclone cold']:>13.0f}"
+                  f"{res['GET']:>8.0f}{ratio(res['azfs cold'], res['rclone cold']):>13}"
+                  f"{ratio(res['azfs cold'], res['GET']):>10}"
+                  f"{res['azfs warm']:>11.0f}{res['rclone warm']:>13.0f}")
     if kernel:
         print(f"kernels on one node ({readers[0]} readers): first {kernel['first']:.0f} "
               f"files/s cold, {kernel['warm']:.0f} warm")
@@ -456,14 +821,35 @@ def main() -> int:
               f"{kernel['third gets']:.0f} data GETs")
     if lst:
         print(f"listing {list_files} blobs: ls -f azfs {lst['azfs ls -f']:.2f} s, rclone "
-              f"{lst['rclone ls -f']:.2f} s; ls -l azfs {lst['azfs ls -l']:.2f} s, "
-              f"rclone {lst['rclone ls -l']:.2f} s")
+              f"{lst['rclone ls -f']:.2f} s ({ratio(lst['rclone ls -f'], lst['azfs ls -f'])} "
+              f"speed); ls -l azfs {lst['azfs ls -l']:.2f} s, rclone "
+              f"{lst['rclone ls -l']:.2f} s ({ratio(lst['rclone ls -l'], lst['azfs ls -l'])}); "
+              f"azfs List Blobs calls {lst['azfs lists ls -f']:.0f} + "
+              f"{lst['azfs lists ls -l']:.0f}")
+    if mem:
+        print(f"daemon memory, {mem_files} blobs of {args.mem_size_mib} MiB open, the head "
+              f"of each read (MiB)")
+        print(f"{'path, head read':<18}{'RSS before':>12}{'RSS peak':>10}{'VmHWM':>8}"
+              f"{'RSS after':>11}"
+              f"{'budget open':>13}{'budget peak':>13}{'budget max':>12}")
+        for label, m in mem.items():
+            budget = (f"{m['budget used']:>13.0f}{m['budget peak']:>13.0f}"
+                      f"{m['budget max']:>12.0f}" if "budget max" in m else
+                      f"{'-':>13}{'-':>13}{'-':>12}")
+            print(f"{label:<18}{m['rss before']:>12.0f}{m['rss peak']:>10.0f}{m['hwm']:>8.0f}"
+                  f"{m['rss after']:>11.0f}{budget}")
     if torch:
-        print("DataLoader samples/s (epoch 1, 2): " + ", ".join(
-            f"{k} {torch[f'{k} e1']:.0f}/{torch[f'{k} e2']:.0f}"
-            for k in ("azfs", "rclone", "local")))
+        print(f"DataLoader (num_workers 8), samples/s, {files} files")
+        print(f"{'epoch':<10}{'azfs':>8}{'rclone':>8}{'local':>8}{'azfs/rclone':>13}"
+              f"{'azfs/local':>12}")
+        for e, label in (("e1", "1 (cold)"), ("e2", "2 (warm)")):
+            a, r, loc = torch[f"azfs {e}"], torch[f"rclone {e}"], torch[f"local {e}"]
+            print(f"{label:<10}{a:>8.0f}{r:>8.0f}{loc:>8.0f}{ratio(a, r):>13}"
+                  f"{ratio(a, loc):>12}")
     elif "torch" not in skip:
-        print("DataLoader row skipped: torch is not installed (pip install torch==2.13.0)")
+        print("DataLoader row skipped: torch is not installed (pip install -e '.[bench]')")
+    print("load average (1/5/15 min) per row: " + "; ".join(
+        f"{name} {a} -> {b} ({took:.0f} s)" for name, (a, b, took) in ROW_LOADS.items()))
     return 0
 
 

@@ -56,7 +56,8 @@ class Agent:
             mountpoint=config.mountpoint, socket_path=config.fusehost_socket,
             pid_file=config.fusehost_pid_file, log_file=config.fusehost_log,
             cache_dir=config.cache_dir, cache_bytes=config.cache_bytes,
-            volume_io=config.volume_io, xattrs=config.xattrs, debug=config.debug)
+            volume_io=config.volume_io, xattrs=config.xattrs,
+            listing_entries=config.listing_entries, debug=config.debug)
         self.mounter = HostMounter(config.state_dir, uid=config.volume_uid,
                                    gid=config.volume_gid)
         self.journal = Journal.load(config.journal_path)

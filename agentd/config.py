@@ -11,6 +11,7 @@ Layering: defaults → the TOML file → command-line flags.  Example::
     unmount_on_exit = false                   # see agentd.main
     bind_startup_volumes = true               # /home/work/<volume> in every kernel
     xattrs = false                            # extended attributes (user.*) in views
+    listing_entries = 500000                  # blob listings cached (about 0.4 KiB each)
     max_body_bytes = 1048576
 
     [store]                                   # where the volume config lives
@@ -91,6 +92,8 @@ class Config:
     volume_io: IOLimits = field(default_factory=IOLimits)
     #: serve extended attributes; off, every write() and ``ls -l`` entry costs less
     xattrs: bool = False
+    #: blob listing entries the fusehost caches (all datasets together)
+    listing_entries: int = 500_000
     debug: bool = False
 
     # ---- derived paths -----------------------------------------------------------
@@ -182,7 +185,7 @@ class Config:
                   "socket_mode": _mode, "socket_group": str, "unmount_on_exit": bool,
                   "bind_startup_volumes": bool, "max_body_bytes": _size, "volume_uid": int,
                   "volume_gid": int, "registration_ttl": int, "watchdog_interval": float,
-                  "xattrs": bool, "debug": bool}
+                  "xattrs": bool, "listing_entries": int, "debug": bool}
         for key, value in data.items():
             conv = simple.get(key)
             if conv is None:
@@ -223,6 +226,8 @@ class Config:
     def validated(self) -> Config:
         if self.etcd and self.volumes_file:
             raise UserError("config: give either store.etcd or store.volumes_file, not both")
+        if self.listing_entries < 1000:
+            raise UserError("config: listing_entries must be at least 1000")
         for name in ("state_dir", "socket"):
             if not getattr(self, name).is_absolute():
                 raise UserError(f"config: {name} must be an absolute path")

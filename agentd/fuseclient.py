@@ -148,6 +148,7 @@ class FuseHostSpec:
     cache_bytes: int = 0
     volume_io: IOLimits = field(default_factory=IOLimits)
     xattrs: bool = False
+    listing_entries: int = 500_000
     debug: bool = False
 
     def argv(self) -> list[str]:
@@ -155,7 +156,8 @@ class FuseHostSpec:
         argv = [sys.executable, "-m", "agentd.fusehost", "--mountpoint", str(self.mountpoint),
                 "--socket", str(self.socket_path), "--io-threads", str(io.threads),
                 "--metadata-deadline", str(io.metadata_deadline),
-                "--data-deadline", str(io.data_deadline), "--io-mode", io.mode]
+                "--data-deadline", str(io.data_deadline), "--io-mode", io.mode,
+                "--listing-entries", str(self.listing_entries)]
         if self.cache_dir is not None and self.cache_bytes > 0:
             argv += ["--cache-dir", str(self.cache_dir), "--cache-bytes", str(self.cache_bytes)]
         if self.xattrs:

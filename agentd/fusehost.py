@@ -21,6 +21,7 @@ import trio
 
 from agentd.hostrpc import ControlServer
 from agentd.views import FuseHost
+from azfs.blob.listings import DEFAULT_ENTRIES, DEFAULT_LISTINGS
 from azfs.fs.operations import AzfsOperations
 from azfs.logs import setup_logging
 from azfs.volumes.io import IOLimits
@@ -41,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-deadline", type=float, default=IOLimits.data_deadline)
     p.add_argument("--io-mode", choices=("auto", "threads", "inline"), default=IOLimits.mode)
     p.add_argument("--xattrs", action="store_true", help="serve extended attributes")
+    p.add_argument("--listing-entries", type=int, default=DEFAULT_ENTRIES,
+                   help="blob listing entries cached, all datasets together")
     p.add_argument("--debug", action="store_true")
     return p
 
@@ -49,6 +52,7 @@ async def _run(args: argparse.Namespace) -> None:
     from azfs.fs.daemon import raise_fd_limit, serve
 
     raise_fd_limit()
+    DEFAULT_LISTINGS.max_entries = max(1000, args.listing_entries)
     limits = IOLimits(threads=args.io_threads, metadata_deadline=args.metadata_deadline,
                       data_deadline=args.data_deadline, mode=args.io_mode)
     ops = AzfsOperations(xattrs=args.xattrs)

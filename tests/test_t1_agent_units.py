@@ -33,6 +33,8 @@ socket = "{tmp_path}/agent.sock"
 socket_mode = "0640"
 unmount_on_exit = true
 max_body_bytes = "2M"
+xattrs = true
+listing_entries = 2000000
 [store]
 etcd = "127.0.0.1:2379"
 [cache]
@@ -47,6 +49,7 @@ secret_file = "{secret}"
     assert config.socket_mode == 0o640
     assert config.unmount_on_exit is True
     assert config.max_body_bytes == 2 * 1024 * 1024
+    assert config.xattrs is True and config.listing_entries == 2_000_000
     assert config.etcd == "127.0.0.1:2379" and config.volumes_file is None
     assert config.cache_bytes == 1024 ** 3
     assert config.manager_secret().reveal() == "0123456789abcdef-secret"
@@ -64,6 +67,8 @@ secret_file = "{secret}"
     ('fuse_mountpoint = "/var/lib/azfs/agent/volumes/x"', "volumes/"),
     ("agent_id = [", "agent.toml"),
     ('[cache]\ndir = "/var/cache/azfs"', "both dir and a positive size"),
+    ("listing_entries = 10", "listing_entries must be at least 1000"),
+    ('xattrs = "on"', "true or false"),
 ])
 def test_config_errors_are_one_clear_line(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(UserError) as info:

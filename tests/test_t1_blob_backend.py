@@ -164,6 +164,26 @@ def test_listing_cache_drops_least_recently_used_and_keeps_the_newest():
     assert len(cache) == 0 and cache.entries == 0
 
 
+def test_the_default_listing_cache_holds_a_large_flat_folder_with_its_parents():
+    """A COCO-sized image folder and the folders above it stay listed together.
+
+    (At the old bound of 100,000 entries, a lookup in a 100,000-blob folder needed
+    the root's listing, which evicted the folder's: every lookup listed it again.)
+    """
+    from azfs.blob.listings import DEFAULT_ENTRIES
+
+    owner = object()
+    cache: ListingCache[str] = ListingCache(DEFAULT_ENTRIES)
+    cache.put(owner, "", "root", 2)
+    cache.put(owner, "coco", "coco", 3)
+    cache.put(owner, "coco/train2017", "train", 118_287)
+    for _ in range(3):  # lookups below it walk up through the parents
+        assert cache.get(owner, "") == "root" and cache.get(owner, "coco") == "coco"
+        assert cache.get(owner, "coco/train2017") == "train"
+    cache.put(owner, "coco/val2017", "val", 5_000)
+    assert cache.evictions == 0 and len(cache) == 4
+
+
 async def test_a_walk_of_many_folders_keeps_the_listing_cache_bounded(azurite):  # noqa: F811
     """10 folders x 12 subfolders x 2 files, walked twice by two backends that share a
     40-entry listing cache (as every dataset of a daemon shares one).

@@ -26,6 +26,7 @@ import email.utils
 import functools
 import http.client
 import ssl
+import sys
 import threading
 import urllib.parse
 import xml.etree.ElementTree as ET
@@ -332,6 +333,10 @@ def _quoted(etag: str) -> str:
     return f'"{etag}"'
 
 
+#: the metadata of every blob listed without any (shared: never changed)
+_NO_METADATA: dict[str, str] = {}
+
+
 def _parse_listing(body: bytes, into: Listing) -> str:
     """Adds one List Blobs page to ``into``; returns the next marker ('' at the end)."""
     root = ET.fromstring(body)
@@ -344,13 +349,13 @@ def _parse_listing(body: bytes, into: Listing) -> str:
                 props = elem.find("Properties")
                 meta_elem = elem.find("Metadata")
                 meta = {c.tag.lower(): c.text or "" for c in meta_elem} \
-                    if meta_elem is not None else {}
+                    if meta_elem is not None and len(meta_elem) else _NO_METADATA
                 length = _text(props, "Content-Length")
                 into.blobs.append(BlobProps(
                     name=_name(elem), size=int(length or 0),
                     etag=_quoted(_text(props, "Etag")),
                     mtime_ns=_http_date_ns(_text(props, "Last-Modified")),
-                    content_type=_text(props, "Content-Type"),
+                    content_type=sys.intern(_text(props, "Content-Type")),
                     is_folder=meta.get("hdi_isfolder", "").lower() == "true",
                     metadata=meta))
     return _text(root, "NextMarker")

@@ -5,7 +5,11 @@ ever read.  One :class:`ListingCache` per process (:data:`DEFAULT_LISTINGS`)
 holds the listings of every blob backend of the daemon, keyed by owner (a
 backend) and path, and drops the least recently used ones -- of whichever
 backend -- when the entries they hold together pass ``max_entries`` (an
-entry costs about 0.6 KiB: name, size, ETag, mtime, content type).  The
+entry costs about 0.4 KiB: name, size, ETag, mtime; content types and empty
+metadata are shared).  The default holds 500,000 entries (about 200 MiB at
+most): a flat folder of 100,000 images and the folders above it must fit
+together, or every lookup below it would list it again (the agent's
+``listing_entries`` sets it).  The
 listing just stored is always kept, even when it alone is larger than the
 bound, so that a huge flat directory is still listed once per TTL and not
 once per lookup.  Not thread-safe: it is used from the event loop only.
@@ -84,5 +88,6 @@ class ListingCache(Generic[T]):
                 del self._owned[who]
 
 
-#: the listings of every blob backend of this process (about 60 MiB at most)
-DEFAULT_LISTINGS: ListingCache = ListingCache(100_000)
+DEFAULT_ENTRIES = 500_000
+#: the listings of every blob backend of this process
+DEFAULT_LISTINGS: ListingCache = ListingCache(DEFAULT_ENTRIES)

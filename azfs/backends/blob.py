@@ -329,7 +329,7 @@ class BlobBackend(Backend):
             self._cache_queue.clear()
             await trio.to_thread.run_sync(_put_all, self.cache, batch)
         self.listings.drop(self)
-        await self.http.aclose()
+        await trio.to_thread.run_sync(self.http.close)
 
     # ---- tree ----------------------------------------------------------------------
     def root(self) -> Node:

@@ -9,10 +9,6 @@ request runs in a thread limited by one daemon-wide
 every call goes through :func:`azfs.retry.retry` (so a dead endpoint ends in
 :class:`~azfs.errors.BackendUnavailable`, never a hang).
 
-Requests with small answers (whole small blobs, short ranges, HEADs, the
-SAS probe) run on the event loop instead (:mod:`azfs.blob.loop_http`): for
-them the thread hop costs more daemon CPU than the bytes.
-
 Status mapping: 403 → the SAS is renewed once, then
 :class:`~azfs.errors.AccessDenied`; 404 → :class:`~azfs.errors.NotFound`;
 412 (the ``If-Match`` ETag no longer matches) →
@@ -34,7 +30,6 @@ from dataclasses import dataclass, field
 
 import trio
 
-from azfs.blob.loop_http import LoopPool, untrusted
 from azfs.blob.sas import SasManager
 from azfs.blob.url import BlobSource
 from azfs.errors import AccessDenied, BackendUnavailable, NotFound, StaleObject, TemporaryFailure
@@ -45,8 +40,6 @@ API_VERSION = "2021-08-06"
 
 #: Threads doing blob HTTP for the whole daemon (shared by all mounts).
 HTTP_LIMITER = trio.CapacityLimiter(32)
-#: answers up to this size are read on the event loop, larger ones in threads
-LOOP_MAX_BYTES = 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -115,7 +108,6 @@ class BlobHttp:
         self._pool: list[http.client.HTTPConnection] = []
         self._pool_lock = threading.Lock()
         self._ssl = ssl.create_default_context() if self._https else None
-        self._loop = LoopPool(self._host, self._port, self._ssl, socket_timeout)
         self.requests = 0
         self.bytes_received = 0
         #: successful requests by kind (data GETs are what a warm cache must avoid)
@@ -141,7 +133,9 @@ class BlobHttp:
                 conn.request(method, target, headers=headers)
                 resp = conn.getresponse()
             except ssl.SSLCertVerificationError as exc:
-                raise untrusted(self._host, exc) from None
+                # permanent: refused at once with its reason, not retried as an outage
+                raise BackendUnavailable(f"TLS to {self._host}: "
+                                         f"{exc.verify_message or exc.reason}") from None
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
                 if fresh:
                     raise
@@ -186,11 +180,6 @@ class BlobHttp:
         for conn in pool:
             conn.close()
 
-    async def aclose(self) -> None:
-        """Closes the connections of both transports."""
-        await self._loop.aclose()
-        await trio.to_thread.run_sync(self.close)
-
     # ---- one authorized, retried request ------------------------------------
     def _target(self, blob: str | None, query: dict[str, str], sas: Secret) -> str:
         path = self._base_path
@@ -201,22 +190,15 @@ class BlobHttp:
         return f"{path}?{tail}"
 
     async def _call(self, method: str, blob: str | None, query: dict[str, str],
-                    headers: dict[str, str], what: str, sas: Secret | None = None,
-                    small: bool = False) -> _Response:
-        """Sends one request with retries; with ``sas`` given, uses exactly that SAS.
-
-        A ``small`` one (its answer at most :data:`LOOP_MAX_BYTES`) runs on the event loop.
-        """
+                    headers: dict[str, str], what: str, sas: Secret | None = None) -> _Response:
+        """Sends one request with retries; with ``sas`` given, uses exactly that SAS."""
         headers = {"x-ms-version": API_VERSION, **headers}
 
         async def attempt(token: Secret) -> _Response:
             target = self._target(blob, query, token)
-            if small:
-                resp = _Response(*await self._loop.request(method, target, headers))
-            else:
-                resp = await trio.to_thread.run_sync(
-                    self._request_sync, method, target, headers,
-                    limiter=self.limiter, abandon_on_cancel=True)
+            resp = await trio.to_thread.run_sync(
+                self._request_sync, method, target, headers,
+                limiter=self.limiter, abandon_on_cancel=True)
             self.requests += 1
             self.bytes_received += len(resp.body)
             return self._check(resp, what)
@@ -272,10 +254,10 @@ class BlobHttp:
         query = {"restype": "container", "comp": "list", "maxresults": "1"}
         if self.source.prefix:
             query["prefix"] = self.source.prefix
-        await self._call("GET", None, query, {}, "SAS probe", sas=sas, small=True)
+        await self._call("GET", None, query, {}, "SAS probe", sas=sas)
 
     async def properties(self, name: str) -> BlobProps:
-        resp = await self._call("HEAD", name, {}, {}, f"properties of {name!r}", small=True)
+        resp = await self._call("HEAD", name, {}, {}, f"properties of {name!r}")
         self.heads += 1
         h = resp.headers
         meta = {k[len("x-ms-meta-"):].lower(): v for k, v in h.items()
@@ -292,8 +274,7 @@ class BlobHttp:
         if etag:
             headers["If-Match"] = etag
         try:
-            resp = await self._call("GET", name, {}, headers, f"read {name!r}",
-                                    small=length <= LOOP_MAX_BYTES)
+            resp = await self._call("GET", name, {}, headers, f"read {name!r}")
         except NotFound:
             if not etag:
                 raise

@@ -412,5 +412,5 @@ async def _download(source, name: str, target: Path, concurrency: int) -> int:
             raise first from None
         raise
     finally:
-        await http.aclose()
+        http.close()
     return props.size

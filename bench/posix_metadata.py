@@ -7,6 +7,8 @@ user would do it, in Python: one vfolder directory served four ways at once,
 * plain: the directory itself;
 * bindfs: ``bindfs -o allow_other`` of it (the C passthrough peer);
 * azfs mount: ``azfs mount`` of it;
+* azfs +xattrs: the same with ``--xattrs`` (extended attributes served: the
+  kernel then asks for ``security.capability`` before every write);
 * kernel view: a real ``azfs-agentd`` (tests/support/agent.py) exports it to a
   kernel; the work runs in ``<fuse>/kernels/<id>/<alias>``, as in a container;
 * pyfuse3 floor: ``bench/memfs.py``, an in-memory pyfuse3 filesystem with
@@ -65,7 +67,7 @@ from posix_latency import (  # noqa: E402
 from tests.support.agent import AgentHarness  # noqa: E402
 from tests.support.slowfs import slow_volume  # noqa: E402
 
-TARGETS = ("plain", "bindfs", "azfs mount", "kernel view", "pyfuse3 floor")
+TARGETS = ("plain", "bindfs", "azfs mount", "azfs +xattrs", "kernel view", "pyfuse3 floor")
 MEMFS = Path(__file__).resolve().parent / "memfs.py"
 PAYLOAD = b"x" * 100
 
@@ -147,6 +149,9 @@ def run(args: argparse.Namespace) -> int:
             paths["bindfs"] = stack.enter_context(bindfs_mount(vf, work / "via-bindfs"))
             paths["azfs mount"] = stack.enter_context(
                 azfs_mount(vf, work / "via-azfs", work / "run" / "azfs.log", args.azfs_option))
+            paths["azfs +xattrs"] = stack.enter_context(
+                azfs_mount(vf, work / "via-azfs-x", work / "run" / "azfs-x.log",
+                           [*args.azfs_option, "--xattrs"]))
             paths["kernel view"] = stack.enter_context(kernel_view(work, base, "vf"))
             paths["pyfuse3 floor"] = stack.enter_context(memfs_mount(work / "via-memfs"))
             for rep in range(args.repeat):
@@ -166,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
                     print(f"  {target:12} {rate(made)}, {rate(listed, 'listings/s')}",
                           file=sys.stderr, flush=True)
     finally:
-        for name in ("via-azfs", "via-bindfs", "via-memfs", "share"):
+        for name in ("via-azfs", "via-azfs-x", "via-bindfs", "via-memfs", "share"):
             lazy_unmount(work / name)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -180,14 +185,16 @@ def report(args: argparse.Namespace, results: dict[tuple[str, str], list[float]]
         runs = results.get((row, target), [])
         return FAILED if target in failed or not runs else statistics.median(runs)
 
-    head = ["workload", *TARGETS, "azfs mount/bindfs", "kernel view/bindfs", "floor/bindfs"]
+    head = ["workload", *TARGETS, "azfs mount/bindfs", "kernel view/bindfs", "floor/bindfs",
+            "xattrs on/off"]
     rows = []
     for row, label, unit in (("create", f"create+stat {args.files} files", "files/s"),
                              ("list", f"scandir+stat of {args.files}", "listings/s")):
         v = {t: value(row, t) for t in TARGETS}
         rows.append([label, *(rate(v[t], unit) for t in TARGETS),
                      ratio(v["azfs mount"], v["bindfs"]), ratio(v["kernel view"], v["bindfs"]),
-                     ratio(v["pyfuse3 floor"], v["bindfs"])])
+                     ratio(v["pyfuse3 floor"], v["bindfs"]),
+                     ratio(v["azfs +xattrs"], v["azfs mount"])])
     where = (f"slowfs share, {args.latency_ms} ms per request" if args.latency_ms is not None
              else "local disk")
     return (f"\nMachine: {machine()}\nSource: {where}; {args.files} files of 100 bytes, "

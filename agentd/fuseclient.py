@@ -213,6 +213,10 @@ async def ensure_fusehost(spec: FuseHostSpec) -> tuple[FuseHostClient, bool]:
         if have[0] != want[0] or (want[0] and have[1] != want[1]):
             log.warning("the running fusehost has another block cache config (%s, %s bytes); "
                         "the new one applies when the fusehost restarts", *have)
+        if bool(health.get("xattrs")) != spec.xattrs:
+            log.warning("the running fusehost has xattrs = %s; the new setting applies when "
+                        "the fusehost restarts (azfs agent restart-fuse)",
+                        str(bool(health.get("xattrs"))).lower())
         return FuseHostClient(spec.socket_path), False
     pid = health.get("pid") if health else read_pid(spec.pid_file)
     if pid is not None and is_fusehost(int(pid)):

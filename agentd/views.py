@@ -210,7 +210,7 @@ class FuseHost:
                 "volumes": self.volumes(),
                 "started": self.started,
                 "cache_dir": str(self.cache_dir) if self.cache_dir else None,
-                "cache_bytes": self.cache_bytes,
+                "cache_bytes": self.cache_bytes, "xattrs": self.ops.xattrs,
                 "datasets": self.dataset_counters()}
 
     def dataset_counters(self) -> dict[str, dict[str, Any]]:

@@ -191,17 +191,25 @@ def rclone_mount(az: Azurite, work: Path, name: str, sas: str):
             proc.kill()
 
 
-def abort_fuse(mnt: Path) -> None:
-    """Kills the daemon serving ``mnt`` (started by this bench: its argv names the
-    mountpoint), which aborts the FUSE connection so a hung request fails at once."""
+def pids_naming(mnt: Path) -> list[int]:
+    """The processes (but this one) whose argv names ``mnt``: the daemons serving it."""
     target = os.fsencode(str(mnt))
+    found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
         with contextlib.suppress(OSError):
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            if target in argv:
-                os.kill(int(entry), signal.SIGKILL)
+            if target in Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0"):
+                found.append(int(entry))
+    return found
+
+
+def abort_fuse(mnt: Path) -> None:
+    """Kills the daemon serving ``mnt`` (started by this bench: its argv names the
+    mountpoint), which aborts the FUSE connection so a hung request fails at once."""
+    for pid in pids_naming(mnt):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def guarded(fn, mnt: Path, timeout: float) -> float | None:

@@ -56,7 +56,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from blob_read import drop_page_cache, machine, mounted, unmount, wait_mounted  # noqa: E402
+from blob_read import (  # noqa: E402
+    drop_page_cache,
+    machine,
+    mounted,
+    pids_naming,
+    unmount,
+    wait_mounted,
+)
 
 from tests.support.azurite import Azurite  # noqa: E402
 
@@ -352,15 +359,7 @@ def rclone_mount(az: Azurite, work: Path, sas: str):
 
 def daemon_pid(mnt: Path) -> int:
     """The pid of the process serving ``mnt``: the one whose argv names the mountpoint."""
-    target = os.fsencode(str(mnt))
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            if target in argv:
-                found.append(int(entry))
+    found = pids_naming(mnt)
     if len(found) != 1:
         raise RuntimeError(f"{mnt}: {len(found)} processes name it, expected one")
     return found[0]

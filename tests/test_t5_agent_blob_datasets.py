@@ -95,12 +95,15 @@ async def test_second_kernel_reads_from_the_node_cache_and_counters_show_it(
 async def test_refresh_endpoint_makes_a_new_blob_visible(agent: AgentHarness, azurite) -> None:
     azurite.upload("train", FILES)
     async with agent.client() as http:
-        r = await http.put("/v1/kernels/kr", json=export("ds", azurite))
-        assert r.status_code == 200, r.text
+        for kernel, uid in (("kr", 1000), ("ko", 1001)):  # ko: another user's kernel
+            r = await http.put(f"/v1/kernels/{kernel}", json=export("ds", azurite, uid))
+            assert r.status_code == 200, r.text
         folder = agent.fuse_path("kr", "ds") / "img" / "c0"
+        other = agent.fuse_path("ko", "ds") / "img" / "c0"
         before = sorted(os.listdir(folder))
-        with pytest.raises(FileNotFoundError):  # a negative entry, kept for the TTL
-            os.stat(folder / "new.jpg")
+        for probe in (folder, other):
+            with pytest.raises(FileNotFoundError):  # a negative entry, kept for the TTL
+                os.stat(probe / "new.jpg")
         azurite.upload("train", {"img/c0/new.jpg": b"new"})
         try:
             assert sorted(os.listdir(folder)) == before  # the cached listing (a minute)
@@ -110,6 +113,9 @@ async def test_refresh_endpoint_makes_a_new_blob_visible(agent: AgentHarness, az
             assert "new.jpg" in os.listdir(folder)
             assert os.stat(folder / "new.jpg").st_size == 3
             assert (folder / "new.jpg").read_bytes() == b"new"
+            # one backend for the dataset: the refresh through kr reached ko's views too,
+            # its negative entry included
+            assert os.stat(other / "new.jpg").st_size == 3
             missing = await http.post("/v1/kernels/nope/refresh")
             assert missing.status_code == 404
             assert missing.json()["error"]["code"] == "kernel-not-found"

@@ -5,9 +5,10 @@ a loopback port nobody listens on.  The agent's registration and the
 manager's agent lookup connect through this helper.
 """
 
+# ruff: noqa: F811 - pytest fixtures are imported by name and requested by name
+
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from etcd3.exceptions import ConnectionFailedError
 
 from azfs.secret import Secret
 from azfs.volumes.etcd_client import EtcdAuth, connect_first
-from tests.support.etcd import EtcdServer, etcd_server  # noqa: F401
+from tests.support.etcd import EtcdServer, etcd_server, secure_etcd  # noqa: F401
 from tests.support.services import free_port
 
 
@@ -39,18 +40,6 @@ def test_the_first_member_down_the_second_answers(etcd_server: EtcdServer) -> No
 def test_no_member_answers_the_last_error_is_raised() -> None:
     with pytest.raises(ConnectionFailedError):
         connect_first(f"{_down()},{_down()}", timeout=2, auth=EtcdAuth())
-
-
-@pytest.fixture
-def secure_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
-    """etcd with TLS client certificates and user/password authentication."""
-    server = EtcdServer(tmp_path_factory.mktemp("etcd-tls"), tls=True)
-    server.start()
-    try:
-        server.enable_auth("root-pw", {"reader": ("reader-pw", "/azfs/", "READ")})
-        yield server
-    finally:
-        server.stop()
 
 
 def test_tls_and_login_come_from_the_environment(secure_etcd: EtcdServer, tmp_path: Path,

@@ -4,6 +4,8 @@ Covers atomic and validated writes, secrets kept apart, watches, concurrent
 writers (etcd transactions, file locks) and etcd restarting under the client.
 """
 
+# ruff: noqa: F811 - pytest fixtures are imported by name and requested by name
+
 from __future__ import annotations
 
 import json
@@ -24,7 +26,7 @@ from azfs.volumes.etcd_store import EtcdAuth, EtcdVolumeStore, parse_endpoint
 from azfs.volumes.model import MountSpec, Volume, VolumeConfigError, load_yaml_text
 from azfs.volumes.store import VolumeStore, open_store
 from azfs.volumes.yaml_store import YamlVolumeStore
-from tests.support.etcd import EtcdServer, etcd_server  # noqa: F401
+from tests.support.etcd import EtcdServer, etcd_server, secure_etcd  # noqa: F401
 from tests.support.services import wait_until
 
 PASSWORD = "Zx9-very-secret-key=="
@@ -341,18 +343,6 @@ def test_etcd_cache_serves_reads_during_an_outage(etcd_server: EtcdServer,  # no
         assert PASSWORD not in caplog.text
         with pytest.raises(BackendUnavailable):
             store.remove("a")  # writes never fall back
-
-
-@pytest.fixture
-def secure_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
-    """etcd with TLS client certificates and user/password authentication."""
-    server = EtcdServer(tmp_path_factory.mktemp("etcd-tls"), tls=True)
-    server.start()
-    try:
-        server.enable_auth("root-pw", {"reader": ("reader-pw", "/azfs/", "READ")})
-        yield server
-    finally:
-        server.stop()
 
 
 def test_etcd_tls_and_authentication(secure_etcd: EtcdServer,

@@ -199,3 +199,15 @@ def etcd_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def secure_etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdServer]:
+    """etcd with TLS client certificates and user/password authentication."""
+    server = EtcdServer(tmp_path_factory.mktemp("etcd-tls"), tls=True)
+    server.start()
+    try:
+        server.enable_auth("root-pw", {"reader": ("reader-pw", "/azfs/", "READ")})
+        yield server
+    finally:
+        server.stop()
